@@ -1,0 +1,39 @@
+"""Benchmark plumbing: run metadata, JSON results, a plain-text table."""
+import datetime
+import json
+import os
+import subprocess
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def meta():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS)).stdout.strip() or None
+    except OSError:
+        commit = None
+    commit = os.environ.get("NUMBA_FA3_COMMIT", commit)
+    device = None
+    try:
+        import torch
+        device = torch.cuda.get_device_name()
+    except Exception:
+        pass
+    return dict(device=device, date=datetime.date.today().isoformat(), commit=commit)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+
+
+def table(rows, cols):
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""FlashAttention-3 style attention kernels and their NumPy reference models."""

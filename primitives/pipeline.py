@@ -1,0 +1,69 @@
+"""A multi-stage producer/consumer pipeline over mbarriers (the CUTLASS sm90 pipeline, thinned).
+
+Stage s has two barriers in shared memory: `full[s]` (the producer's TMA landed: one arrival with
+an expected byte count) and `empty[s]` (every consumer warp finished reading it).  State is
+(index, phase): index counts stages modulo the ring, and phase flips each time it wraps, which is
+the parity `mbarrier.try_wait.parity` waits for.  A producer starts with phase 0 and waits on
+`empty` with the opposite parity, so its first pass over the ring does not block.
+"""
+from numba import cuda
+
+from ptx_inline import mbarrier
+from .smem import MBARRIER_BYTES
+
+
+def barrier_bytes(stages):
+    """Shared bytes of the full and empty barrier arrays of a ring of `stages`."""
+    return 2 * stages * MBARRIER_BYTES
+
+
+@cuda.jit(device=True, forceinline=True)
+def full_barrier(bars, index):
+    return bars + index * MBARRIER_BYTES
+
+
+@cuda.jit(device=True, forceinline=True)
+def empty_barrier(bars, stages, index):
+    return bars + (stages + index) * MBARRIER_BYTES
+
+
+@cuda.jit(device=True, forceinline=True)
+def init(bars, stages, consumer_arrivals):
+    """One thread: full barriers expect the producer's single arrive, empty ones every consumer."""
+    for s in range(stages):
+        mbarrier.init(full_barrier(bars, s), 1)
+        mbarrier.init(empty_barrier(bars, stages, s), consumer_arrivals)
+    mbarrier.fence_init()
+
+
+@cuda.jit(device=True, forceinline=True)
+def advance(index, phase, stages):
+    """Next (index, phase): the phase flips when the index wraps."""
+    index += 1
+    if index == stages:
+        return 0, phase ^ 1
+    return index, phase
+
+
+@cuda.jit(device=True, forceinline=True)
+def producer_acquire(bars, stages, index, phase, tx_bytes):
+    """Wait until stage `index` is free, then announce the bytes the TMA loads will bring."""
+    mbarrier.wait_parity(empty_barrier(bars, stages, index), phase ^ 1)
+    mbarrier.arrive_expect_tx(full_barrier(bars, index), tx_bytes)
+
+
+@cuda.jit(device=True, forceinline=True)
+def consumer_wait(bars, index, phase):
+    mbarrier.wait_parity(full_barrier(bars, index), phase)
+
+
+@cuda.jit(device=True, forceinline=True)
+def consumer_try_wait(bars, index, phase):
+    return mbarrier.try_wait_parity(full_barrier(bars, index), phase)
+
+
+@cuda.jit(device=True, forceinline=True)
+def consumer_release(bars, stages, index, lane):
+    """One arrival per consumer warp (lane 0), after its wgmmas reading the stage completed."""
+    if lane == 0:
+        mbarrier.arrive(empty_barrier(bars, stages, index))

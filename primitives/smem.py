@@ -1,0 +1,95 @@
+"""Shared-memory layouts for TMA and wgmma: the 128-byte swizzle, matrix descriptors, and a planner
+that carves one dynamic allocation into named, aligned regions.
+
+Swizzle (PTX ISA 9.7.15.5.1, "Shared Memory Matrix Layout"; CUtensorMapSwizzle): with the 128-byte
+mode a tile is stored as rows of 128 bytes in which the 16-byte unit u of row r sits at unit
+u ^ (r % 8).  TMA writes this pattern, wgmma reads it, and eight rows (1024 bytes) form one atom,
+so every swizzled tile must start at a 1024-byte boundary.
+"""
+import numpy as np
+from numba import cuda
+
+#: Bytes in one swizzled row, and rows in one swizzle atom.
+SWIZZLE_BYTES = 128
+ATOM_ROWS = 8
+ATOM_BYTES = SWIZZLE_BYTES * ATOM_ROWS
+#: Shared addresses in a wgmma descriptor are stored in units of 16 bytes.
+DESC_UNIT = 16
+#: Descriptor "layout type" field (bits 62-63) for the 128-byte swizzle.
+_DESC_SWIZZLE_128B = 1
+#: An mbarrier object is 8 bytes.
+MBARRIER_BYTES = 8
+#: Most dynamic shared memory one block may use on sm_90 (227 KB).
+MAX_DYNAMIC_SMEM = 227 * 1024
+
+
+def descriptor_base(leading_byte_offset, stride_byte_offset):
+    """The constant part of a 128B-swizzled wgmma matrix descriptor (PTX ISA 9.7.15.5.1.2,
+    "Matrix Descriptor Format"): LBO in bits 16-29, SBO in bits 32-45, swizzle in 62-63, all but
+    the start address (bits 0-13), which `descriptor` adds on the device.
+
+    K-major operands (rows of K): SBO = 1024, the distance between 8-row atoms; LBO is unused.
+    MN-major operands (rows of K, MN contiguous): LBO = distance between 64-element column
+    chunks along MN, SBO = 1024 between 8-row atoms along K.
+    """
+    for name, v in (("leading", leading_byte_offset), ("stride", stride_byte_offset)):
+        if v % DESC_UNIT or not 0 <= v >> 4 < 1 << 14:
+            raise ValueError(f"{name} byte offset {v} is not a 16-byte multiple below 256 KB")
+    return ((leading_byte_offset >> 4) << 16) | ((stride_byte_offset >> 4) << 32) | (
+        _DESC_SWIZZLE_128B << 62)
+
+
+@cuda.jit(device=True, forceinline=True)
+def descriptor(base, smem_addr):
+    """Full descriptor for a tile at shared address `smem_addr` (1024-byte aligned atoms; a
+    16-byte multiple offset inside the atom selects a K slice, which is how the K loop advances)."""
+    return np.uint64(base) | np.uint64(smem_addr >> 4)
+
+
+@cuda.jit(device=True, forceinline=True)
+def swizzle_128b(row, byte_in_row):
+    """Byte offset of (row, byte) in a 128B-swizzled tile: the 16-byte unit is XORed with row % 8."""
+    return row * SWIZZLE_BYTES + (((byte_in_row >> 4) ^ (row & (ATOM_ROWS - 1))) << 4) + (byte_in_row & 15)
+
+
+class SharedLayout:
+    """Plan of one dynamic shared-memory allocation: regions named in order, each aligned.
+
+    Sizes are derived from tile shapes by the kernel, never typed in; `bytes` is what the launch
+    asks for, including the slack that lets the kernel align the base to 1024 bytes itself (the
+    runtime only promises 16-byte alignment of dynamic shared memory).
+    """
+
+    def __init__(self):
+        self.offsets = {}
+        self.sizes = {}
+        self._end = 0
+
+    def add(self, name, nbytes, align=ATOM_BYTES):
+        if name in self.offsets:
+            raise ValueError(f"shared region {name!r} defined twice")
+        start = -(-self._end // align) * align
+        self.offsets[name] = start
+        self.sizes[name] = nbytes
+        self._end = start + nbytes
+        return start
+
+    @property
+    def used(self):
+        return self._end
+
+    @property
+    def bytes(self):
+        return self._end + ATOM_BYTES
+
+    def check(self, limit=MAX_DYNAMIC_SMEM):
+        if self.bytes > limit:
+            parts = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+            raise ValueError(f"shared memory plan needs {self.bytes} B > {limit} B ({parts})")
+        return self
+
+
+@cuda.jit(device=True, forceinline=True)
+def aligned_base(addr):
+    """Round a shared address up to the swizzle atom (see SharedLayout.bytes)."""
+    return (addr + (ATOM_BYTES - 1)) & ~(ATOM_BYTES - 1)

@@ -1,0 +1,128 @@
+"""What a kernel launch needs to know of an array, from whatever the caller passed.
+
+Accepted: PyTorch CUDA tensors (read through `data_ptr`/`stride`, because torch's
+`__cuda_array_interface__` refuses bfloat16), other `__cuda_array_interface__` objects (Numba
+device arrays, CuPy), and NumPy arrays (host: the caller copies them).  Nothing here copies.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    import ml_dtypes
+    _BF16 = np.dtype(ml_dtypes.bfloat16)
+    _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BF16 = _E4M3 = None
+
+#: Canonical dtype names used across the library, with their NumPy dtypes.
+NUMPY_DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32), "bf16": _BF16, "e4m3": _E4M3}
+_TORCH_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "f16", "torch.float32": "f32",
+                "torch.float8_e4m3fn": "e4m3"}
+_TYPESTR = {"<f2": "f16", "<f4": "f32"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    ptr: int            # address of element [0, ..., 0]
+    shape: tuple
+    strides: tuple      # in elements
+    dtype: str          # canonical name: bf16 / f16 / f32 / e4m3
+    kind: str           # "torch", "cai" (Numba, CuPy, ...), or "numpy"
+    obj: object
+
+    @property
+    def itemsize(self):
+        return NUMPY_DTYPES[self.dtype].itemsize
+
+
+def numpy_dtype_name(dt):
+    dt = np.dtype(dt)
+    for name, d in NUMPY_DTYPES.items():
+        if d is not None and d == dt:
+            return name
+    raise TypeError(f"unsupported dtype {dt}; expected one of float16, bfloat16, float32")
+
+
+def inspect(x, name="array"):
+    """TensorInfo of x, or a TypeError that says what was expected."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if not x.is_cuda:
+            raise TypeError(f"{name}: torch tensor on {x.device}; pass a CUDA tensor or a NumPy array")
+        dt = _TORCH_NAMES.get(str(x.dtype))
+        if dt is None:
+            raise TypeError(f"{name}: unsupported dtype {x.dtype}")
+        return TensorInfo(x.data_ptr(), tuple(x.shape), tuple(x.stride()), dt, "torch", x)
+    if isinstance(x, np.ndarray):
+        dt = numpy_dtype_name(x.dtype)
+        if any(s % x.itemsize for s in x.strides):
+            raise ValueError(f"{name}: strides {x.strides} are not whole elements")
+        return TensorInfo(x.ctypes.data, x.shape, tuple(s // x.itemsize for s in x.strides), dt, "numpy", x)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        dt = _TYPESTR.get(cai["typestr"])
+        if dt is None:
+            raise TypeError(f"{name}: unsupported typestr {cai['typestr']}")
+        item = NUMPY_DTYPES[dt].itemsize
+        shape = tuple(cai["shape"])
+        if cai.get("strides") is None:
+            strides, acc = [], 1
+            for d in reversed(shape):
+                strides.append(acc)
+                acc *= d
+            strides = tuple(reversed(strides))
+        else:
+            strides = tuple(s // item for s in cai["strides"])
+        return TensorInfo(cai["data"][0], shape, strides, dt, "cai", x)
+    raise TypeError(f"{name}: expected a NumPy array, a CUDA tensor or an object with "
+                    f"__cuda_array_interface__, got {type(x).__name__}")
+
+
+def empty_like_kind(info, shape, dtype):
+    """A new device array of `shape`/`dtype` of the same library as `info` (NumPy callers get a
+    Numba device array, to be copied back by the caller)."""
+    if info.kind == "torch":
+        import torch
+        tdt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
+        return torch.empty(shape, dtype=tdt, device=info.obj.device)
+    from numba import cuda
+    npdt = NUMPY_DTYPES[dtype]
+    if info.kind == "cai" and type(info.obj).__module__.startswith("cupy"):
+        import cupy
+        return cupy.empty(shape, dtype=npdt)
+    # Numba cannot type bfloat16 arrays, and the kernels never index them: store as uint16.
+    return cuda.device_array(shape, dtype=np.uint16 if dtype == "bf16" else npdt)
+
+
+def device_ptr(arr):
+    """Address of a device array made by `empty_like_kind` or `to_device`."""
+    if type(arr).__module__.startswith("torch"):
+        return arr.data_ptr()
+    return arr.__cuda_array_interface__["data"][0]
+
+
+def to_device(a):
+    """Copy a NumPy array to a Numba device array (bf16/e4m3 travel as raw bits)."""
+    from numba import cuda
+    a = np.ascontiguousarray(a)
+    if a.dtype == _BF16:
+        a = a.view(np.uint16)
+    elif a.dtype == _E4M3:
+        a = a.view(np.uint8)
+    return cuda.to_device(a)
+
+
+def to_host(dev, dtype):
+    """Copy a device array back as a NumPy array of the canonical `dtype`."""
+    return dev.copy_to_host().view(NUMPY_DTYPES[dtype])
+
+
+def upload(info):
+    """TensorInfo of a device copy of a NumPy array's TensorInfo (contiguous, same dtype)."""
+    dev = to_device(info.obj)
+    strides, acc = [], 1
+    for d in reversed(info.shape):
+        strides.append(acc)
+        acc *= d
+    return TensorInfo(device_ptr(dev), info.shape, tuple(reversed(strides)), info.dtype, "cai", dev)

@@ -1,0 +1,60 @@
+"""Compile-time loop unrolling for Numba device code: `for i in static_range(n)` inside a function
+decorated with `@unrolled` becomes n copies of the body, each with `i` bound to a constant.
+
+Why: a tuple indexed by a loop variable (accumulator registers) stays in registers only if every
+index is a compile-time constant.  LLVM unrolls small loops by itself but not reliably (it does not
+unroll loops that contain barriers or many inline-asm statements), and a loop that survives turns
+`acc[i]` into a 128-way switch.  This is CuTe-DSL's `range_constexpr`, done on the AST before
+Numba sees the function.  The bounds must be Python ints known when the function is defined
+(closure variables or globals); `break` and `continue` are not allowed in unrolled loops.
+"""
+import ast
+import copy
+import inspect
+import textwrap
+
+
+def static_range(*args):
+    """Marker for loops that `@unrolled` expands; outside one it is plain `range`."""
+    return range(*args)
+
+
+class _Unroller(ast.NodeTransformer):
+    def __init__(self, env):
+        self.env = env
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        it = node.iter
+        if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "static_range"):
+            return node
+        if node.orelse:
+            raise SyntaxError("static_range loops cannot have an else clause")
+        for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+            if isinstance(sub, (ast.Break, ast.Continue)):
+                raise SyntaxError("break/continue are not allowed in a static_range loop")
+        bounds = [eval(compile(ast.Expression(a), "<static_range>", "eval"), self.env) for a in it.args]
+        out = []
+        for value in range(*bounds):
+            out.append(ast.copy_location(ast.Assign(targets=[copy.deepcopy(node.target)],
+                                                    value=ast.Constant(value)), node))
+            out.extend(copy.deepcopy(node.body))
+        return out or [ast.copy_location(ast.Pass(), node)]
+
+
+def unrolled(fn):
+    """Return `fn` with its static_range loops expanded (apply beneath @cuda.jit)."""
+    src = textwrap.dedent(inspect.getsource(fn))
+    tree = ast.parse(src)
+    fdef = tree.body[0]
+    fdef.decorator_list = []
+    env = dict(fn.__globals__)
+    if fn.__closure__:
+        env.update({n: c.cell_contents for n, c in zip(fn.__code__.co_freevars, fn.__closure__)})
+    tree = ast.fix_missing_locations(_Unroller(env).visit(tree))
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    ns = {}
+    exec(compile(tree, inspect.getsourcefile(fn) or "<unrolled>", "exec"), env, ns)
+    new = ns[fdef.name]
+    new.__doc__ = fn.__doc__
+    return new

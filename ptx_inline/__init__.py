@@ -1,0 +1,6 @@
+"""Inline-PTX intrinsics for Hopper (sm_90a), one module per PTX instruction family.
+
+Each function is a Numba `@intrinsic` that lowers to one inline-asm statement; docstrings name
+the PTX ISA section.  Import the modules, e.g. ``from ptx_inline import wgmma, tma, mbarrier``.
+"""
+from . import barrier, convert, mbarrier, memory, regs, special, tma, wgmma  # noqa: F401

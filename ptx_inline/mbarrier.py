@@ -1,0 +1,73 @@
+"""Shared-memory transaction barriers: `mbarrier.*` (PTX ISA 9.7.13.15, "Parallel Synchronization
+and Communication Instructions: mbarrier"; sm_90 for the expect-tx / try_wait.parity forms).
+
+Barriers are addressed by their 32-bit shared-memory address (see `special.shared_address`).
+"""
+from numba import types
+from numba.cuda.extending import intrinsic
+
+from ._asm import as_int, emit, I32
+
+
+def _void(text, *kinds):
+    """An intrinsic taking len(kinds) integers (constraint letters in kinds) and running text."""
+    def typer(typingctx, *args):
+        def codegen(context, builder, sig, vals):
+            ins = [(as_int(context, builder, v, t, 64 if k == "l" else 32), k)
+                   for v, t, k in zip(vals, sig.args, kinds)]
+            emit(builder, text, [], ins)
+            return context.get_dummy_value()
+        return types.void(*args), codegen
+    return typer
+
+
+@intrinsic
+def init(typingctx, bar, count):
+    """`mbarrier.init.shared::cta.b64 [bar], count` (9.7.13.15.9): expected arrivals per phase."""
+    return _void("mbarrier.init.shared::cta.b64 [$0], $1;", "r", "r")(typingctx, bar, count)
+
+
+@intrinsic
+def arrive(typingctx, bar):
+    """`mbarrier.arrive.shared::cta.b64 _, [bar]` (9.7.13.15.13): one arrival, no state kept."""
+    return _void("mbarrier.arrive.shared::cta.b64 _, [$0];", "r")(typingctx, bar)
+
+
+@intrinsic
+def arrive_expect_tx(typingctx, bar, tx_bytes):
+    """`mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], tx` (9.7.13.15.13): arrive and tell the
+    barrier how many bytes the bulk copies completing on it will bring in this phase."""
+    return _void("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r", "r")(
+        typingctx, bar, tx_bytes)
+
+
+@intrinsic
+def try_wait_parity(typingctx, bar, parity):
+    """One `mbarrier.try_wait.parity.shared::cta.b64` (9.7.13.15.16): True once the phase with the
+    given parity has completed.  For a consumer that wants to do something else while it waits."""
+    def codegen(context, builder, sig, args):
+        text = ("{\n.reg .pred P;\nmbarrier.try_wait.parity.shared::cta.b64 P, [$1], $2;\n"
+                "selp.u32 $0, 1, 0, P;\n}")
+        r = emit(builder, text, [I32], [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
+                                       (as_int(context, builder, args[1], sig.args[1], 32), "r")])
+        return builder.icmp_unsigned("!=", r, I32(0))
+    return types.boolean(bar, parity), codegen
+
+
+@intrinsic
+def wait_parity(typingctx, bar, parity):
+    """Spin on `mbarrier.try_wait.parity` (9.7.13.15.16) until the phase with that parity completes.
+
+    try_wait suspends the thread for a hardware-chosen time before returning false, so this loop
+    does not hammer shared memory the way a test_wait loop would."""
+    text = ("{\n.reg .pred P;\nWAIT_${:uid}:\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 P, [$0], $1;\n"
+            "@!P bra WAIT_${:uid};\n}")
+    return _void(text, "r", "r")(typingctx, bar, parity)
+
+
+@intrinsic
+def fence_init(typingctx):
+    """`fence.mbarrier_init.release.cluster` (9.7.13.4): make mbarrier.init visible to the async
+    proxy (TMA) and to other threads before they use the barriers."""
+    return _void("fence.mbarrier_init.release.cluster;")(typingctx)

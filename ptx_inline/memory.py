@@ -1,0 +1,126 @@
+"""Plain loads and stores by address, and the warp-wide matrix moves `ldmatrix`/`stmatrix`
+(PTX ISA 9.7.9.8 "ld", 9.7.9.10 "st", 9.7.9.16 "ldmatrix", 9.7.9.17 "stmatrix" (sm_90)).
+
+Kernels in this library name shared memory by 32-bit addresses and global memory by 64-bit
+addresses, because tiles are carved out of one dynamic allocation by computed offsets.
+"""
+from numba import types
+from numba.core.errors import TypingError
+from numba.cuda.extending import intrinsic
+
+from ._asm import F32, I32, as_int, emit
+
+
+def _regs(tup, count, what):
+    if not (isinstance(tup, types.UniTuple) and tup.count == count and isinstance(tup.dtype, types.Integer)):
+        raise TypingError(f"{what} takes a tuple of {count} uint32, got {tup}")
+
+
+@intrinsic
+def st_shared_v4(typingctx, addr, regs):
+    """`st.shared.v4.b32 [addr], {a, b, c, d}`: one 16-byte store (addr 16-byte aligned)."""
+    _regs(regs, 4, "st_shared_v4")
+
+    def codegen(context, builder, sig, args):
+        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
+        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                for i in range(4)]
+        emit(builder, "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", [], ins)
+        return context.get_dummy_value()
+    return types.void(addr, regs), codegen
+
+
+@intrinsic
+def st_shared_b32(typingctx, addr, value):
+    """`st.shared.b32 [addr], v`."""
+    def codegen(context, builder, sig, args):
+        emit(builder, "st.shared.b32 [$0], $1;", [],
+             [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
+              (as_int(context, builder, args[1], sig.args[1], 32), "r")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen
+
+
+@intrinsic
+def st_shared_f32(typingctx, addr, value):
+    """`st.shared.f32 [addr], v`."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[1], sig.args[1], types.float32)
+        emit(builder, "st.shared.f32 [$0], $1;", [], [(as_int(context, builder, args[0], sig.args[0], 32), "r"), (v, "f")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen
+
+
+@intrinsic
+def st_shared_v2_f32(typingctx, addr, a, b):
+    """`st.shared.v2.f32 [addr], {a, b}`: 8-byte store (addr 8-byte aligned)."""
+    def codegen(context, builder, sig, args):
+        x = context.cast(builder, args[1], sig.args[1], types.float32)
+        y = context.cast(builder, args[2], sig.args[2], types.float32)
+        emit(builder, "st.shared.v2.f32 [$0], {$1, $2};", [],
+             [(as_int(context, builder, args[0], sig.args[0], 32), "r"), (x, "f"), (y, "f")])
+        return context.get_dummy_value()
+    return types.void(addr, a, b), codegen
+
+
+@intrinsic
+def ld_shared_b32(typingctx, addr):
+    """`ld.shared.b32 v, [addr]`."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "ld.shared.b32 $0, [$1];", [I32],
+                    [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
+    return types.uint32(addr), codegen
+
+
+@intrinsic
+def ld_shared_f32(typingctx, addr):
+    """`ld.shared.f32 v, [addr]`."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "ld.shared.f32 $0, [$1];", [F32],
+                    [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
+    return types.float32(addr), codegen
+
+
+@intrinsic
+def st_global_f32(typingctx, addr, value):
+    """`st.global.f32 [addr], v` with a 64-bit global address."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[1], sig.args[1], types.float32)
+        emit(builder, "st.global.f32 [$0], $1;", [], [(as_int(context, builder, args[0], sig.args[0], 64), "l"), (v, "f")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen
+
+
+@intrinsic
+def ld_global_nc_f32(typingctx, addr):
+    """`ld.global.nc.f32 v, [addr]`: read-only data through the non-coherent (texture) path."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "ld.global.nc.f32 $0, [$1];", [F32],
+                    [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+    return types.float32(addr), codegen
+
+
+@intrinsic
+def stmatrix_x4(typingctx, addr, regs):
+    """`stmatrix.sync.aligned.m8n8.x4.shared.b16 [addr], {r0..r3}`: the warp stores four 8x8
+    16-bit matrices; lane i gives the address of row i%8 of matrix i//8.  Register j of each lane
+    holds that lane's two elements of matrix j, the layout of an MMA accumulator fragment."""
+    _regs(regs, 4, "stmatrix_x4")
+
+    def codegen(context, builder, sig, args):
+        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
+        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                for i in range(4)]
+        emit(builder, "stmatrix.sync.aligned.m8n8.x4.shared.b16 [$0], {$1, $2, $3, $4};", [], ins)
+        return context.get_dummy_value()
+    return types.void(addr, regs), codegen
+
+
+@intrinsic
+def ldmatrix_x4(typingctx, addr):
+    """`ldmatrix.sync.aligned.m8n8.x4.shared.b16`: the inverse of `stmatrix_x4`."""
+    def codegen(context, builder, sig, args):
+        out = emit(builder, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {$0, $1, $2, $3}, [$4];",
+                   [I32] * 4, [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(types.uint32, 4)(addr), codegen

@@ -1,0 +1,75 @@
+"""Small special instructions: shared-window addresses, `elect.sync`, `ex2.approx`, cache policies,
+warp-uniform indices.
+"""
+from numba import types
+from numba.cuda import cgutils
+from numba.core.errors import TypingError
+from numba.cuda.extending import intrinsic
+
+from ._asm import F32, I32, I64, as_int, emit
+
+
+@intrinsic
+def shared_address(typingctx, arr):
+    """The 32-bit shared-window address of a shared array's first element (`cvta.to.shared`,
+    PTX ISA 9.7.9.18): what mbarrier, TMA, wgmma descriptors and ld/st.shared take."""
+    if not isinstance(arr, types.Array):
+        raise TypingError(f"shared_address takes a shared array, got {arr}")
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.ptrtoint(ary.data, I64)
+        text = "{\n.reg .u64 t;\ncvta.to.shared.u64 t, $1;\ncvt.u32.u64 $0, t;\n}"
+        return emit(builder, text, [I32], [(ptr, "l")], clobber_memory=False, side_effect=False)
+    return types.uint32(arr), codegen
+
+
+@intrinsic
+def elect_one(typingctx):
+    """`elect.sync _|p, 0xffffffff` (9.7.12.13): True in exactly one lane of the warp; cheaper and
+    clearer than `lane == 0` for "one thread issues the TMA"."""
+    def codegen(context, builder, sig, args):
+        text = "{\n.reg .pred P;\nelect.sync _|P, 0xffffffff;\nselp.u32 $0, 1, 0, P;\n}"
+        r = emit(builder, text, [I32], [], clobber_memory=False)
+        return builder.icmp_unsigned("!=", r, I32(0))
+    return types.boolean(), codegen
+
+
+@intrinsic
+def ex2(typingctx, x):
+    """`ex2.approx.ftz.f32` (9.7.4.9): 2**x on the MUFU unit, one instruction (the softmax's)."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return emit(builder, "ex2.approx.ftz.f32 $0, $1;", [F32], [(v, "f")],
+                    clobber_memory=False, side_effect=False)
+    return types.float32(x), codegen
+
+
+@intrinsic
+def policy_evict_last(typingctx):
+    """`createpolicy.fractional.L2::evict_last.b64` (9.7.9.19): an L2 policy for tiles re-read by
+    other CTAs (use with `tma.load_hint`)."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "createpolicy.fractional.L2::evict_last.b64 $0, 1.0;", [I64], [],
+                    clobber_memory=False, side_effect=False)
+    return types.uint64(), codegen
+
+
+@intrinsic
+def policy_evict_first(typingctx):
+    """`createpolicy.fractional.L2::evict_first.b64` (9.7.9.19): for tiles read exactly once."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "createpolicy.fractional.L2::evict_first.b64 $0, 1.0;", [I64], [],
+                    clobber_memory=False, side_effect=False)
+    return types.uint64(), codegen
+
+
+@intrinsic
+def warp_uniform(typingctx, x):
+    """Broadcast lane 0's value (`shfl.sync.idx`, 9.7.8.6) so the compiler knows it is uniform
+    across the warp: role dispatch on `tid // 128` then compiles to uniform branches."""
+    def codegen(context, builder, sig, args):
+        v = as_int(context, builder, args[0], sig.args[0], 32)
+        return emit(builder, "shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;", [I32], [(v, "r")],
+                    clobber_memory=False, side_effect=False)
+    return types.uint32(x), codegen
