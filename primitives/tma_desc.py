@@ -55,7 +55,8 @@ def encode_tiled(dtype, ptr, dims, strides_bytes, box):
     check_tiled(dtype, dims, strides_bytes, box, ptr)
     err, tmap = drv.cuTensorMapEncodeTiled(
         getattr(drv.CUtensorMapDataType, _DTYPES[dtype][0]), len(dims), ptr,
-        [int(d) for d in dims], [int(s) for s in strides_bytes], [int(b) for b in box], [1] * len(dims),
+        [drv.cuuint64_t(int(d)) for d in dims], [drv.cuuint64_t(int(s)) for s in strides_bytes],
+        [drv.cuuint32_t(int(b)) for b in box], [drv.cuuint32_t(1)] * len(dims),
         drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
