@@ -12,13 +12,12 @@ Ragged M, N, K are handled by TMA: loads zero-fill outside the tensor and stores
 """
 import enum
 import functools
-import math
 
 import numpy as np
 from numba import cuda, types
 
 from ptx_inline import barrier, convert, memory, regs, special, tma, wgmma
-from . import compile, fragment, pipeline, scheduler, smem, tensors, warpgroup
+from . import compile, fragment, launch, pipeline, scheduler, smem, tensors, warpgroup
 from .unroll import static_range, unrolled
 from .tma_desc import TENSOR_MAP_BYTES, descriptor_tables, itemsize
 
@@ -240,16 +239,15 @@ class GemmKernel:
 
     def kernel(self):
         if self._kernel is None:
-            k = cuda.jit(self.SIGNATURE, launch_bounds=(self.threads, 1))(self.make_kernel())
-            _set_max_dynamic_smem(k, self.SIGNATURE, self.smem.bytes)
-            self._kernel = k
+            launch.check_hopper()
+            self._kernel = launch.CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads,
+                                                 self.smem.bytes)
         return self._kernel
 
-    def launch(self, map_table, m, n, k, stream=0):
+    def launch(self, map_table, m, n, k, stream=None):
         tiles_m, tiles_n = -(-m // self.block_m), -(-n // self.block_n)
-        grid = scheduler.persistent_grid(tiles_m * tiles_n, _sm_count())
-        k_blocks = -(-k // self.block_k)
-        self.kernel()[grid, self.threads, stream, self.smem.bytes](map_table, tiles_m, tiles_n, k_blocks)
+        grid = scheduler.persistent_grid(tiles_m * tiles_n, launch.sm_count())
+        self.kernel()(grid, stream, map_table, tiles_m, tiles_n, -(-k // self.block_k))
 
     def tensor_maps(self, a, b, c):
         """(dtype, ptr, dims, strides, box) of A, B, C for this tiling (innermost first)."""
@@ -265,21 +263,6 @@ class GemmKernel:
         spec_c = (c.dtype, c.ptr, (c.shape[1], c.shape[0]), (c.strides[0] * c.itemsize,),
                   (self.out_chunk_cols, WGMMA_M))
         return (spec_a, spec_b, spec_c)
-
-
-def _set_max_dynamic_smem(dispatcher, sig, nbytes):
-    from cuda.bindings import driver as drv
-    kern = dispatcher.overloads[sig.args]
-    cufunc = kern._codelibrary.get_cufunc()
-    attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    (err,) = drv.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cannot give the kernel {nbytes} B of shared memory: {err.name}")
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count():
-    return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,12 +281,13 @@ def _check_matrix(info, name):
                          f"multiple of 8")
 
 
-def matmul(a, b, out=None, transpose_b=True, out_dtype=None, stream=0):
+def matmul(a, b, out=None, transpose_b=True, out_dtype=None, stream=None):
     """C = A @ B^T (transpose_b=True, B is [N, K]) or A @ B (B is [K, N]).
 
     GPU inputs (torch CUDA tensors, Numba/CuPy device arrays) are used in place and the result
     is a new array of the same library (or `out`); NumPy inputs are copied to the GPU and the
     result comes back as NumPy.  Raises before launch on bad dtype, shape or alignment.
+    `stream`: a stream handle or object; for torch tensors the default is torch's current stream.
     """
     ia, ib = tensors.inspect(a, "a"), tensors.inspect(b, "b")
     if (ia.kind == "numpy") != (ib.kind == "numpy"):
@@ -341,6 +325,8 @@ def matmul(a, b, out=None, transpose_b=True, out_dtype=None, stream=0):
             raise ValueError(f"out must be ({m}, {n}) bf16/fp16/fp32, got {ic.shape} {ic.dtype}")
         _check_matrix(ic, "out")
         c = out
+    if stream is None and ia.kind == "torch":
+        stream = tensors.torch_stream()
     kern = gemm_kernel(ia.dtype, ic.dtype, bool(transpose_b))
     table = descriptor_tables.get(kern.tensor_maps(ia, ib, ic))
     kern.launch(table, m, n, k, stream)

@@ -126,3 +126,9 @@ def upload(info):
         strides.append(acc)
         acc *= d
     return TensorInfo(device_ptr(dev), info.shape, tuple(reversed(strides)), info.dtype, "cai", dev)
+
+
+def torch_stream():
+    """torch's current CUDA stream handle, so our launches order with the caller's torch work."""
+    import torch
+    return torch.cuda.current_stream().cuda_stream

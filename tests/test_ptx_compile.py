@@ -1,0 +1,113 @@
+"""Every kernel specialization compiles to sm_90a with no spills, no stack and no wgmma
+serialization (ptxas warning C7510); every intrinsic assembles.  Runs without a GPU."""
+import itertools
+
+import numpy as np
+import pytest
+from numba import cuda, types
+
+from primitives import compile as kc
+from primitives.gemm import GemmKernel
+from primitives.unroll import static_range, unrolled
+from ptx_inline import barrier, convert, mbarrier, memory, regs, special, tma, wgmma
+
+pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+
+
+def _assert_clean(report, what):
+    assert report["stack"] == 0, f"{what}: {report['stack']} B stack frame\n{report['log']}"
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{what}: spills\n{report['log']}"
+    assert not report["warnings"], f"{what}: ptxas warnings {report['warnings']}"
+
+
+GEMMS = list(itertools.product(["bf16", "f16"], ["bf16", "f16", "f32"], [True, False]))
+
+
+@pytest.mark.parametrize("ab,out,transpose_b", GEMMS)
+def test_gemm_specialization_compiles_clean(ab, out, transpose_b):
+    kern = GemmKernel(ab, out, transpose_b)
+    ptx = kern.compile_ptx()
+    assert ptx.count("wgmma.mma_async") == kern.block_k // 16
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    _assert_clean(kc.ptxas_report(ptx), f"gemm {ab}->{out} transpose_b={transpose_b}")
+
+
+def _compile(fn, sig, threads=128):
+    return kc.ptxas_report(kc.compile_ptx(fn, sig, threads))
+
+
+@pytest.mark.parametrize("n,ab,trans_b", [(64, "bf16", 0), (128, "f16", 1), (256, "bf16", 1), (256, "e4m3", 0)])
+def test_wgmma_forms_assemble(n, ab, trans_b):
+    ss, rs = wgmma.mma_ss(n, ab, trans_b), wgmma.mma_rs(n, ab, trans_b)
+    zero = (np.float32(0),) * (n // 2)
+
+    @unrolled
+    def k(out, da, db, a0):
+        acc = wgmma.fence_tied(zero)
+        acc = ss(acc, da, db, 0)
+        acc = rs(acc, (a0, a0, a0, a0), db, 1)
+        wgmma.commit_group()
+        acc = wgmma.wait_group_tied(0, acc)
+        s = np.float32(0)
+        for i in static_range(n // 2):
+            s += acc[i]
+        out[0] = s
+
+    rep = _compile(k, (types.float32[:], types.uint64, types.uint64, types.uint32))
+    _assert_clean(rep, f"wgmma m64n{n} {ab}")
+
+
+def test_memory_sync_and_conversion_intrinsics_assemble():
+    def k(out, gaddr, tmap, x):
+        dyn = cuda.shared.array(0, dtype=np.uint8)
+        s = special.shared_address(dyn)
+        if special.elect_one():
+            mbarrier.init(s, 1)
+            mbarrier.fence_init()
+            mbarrier.arrive_expect_tx(s, 128)
+            tma.fence_descriptor_acquire(tmap)
+            tma.prefetch_descriptor(tmap)
+            tma.load(s + 1024, tmap, (0, 0), s)
+            tma.load_hint(s + 1024, tmap, (0, 0, 0), s, special.policy_evict_last())
+            tma.store(tmap, (1, 2, 3, 4, 5), s + 2048)
+            tma.commit_group()
+            tma.wait_group_read(0)
+            tma.wait_group(0)
+        mbarrier.wait_parity(s, 0)
+        ok = mbarrier.try_wait_parity(s, 1)
+        mbarrier.arrive(s)
+        barrier.sync(1, 128)
+        barrier.arrive(2, 128)
+        barrier.fence_proxy_async()
+        p = convert.pack_bf16x2(x, x + 1) ^ convert.pack_f16x2(x, x) ^ convert.pack_e4m3x2(x, x)
+        memory.st_shared_b32(s + 16, p)
+        memory.st_shared_v4(s + 32, (p, p, p, p))
+        memory.st_shared_v2_f32(s + 64, x, x)
+        memory.st_shared_f32(s + 72, special.ex2(x))
+        m = memory.ldmatrix_x4(s + 128)
+        memory.stmatrix_x4(s + 256, m)
+        y = memory.ld_shared_f32(s + 72) + memory.ld_global_nc_f32(gaddr)
+        memory.st_global_f32(gaddr, y + memory.ld_shared_b32(s + 16) + special.warp_uniform(ok)
+                             + special.policy_evict_first())
+        out[0] = y
+
+    rep = _compile(k, (types.float32[:], types.uint64, types.uint64, types.float32))
+    _assert_clean(rep, "intrinsics")
+
+
+def test_setmaxnreg_rejects_bad_counts():
+    def k(out):
+        regs.setmaxnreg_inc(100)
+    with pytest.raises(Exception, match="multiple of 8"):
+        kc.compile_ptx(k, (types.float32[:],), 128)
+
+
+def test_unrolled_expands_loops():
+    def f(x):
+        t = 0
+        for i in static_range(3):
+            for j in static_range(2):
+                t += x * i + j
+        return t
+    g = unrolled(f)
+    assert g(10) == f(10) == sum(10 * i + j for i in range(3) for j in range(2))
