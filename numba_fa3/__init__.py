@@ -1,1 +1,6 @@
-"""FlashAttention-3 style attention kernels and their NumPy reference models."""
+"""numba_fa3: FlashAttention-3 for Hopper in Python (Numba + inline PTX).
+
+`flash_attn` is the forward pass; `reference` and `blocked` are the NumPy reference and the NumPy
+model of the kernel's blocked algorithm.
+"""
+from .api import flash_attn  # noqa: F401

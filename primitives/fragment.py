@@ -29,3 +29,149 @@ def row_of(tid, i):
 @cuda.jit(device=True, forceinline=True)
 def col_of(tid, i):
     return 8 * (i // 4) + 2 * (tid % 4) + i % 2
+
+
+# --- whole-fragment elementwise work, unrolled in the generated code --------------------------
+# These lower straight to LLVM over every register of the tuple, so no loop or index survives
+# into PTX.  Row selection follows the layout above: registers i with (i // 2) % 2 == 0 belong
+# to the thread's first row, the others to its second (row + 8).
+
+from numba import types as _types  # noqa: E402
+from numba.core.errors import TypingError as _TypingError  # noqa: E402
+from numba.cuda.extending import intrinsic as _intrinsic  # noqa: E402
+from llvmlite import ir as _ir  # noqa: E402
+
+from ptx_inline._asm import F32 as _F32, I32 as _I32, emit as _emit  # noqa: E402
+
+
+def _f32_tuple(t, what):
+    if not (isinstance(t, _types.UniTuple) and t.dtype == _types.float32 and t.count % REGS_PER_GROUP == 0):
+        raise _TypingError(f"{what}: expected an accumulator tuple of float32 (multiple of 4), got {t}")
+    return t.count
+
+
+def _vals(builder, tup, n):
+    return [builder.extract_value(tup, i) for i in range(n)]
+
+
+def _f32(context, builder, v, ty):
+    return context.cast(builder, v, ty, _types.float32)
+
+
+def _second_row(i):
+    return (i // 2) % 2 == 1
+
+
+def _fmax(builder, a, b):
+    # max.f32 semantics (NaN-ignoring); -inf stays -inf.
+    return _emit(builder, "max.f32 $0, $1, $2;", [_F32], [(a, "f"), (b, "f")],
+                 clobber_memory=False, side_effect=False)
+
+
+@_intrinsic
+def row_max(typingctx, acc):
+    """(max over the thread's registers of row r, of row r + 8): before the quad reduction."""
+    n = _f32_tuple(acc, "row_max")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        m = [None, None]
+        for i, x in enumerate(v):
+            k = int(_second_row(i))
+            m[k] = x if m[k] is None else _fmax(builder, m[k], x)
+        return context.make_tuple(builder, sig.return_type, m)
+    return _types.UniTuple(_types.float32, 2)(acc), codegen
+
+
+@_intrinsic
+def row_sum(typingctx, acc):
+    """(sum of the thread's registers of row r, of row r + 8)."""
+    n = _f32_tuple(acc, "row_sum")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        s = [None, None]
+        for i, x in enumerate(v):
+            k = int(_second_row(i))
+            s[k] = x if s[k] is None else builder.fadd(s[k], x)
+        return context.make_tuple(builder, sig.return_type, s)
+    return _types.UniTuple(_types.float32, 2)(acc), codegen
+
+
+@_intrinsic
+def scale_rows(typingctx, acc, s0, s1):
+    """acc with row r multiplied by s0 and row r + 8 by s1 (the online-softmax rescale of O)."""
+    n = _f32_tuple(acc, "scale_rows")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        f = (_f32(context, builder, args[1], sig.args[1]), _f32(context, builder, args[2], sig.args[2]))
+        out = [builder.fmul(x, f[int(_second_row(i))]) for i, x in enumerate(v)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, s0, s1), codegen
+
+
+@_intrinsic
+def exp2_rows(typingctx, acc, scale, b0, b1):
+    """ex2(x * scale - b_row) for every register: one FFMA and one MUFU.EX2 each, the softmax."""
+    n = _f32_tuple(acc, "exp2_rows")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        sc = _f32(context, builder, args[1], sig.args[1])
+        b = (_f32(context, builder, args[2], sig.args[2]), _f32(context, builder, args[3], sig.args[3]))
+        out = []
+        for i, x in enumerate(v):
+            out.append(_emit(builder, "{\n.reg .f32 t;\nfma.rn.ftz.f32 t, $1, $2, $3;\nex2.approx.ftz.f32 $0, t;\n}",
+                             [_F32], [(x, "f"), (sc, "f"), (builder.fsub(_ir.Constant(_F32, -0.0), b[int(_second_row(i))]), "f")],
+                             clobber_memory=False, side_effect=False))
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, scale, b0, b1), codegen
+
+
+@_intrinsic
+def mask_cols(typingctx, acc, col0, lo0, hi0, lo1, hi1):
+    """-inf where the register's column c = 8 * (i // 4) + i % 2 + col0 falls outside [lo, hi)
+    of its row (lo0/hi0 for row r, lo1/hi1 for row r + 8)."""
+    n = _f32_tuple(acc, "mask_cols")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        c0 = context.cast(builder, args[1], sig.args[1], _types.int32)
+        lims = [context.cast(builder, a, t, _types.int32) for a, t in zip(args[2:], sig.args[2:])]
+        ninf = _ir.Constant(_F32, float("-inf"))
+        out = []
+        for i, x in enumerate(v):
+            col = builder.add(c0, _ir.Constant(_I32, 8 * (i // 4) + i % 2))
+            k = int(_second_row(i))
+            lo, hi = lims[2 * k], lims[2 * k + 1]
+            keep = builder.and_(builder.icmp_signed(">=", col, lo), builder.icmp_signed("<", col, hi))
+            out.append(builder.select(keep, x, ninf))
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, col0, lo0, hi0, lo1, hi1), codegen
+
+
+def _pack_pairs(text):
+    def typer(typingctx, acc):
+        n = _f32_tuple(acc, "pack")
+
+        def codegen(context, builder, sig, args):
+            v = _vals(builder, args[0], n)
+            out = [_emit(builder, text, [_I32], [(v[2 * p + 1], "f"), (v[2 * p], "f")],
+                         clobber_memory=False, side_effect=False) for p in range(n // 2)]
+            return context.make_tuple(builder, sig.return_type, out)
+        return _types.UniTuple(_types.uint32, n // 2)(acc), codegen
+    return typer
+
+
+@_intrinsic
+def pack_bf16(typingctx, acc):
+    """Consecutive register pairs -> bf16x2.  For an S accumulator this is exactly the wgmma A
+    fragment of P: registers 4kk..4kk+3 of the result are the A operand of k-step kk."""
+    return _pack_pairs("cvt.rn.bf16x2.f32 $0, $1, $2;")(typingctx, acc)
+
+
+@_intrinsic
+def pack_f16(typingctx, acc):
+    """Consecutive register pairs -> f16x2 (see pack_bf16)."""
+    return _pack_pairs("cvt.rn.f16x2.f32 $0, $1, $2;")(typingctx, acc)

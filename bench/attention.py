@@ -1,0 +1,71 @@
+"""Attention forward benchmark: numba_fa3 beside FA3 (when its library is present), PyTorch SDPA's
+FLASH (FA2) and CUDNN backends, same process, same inputs.  16k tokens per batch, hidden 2048.
+
+    python -m bench attention [--seqlens 512 1024 ...] [--hdims 64 128] [--fa3 .fa3/libdew_flash_attn3.so]
+"""
+import argparse
+import os
+import sys
+
+from . import common
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench attention")
+    p.add_argument("--seqlens", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--hdims", type=int, nargs="*", default=[64, 128])
+    p.add_argument("--causal", nargs="*", default=["false", "true"])
+    p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+    from numba_fa3 import flash_attn
+
+    fa3 = None
+    if os.path.exists(args.fa3):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        sys.path.insert(0, os.path.dirname(args.fa3))
+        from fa3_jax import FA3
+        fa3 = FA3(args.fa3)
+    rows = []
+    for d in args.hdims:
+        for causal in [c == "true" for c in args.causal]:
+            for s in args.seqlens:
+                b, h = 16384 // s, 2048 // d
+                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
+                out = torch.empty_like(q)
+                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+                flash_attn(q, k, v, causal=causal, out=out)
+                err = (out.float() - ref.float()).abs().max().item()
+
+                def sdpa(backend):
+                    def f():
+                        with sdpa_kernel(backend):
+                            torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    return f
+                impls = {"numba_fa3": lambda: flash_attn(q, k, v, causal=causal, out=out),
+                         "fa2-sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
+                         "cudnn-sdpa": sdpa(SDPBackend.CUDNN_ATTENTION)}
+                for name, fn in impls.items():
+                    ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
+                    rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
+                                     batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9,
+                                     max_abs_err=err if name == "numba_fa3" else None))
+                if fa3 is not None:
+                    ms = fa3.time_forward(q, k, v, causal=causal)
+                    rows.append(dict(impl="fa3", mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
+                                     batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9))
+                print("  ".join(f"{r['impl']}={r['tflops']:.0f}" for r in rows if r["hdim"] == d
+                                and r["causal"] == causal and r["seqlen"] == s), f"d={d} causal={causal} s={s} err={err:.3g}", flush=True)
+    result = dict(meta=common.meta(), rows=rows)
+    path = args.out or os.path.join(common.RESULTS, f"attention-fwd-{result['meta']['date']}.json")
+    common.write_json(path, result)
+    print(common.table(rows, ["impl", "hdim", "causal", "seqlen", "ms", "tflops"]))
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

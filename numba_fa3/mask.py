@@ -1,0 +1,63 @@
+"""Causal and sliding-window masks, bottom-right aligned (FA2/FA3): query row i sees key j iff
+    i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right,  and j < Sk,
+with left/right < 0 meaning unbounded; causal is (left, 0).  One place answers both questions a
+kernel asks: which key blocks does a query tile visit, and which of them need the mask.
+"""
+from numba import cuda
+
+#: A bound that stands for "unbounded" in int32 arithmetic.
+FAR = 1 << 30
+
+MASK_NONE, MASK_CAUSAL, MASK_LOCAL = 0, 1, 2
+
+
+def mask_kind(causal, window_size):
+    left, right = window_size
+    if causal:
+        return MASK_CAUSAL
+    if left >= 0 or right >= 0:
+        return MASK_LOCAL
+    return MASK_NONE
+
+
+@cuda.jit(device=True, forceinline=True)
+def key_limits(row, offset, left, right, seqlen_k):
+    """[lo, hi) of the keys row `row` may see."""
+    hi = seqlen_k
+    if right >= 0:
+        hi = min(hi, row + offset + right + 1)
+    lo = 0
+    if left >= 0:
+        lo = row + offset - left
+    return lo, hi
+
+
+@cuda.jit(device=True, forceinline=True)
+def block_range(m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
+    """[n_min, n_max) of the key blocks that query block m_block must visit."""
+    offset = seqlen_k - seqlen_q
+    r0 = m_block * block_m
+    r1 = min(seqlen_q, r0 + block_m) - 1
+    lo, _ = key_limits(r0, offset, left, right, seqlen_k)
+    _, hi = key_limits(r1, offset, left, right, seqlen_k)
+    lo = max(lo, 0)
+    if hi <= lo:
+        return 0, 0
+    return lo // block_n, (hi + block_n - 1) // block_n
+
+
+@cuda.jit(device=True, forceinline=True)
+def needs_mask(n_block, m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
+    """Whether any score of (m_block, n_block) is masked (ragged end, diagonal or window edge)."""
+    k0 = n_block * block_n
+    k1 = k0 + block_n - 1
+    if k1 >= seqlen_k:
+        return True
+    offset = seqlen_k - seqlen_q
+    r0 = m_block * block_m
+    r1 = r0 + block_m - 1
+    if right >= 0 and k1 > r0 + offset + right:
+        return True
+    if left >= 0 and k0 < r1 + offset - left:
+        return True
+    return False
