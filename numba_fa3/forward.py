@@ -56,8 +56,8 @@ class FlashForward:
         self.dtype, self.head_dim, self.mask_kind = dtype, head_dim, mask_kind
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
-        self.registers = (t.producer_registers, t.consumer_registers)
         self.threads = warpgroup.block_threads(self.consumers)
+        self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
         self.chunks = head_dim // CHUNK_COLS            # 128-byte column chunks of a row
         self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES

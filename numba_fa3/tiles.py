@@ -8,8 +8,11 @@ plus `stages` of K and V (block_n x D each), all bf16, must fit 227 KB.
          block_n 176 for non-causal; 128 keeps the mask arithmetic and the first version simple.)
   D=256 (not yet): 128 x 64, 2 stages = 192 KB, O 128 + S 32 + P 16 regs; it spills at 232
          registers per consumer today (ptxas: 240-290 B), so it is left out until it does not.
-Registers: producer 48 / consumers 232 (48 + 2 * 232 = 512 per 128-thread slice = the 64K file).
-The producer spilled at 24 and 40: it keeps ~20 64-bit addresses and sizes live.
+Registers: producer 40 / consumers 232.  setmaxnreg moves registers only within what the CTA got
+at launch: 384 threads x 168 (the launch-bounds cap) = 64512, so producer + 2 x consumer <= 504.
+(48/232 deadlocked on the H100: setmaxnreg.inc waited for registers that never came.)  At 40 the
+producer spills 4 bytes (it keeps ~20 64-bit sizes and addresses live; Numba's ints are int64),
+at 24 it spills 92.
 """
 from dataclasses import dataclass
 
@@ -25,8 +28,8 @@ class Tiles:
 
 
 TILES = {
-    64: Tiles(128, 128, 2, 2, 48, 232),
-    128: Tiles(128, 128, 2, 2, 48, 232),
+    64: Tiles(128, 128, 2, 2, 40, 232),
+    128: Tiles(128, 128, 2, 2, 40, 232),
 }
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(TILES))

@@ -26,12 +26,29 @@ class Role(enum.IntEnum):
 #: fit the register file: 128 * (producer + n * consumer) <= 65536; FA4 (flash_fwd_sm90) uses the
 #: same split for 2 consumers.  The producer keeps 24-40: enough for TMA coordinates.
 REGISTER_BUDGET = {1: (56, 256), 2: (40, 232), 3: (32, 160)}
+# (1 consumer: 256 threads get 256 each at entry, so 56 + 256 fits; 3 consumers: 512 x 128.)
+
+
+def entry_registers(threads):
+    """Per-thread registers a 1-CTA-per-SM kernel gets at launch (the launch-bounds cap)."""
+    return min(255, REGISTER_FILE // threads) // 8 * 8
+
+
+def check_budget(producer, consumer, consumers):
+    """setmaxnreg only moves registers within the CTA's launch allocation: a budget above it makes
+    setmaxnreg.inc wait forever (seen on the H100 with 48 + 2 x 232 > 3 x 168)."""
+    threads = block_threads(consumers)
+    have = entry_registers(threads) * threads
+    need = WARPGROUP_THREADS * (producer + consumers * consumer)
+    if need > have:
+        raise ValueError(f"register budget {producer} + {consumers} x {consumer} needs {need} registers, "
+                         f"the CTA has {have}")
+    return producer, consumer
 
 
 def register_budget(consumers):
     producer, consumer = REGISTER_BUDGET[consumers]
-    assert WARPGROUP_THREADS * (producer + consumers * consumer) <= REGISTER_FILE
-    return producer, consumer
+    return check_budget(producer, consumer, consumers)
 
 
 def block_threads(consumers):
