@@ -18,7 +18,7 @@ import functools
 import numpy as np
 from numba import cuda, types
 
-from primitives import compile, launch, pipeline, scheduler, smem, warpgroup
+from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.fragment import pack_bf16, pack_f16, row_max, scale_rows, zeros  # noqa: F401
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
@@ -46,7 +46,7 @@ class Maps(enum.IntEnum):
     O = 3
 
 
-class FlashForward:
+class FlashForward(launch.HopperKernel):
     """One forward specialization: dtype, head dim, mask kind."""
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE):
@@ -68,7 +68,6 @@ class FlashForward:
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + 2 * smem.MBARRIER_BYTES,
                  align=smem.MBARRIER_BYTES)
         self.smem = plan.check()
-        self._kernel = None
 
     # --- producer -----------------------------------------------------------------------------
     def make_load(self):
@@ -272,16 +271,6 @@ class FlashForward:
     SIGNATURE = types.void(types.uint64, types.uint64, types.int32, types.int32, types.int32,
                            types.int32, types.int32, types.int32, types.int32, types.int32,
                            types.float32, types.float32)
-
-    def compile_ptx(self):
-        return compile.compile_ptx(self.make_kernel(), self.SIGNATURE, self.threads)
-
-    def kernel(self):
-        if self._kernel is None:
-            launch.check_hopper()
-            self._kernel = launch.CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads,
-                                                 self.smem.bytes)
-        return self._kernel
 
     def tensor_maps(self, q, k, v, o):
         """4-D maps (D, heads, seqlen, batch) of Q, K, V, O; strides in bytes."""

@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda, types
 
 from ptx_inline import barrier, convert, memory, regs, special, tma, wgmma
-from . import compile, fragment, launch, pipeline, scheduler, smem, tensors, warpgroup
+from . import fragment, launch, pipeline, scheduler, smem, tensors, warpgroup
 from .unroll import static_range, unrolled
 from .tma_desc import TENSOR_MAP_BYTES, descriptor_tables, itemsize
 
@@ -34,7 +34,7 @@ WGMMA_M, WGMMA_K = 64, 16
 CHUNK_BYTES = smem.SWIZZLE_BYTES
 
 
-class GemmKernel:
+class GemmKernel(launch.HopperKernel):
     """Compile-time configuration of one GEMM specialization, and its two roles."""
 
     def __init__(self, ab="bf16", out="bf16", transpose_b=True, block_n=256, block_k=64,
@@ -64,7 +64,6 @@ class GemmKernel:
         plan.add("c", consumers * 2 * self.out_chunk)  # double-buffered per warpgroup
         plan.add("barriers", pipeline.barrier_bytes(stages), align=smem.MBARRIER_BYTES)
         self.smem = plan.check()
-        self._kernel = None
 
     @property
     def key(self):
@@ -232,17 +231,6 @@ class GemmKernel:
         return gemm_kernel
 
     SIGNATURE = types.void(types.uint64, types.int32, types.int32, types.int32)
-
-    def compile_ptx(self):
-        """PTX for sm_90a, no GPU needed (CI checks it with ptxas)."""
-        return compile.compile_ptx(self.make_kernel(), self.SIGNATURE, self.threads)
-
-    def kernel(self):
-        if self._kernel is None:
-            launch.check_hopper()
-            self._kernel = launch.CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads,
-                                                 self.smem.bytes)
-        return self._kernel
 
     def launch(self, map_table, m, n, k, stream=None):
         tiles_m, tiles_n = -(-m // self.block_m), -(-n // self.block_n)

@@ -62,3 +62,21 @@ def check_hopper():
     if dev.compute_capability != HOPPER[:2]:
         raise RuntimeError(f"numba_fa3 kernels need a Hopper GPU (sm_90); {dev.name.decode() if isinstance(dev.name, bytes) else dev.name} "
                            f"is sm_{dev.compute_capability[0]}{dev.compute_capability[1]}")
+
+
+class HopperKernel:
+    """Mixin for a kernel class: given `make_kernel()`, `SIGNATURE`, `threads` and `smem`
+    (a SharedLayout), provides the compile-only PTX (CI) and the lazily compiled launchable."""
+
+    _kernel = None
+
+    def compile_ptx(self):
+        """PTX for sm_90a; needs no GPU (CI assembles it with ptxas)."""
+        from .compile import compile_ptx
+        return compile_ptx(self.make_kernel(), self.SIGNATURE, self.threads)
+
+    def kernel(self):
+        if self._kernel is None:
+            check_hopper()
+            self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes)
+        return self._kernel
