@@ -68,34 +68,40 @@ def _fmax(builder, a, b):
                  clobber_memory=False, side_effect=False)
 
 
+def _tree(builder, vals, op):
+    """Pairwise reduction: depth log2(n) instead of a chain of n dependent instructions, which
+    matters because the softmax of one warpgroup runs alone on its SM sub-partitions while the
+    other warpgroup's GEMMs run (ping-pong): its latency is not hidden by other warps."""
+    while len(vals) > 1:
+        nxt = [op(builder, vals[i], vals[i + 1]) for i in range(0, len(vals) - 1, 2)]
+        if len(vals) % 2:
+            nxt.append(vals[-1])
+        vals = nxt
+    return vals[0]
+
+
+def _row_reduce(name, op):
+    def typer(typingctx, acc):
+        n = _f32_tuple(acc, name)
+
+        def codegen(context, builder, sig, args):
+            v = _vals(builder, args[0], n)
+            rows = [[x for i, x in enumerate(v) if int(_second_row(i)) == k] for k in (0, 1)]
+            return context.make_tuple(builder, sig.return_type, [_tree(builder, r, op) for r in rows])
+        return _types.UniTuple(_types.float32, 2)(acc), codegen
+    return typer
+
+
 @_intrinsic
 def row_max(typingctx, acc):
     """(max over the thread's registers of row r, of row r + 8): before the quad reduction."""
-    n = _f32_tuple(acc, "row_max")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        m = [None, None]
-        for i, x in enumerate(v):
-            k = int(_second_row(i))
-            m[k] = x if m[k] is None else _fmax(builder, m[k], x)
-        return context.make_tuple(builder, sig.return_type, m)
-    return _types.UniTuple(_types.float32, 2)(acc), codegen
+    return _row_reduce("row_max", _fmax)(typingctx, acc)
 
 
 @_intrinsic
 def row_sum(typingctx, acc):
     """(sum of the thread's registers of row r, of row r + 8)."""
-    n = _f32_tuple(acc, "row_sum")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        s = [None, None]
-        for i, x in enumerate(v):
-            k = int(_second_row(i))
-            s[k] = x if s[k] is None else builder.fadd(s[k], x)
-        return context.make_tuple(builder, sig.return_type, s)
-    return _types.UniTuple(_types.float32, 2)(acc), codegen
+    return _row_reduce("row_sum", lambda b, x, y: b.fadd(x, y))(typingctx, acc)
 
 
 @_intrinsic

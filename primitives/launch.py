@@ -25,6 +25,19 @@ def as_stream(stream):
     return driver._to_core_stream(stream)
 
 
+def stream_handle(stream):
+    """The raw CUstream of anything `as_stream` accepts (0 for the legacy default stream)."""
+    if not stream:
+        return 0
+    if isinstance(stream, int):
+        return stream
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is not None:
+        return int(handle)
+    handle = getattr(stream, "handle", None)
+    return int(getattr(handle, "value", handle) or 0)
+
+
 class CompiledKernel:
     """One kernel specialization compiled for sm_90a with launch bounds (threads, 1), allowed
     `smem_bytes` of dynamic shared memory."""

@@ -6,6 +6,7 @@ an expected byte count) and `empty[s]` (every consumer warp finished reading it)
 the parity `mbarrier.try_wait.parity` waits for.  A producer starts with phase 0 and waits on
 `empty` with the opposite parity, so its first pass over the ring does not block.
 """
+import numpy as np
 from numba import cuda
 
 from ptx_inline import mbarrier
@@ -38,11 +39,12 @@ def init(bars, stages, consumer_arrivals):
 
 @cuda.jit(device=True, forceinline=True)
 def advance(index, phase, stages):
-    """Next (index, phase): the phase flips when the index wraps."""
+    """Next (index, phase): the phase flips when the index wraps.  Kept int32 (Numba would widen
+    them to int64, two registers each, in every consumer thread)."""
     index += 1
     if index == stages:
-        return 0, phase ^ 1
-    return index, phase
+        return np.int32(0), np.int32(phase ^ 1)
+    return np.int32(index), np.int32(phase)
 
 
 @cuda.jit(device=True, forceinline=True)

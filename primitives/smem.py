@@ -7,7 +7,11 @@ u ^ (r % 8).  TMA writes this pattern, wgmma reads it, and eight rows (1024 byte
 so every swizzled tile must start at a 1024-byte boundary.
 """
 import numpy as np
-from numba import cuda
+from llvmlite import ir
+from numba import cuda, types
+from numba.core.errors import TypingError
+
+from ptx_inline._asm import I32, I64, emit, literal_intrinsic as intrinsic
 
 #: Bytes in one swizzled row, and rows in one swizzle atom.
 SWIZZLE_BYTES = 128
@@ -39,11 +43,27 @@ def descriptor_base(leading_byte_offset, stride_byte_offset):
         _DESC_SWIZZLE_128B << 62)
 
 
-@cuda.jit(device=True, forceinline=True)
-def descriptor(base, smem_addr):
+@intrinsic
+def descriptor(typingctx, base, smem_addr):
     """Full descriptor for a tile at shared address `smem_addr` (1024-byte aligned atoms; a
-    16-byte multiple offset inside the atom selects a K slice, which is how the K loop advances)."""
-    return np.uint64(base) | np.uint64(smem_addr >> 4)
+    16-byte multiple offset inside the atom selects a K slice, which is how the K loop advances).
+
+    `base` must be a compile-time constant (from `descriptor_base`).  The address field is built
+    in 32 bits and paired with the constant high word by one `mov.b64`: Numba's int64 arithmetic
+    would otherwise put 64-bit shifts and adds between the wgmmas of a K loop, and keep ptxas
+    from holding descriptors in uniform registers."""
+    if not isinstance(base, (types.IntegerLiteral,)):
+        raise TypingError(f"descriptor base must be a compile-time constant, got {base}")
+    value = base.literal_value
+    lo_const, hi = value & 0xFFFFFFFF, value >> 32
+
+    def codegen(context, builder, sig, args):
+        addr = context.cast(builder, args[1], sig.args[1], types.uint32)
+        field = builder.and_(builder.lshr(addr, ir.Constant(I32, 4)), ir.Constant(I32, (1 << 14) - 1))
+        lo = builder.or_(field, ir.Constant(I32, lo_const))
+        return emit(builder, "mov.b64 $0, {$1, $2};", [I64], [(lo, "r"), (ir.Constant(I32, hi), "r")],
+                    clobber_memory=False, side_effect=False)
+    return types.uint64(base, smem_addr), codegen
 
 
 @cuda.jit(device=True, forceinline=True)

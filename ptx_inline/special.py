@@ -73,3 +73,15 @@ def warp_uniform(typingctx, x):
         return emit(builder, "shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;", [I32], [(v, "r")],
                     clobber_memory=False, side_effect=False)
     return types.uint32(x), codegen
+
+
+@intrinsic
+def recompute_here(typingctx, x):
+    """`mov.b32` behind a volatile asm: the value cannot be hoisted out of the loop it is in, so
+    addresses derived from it are recomputed there instead of being held in registers (or
+    spilled) across the whole loop.  For values cheap to rebuild and rarely used, like the
+    epilogue's shared-memory addresses."""
+    def codegen(context, builder, sig, args):
+        v = as_int(context, builder, args[0], sig.args[0], 32)
+        return emit(builder, "mov.b32 $0, $1;", [I32], [(v, "r")], clobber_memory=False)
+    return types.uint32(x), codegen

@@ -14,7 +14,7 @@ from numba.core.errors import TypingError
 from numba.cuda import cgutils
 from numba.cuda.extending import intrinsic
 
-from ._asm import F32, as_int, emit, literal_int, literal_intrinsic
+from ._asm import F32, I32, as_int, emit, literal_int, literal_intrinsic
 
 #: (A/B PTX type, K of one instruction) for each operand type the kernels use.
 AB_TYPES = {"bf16": ("bf16", 16), "f16": ("f16", 16), "e4m3": ("e4m3", 32)}
@@ -91,6 +91,29 @@ def wait_group_tied(typingctx, n, acc):
         out = _tied_passthrough(builder, f"wgmma.wait_group.sync.aligned {pending};", vals)
         return context.make_tuple(builder, sig.return_type, out)
     return acc(n, acc), codegen
+
+
+@literal_intrinsic
+def wait_group_keep(typingctx, n, acc, frag):
+    """`wgmma.wait_group N` passing through both the accumulator tuple and a register A fragment
+    (tuple of uint32) of a wgmma that may still be in flight: the A registers are read
+    asynchronously, so LLVM must not reuse them before the wait (9.7.15.5.1, "the contents of
+    the registers ... must not be modified until the wgmma completes")."""
+    pending = literal_int(n, "wait_group's N")
+    _check_acc(acc, "wait_group_keep")
+    if not (isinstance(frag, types.UniTuple) and isinstance(frag.dtype, types.Integer)
+            and frag.dtype.bitwidth == 32):
+        raise TypingError(f"wait_group_keep: fragment must be a tuple of 32-bit ints, got {frag}")
+
+    def codegen(context, builder, sig, args):
+        vals = _unpack(builder, args[1], acc.count) + _unpack(builder, args[2], frag.count)
+        ins = [(v, str(i)) for i, v in enumerate(vals)]
+        outs = [F32] * acc.count + [I32] * frag.count
+        res = emit(builder, f"wgmma.wait_group.sync.aligned {pending};", outs, ins)
+        a = context.make_tuple(builder, sig.return_type.types[0], res[:acc.count])
+        f = context.make_tuple(builder, sig.return_type.types[1], res[acc.count:])
+        return context.make_tuple(builder, sig.return_type, [a, f])
+    return types.Tuple((acc, frag))(n, acc, frag), codegen
 
 
 def _mma_text(n, ab, trans_b, nacc, a_regs):
