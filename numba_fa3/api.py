@@ -50,6 +50,13 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     unbounded.  Returns out `[B, Sq, H, D]`, and with return_lse the log-sum-exp `[B, H, Sq]`
     (float32, natural log; -inf for rows that see no key, whose output is 0).
     """
+    return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
+                    forward_kernel)
+
+
+def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream, make_kernel):
+    """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind): the benchmark's
+    ablation passes kernels with parts of the schedule switched off."""
     if softcap:
         raise NotImplementedError("softcap is not implemented in the forward kernel yet")
     iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
@@ -81,7 +88,7 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream()
-    kern = forward_kernel(iq.dtype, d, kind)
+    kern = make_kernel(iq.dtype, d, kind)
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
     kern.launch(table, tensors.device_ptr(lse), b, h, hk, sq, sk, (left, right), scale, stream)
     if host:

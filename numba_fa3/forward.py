@@ -9,17 +9,20 @@ mask is applied only where `mask.needs_mask` says.  The epilogue scales O by 1/l
 the Q tile's shared memory with TMA stores (rows past Sq are clipped), and stores the LSE.  Work
 tiles (m_block, head, batch) are scheduled persistently; causal runs the longest tiles first.
 
-Not yet here (see bench/NOTES.md): ping-pong between the consumer warpgroups, the intra-warpgroup
-overlap of softmax with the next S GEMM, softcap, varlen, fp8.
+Scheduling (FA3 section 3): the two consumer warpgroups ping-pong on named barriers, and within a
+warpgroup the S GEMM of the next key block is in flight during the softmax of the current one;
+`Schedule` switches each off for the ablation.
 """
 import enum
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
-from primitives.fragment import pack_bf16, pack_f16, row_max, scale_rows, zeros  # noqa: F401
+from primitives.intmath import udivmod32
+from primitives.fragment import mask_cols, pack_bf16, pack_f16, scale_rows, zeros
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
 from ptx_inline import barrier, mbarrier, memory, regs, special, tma, wgmma
@@ -33,9 +36,26 @@ ELEMENT_BYTES = 2
 
 
 class NamedBarrier(enum.IntEnum):
-    """Id 0 is __syncthreads; each consumer warpgroup syncs its epilogue on its own id."""
+    """Id 0 is __syncthreads.  Each consumer warpgroup syncs its epilogue on its own id; the
+    ping-pong schedule gives each warpgroup a barrier that the other one arrives at when it has
+    issued its GEMMs (FA3 section 3.1, "pingpong scheduling")."""
     EPILOGUE_WG0 = 1
     EPILOGUE_WG1 = 2
+    SCHEDULER_WG0 = 3
+    SCHEDULER_WG1 = 4
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The two scheduling techniques, each switchable for the ablation (FA3 Table 2).
+    pingpong: the consumer warpgroups take turns issuing GEMMs, so one's softmax runs under the
+    other's GEMMs.  overlap: within a warpgroup, the S GEMM of the next block is in flight while
+    the softmax of the current one runs."""
+    pingpong: bool = True
+    overlap: bool = True
+
+
+FULL_SCHEDULE = Schedule()
 
 
 class Maps(enum.IntEnum):
@@ -49,24 +69,33 @@ class Maps(enum.IntEnum):
 class FlashForward(launch.HopperKernel):
     """One forward specialization: dtype, head dim, mask kind."""
 
-    def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE):
+    def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
+                 tiles=None):
+        """tiles: a `tiles.Tiles` to use instead of the table's (for tuning experiments)."""
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
-        t = tiles_for(head_dim)
-        self.dtype, self.head_dim, self.mask_kind = dtype, head_dim, mask_kind
+        t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE)
+        self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
         self.threads = warpgroup.block_threads(self.consumers)
         self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
-        self.chunks = head_dim // CHUNK_COLS            # 128-byte column chunks of a row
+        self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
         plan = smem.SharedLayout()
         plan.add("q", self.chunks * self.q_chunk)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
         plan.add("v", self.stages * self.chunks * self.kv_chunk)
-        plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + 2 * smem.MBARRIER_BYTES,
+        # K and V rings, Q full/empty, and the slot that passes the tile id (one 8-byte unit).
+        plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + 3 * smem.MBARRIER_BYTES,
                  align=smem.MBARRIER_BYTES)
+        # O gets its own buffer where it fits: then Q is free once the tile's last S GEMM is done
+        # and the producer loads the next tile's Q (and K, V) under the last P V and the epilogue.
+        # Otherwise O is staged in Q's buffer and Q is reloaded only after the O store read it.
+        self.separate_o = plan.used + self.chunks * self.q_chunk + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM
+        if self.separate_o:
+            plan.add("o", self.chunks * self.q_chunk)
         self.smem = plan.check()
 
     # --- producer -----------------------------------------------------------------------------
@@ -81,37 +110,61 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load(maps, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem,
-                 heads, head_ratio, batch, m_blocks, left, right):
-            for i in static_range(3):
-                tma.fence_descriptor_acquire(maps + i * MAP)
-            index, phase, q_phase = 0, 0, 0
-            tiles = m_blocks * heads * batch
-            tile = scheduler.initial_work()
-            while tile < tiles:
-                mb, h, b = tile_coords(tile, m_blocks, heads, batch)
-                hk = h // head_ratio
-                n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
-                mbarrier.wait_parity(q_empty, q_phase ^ 1)
-                mbarrier.arrive_expect_tx(q_full, Q_BYTES)
+        def load_block(tmap, bars, ring, index, phase, hk, nb, b):
+            mbarrier.wait_parity(pipeline.empty_barrier(bars, STAGES, index), phase ^ 1)
+            if special.elect_one():
+                full = pipeline.full_barrier(bars, index)
+                mbarrier.arrive_expect_tx(full, KV_BYTES)
                 for c in static_range(CHUNKS):
-                    tma.load(q_smem + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, mb * BM, b), q_full)
-                q_phase ^= 1
-                nb = n_max - 1
-                while nb >= n_min:
-                    pipeline.producer_acquire(k_bars, STAGES, index, phase, KV_BYTES)
-                    full = pipeline.full_barrier(k_bars, index)
+                    tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, nb * BN, b), full)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem,
+                 heads, head_ratio, batch, m_blocks, left, right, lane):
+            # The whole warp runs this loop (so ptxas keeps its warp-uniform state in uniform
+            # registers); one elected lane issues each TMA.
+            if special.elect_one():
+                for i in static_range(3):
+                    tma.fence_descriptor_acquire(maps + i * MAP)
+            index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
+            tiles = np.int32(m_blocks * heads * batch)
+            tile = scheduler.initial_work()
+            while True:
+                # The tile id travels to the consumers with Q, through a shared slot that the Q
+                # barriers guard; an id past the end (with no Q) tells them to stop.
+                mbarrier.wait_parity(q_empty, q_phase ^ 1)
+                q_phase = np.int32(q_phase ^ 1)
+                if tile >= tiles:
+                    if special.elect_one():
+                        memory.st_shared_b32(tile_slot, tile)
+                        mbarrier.arrive(q_full)
+                    break
+                mb, h, b = tile_coords(tile, m_blocks, heads, batch)
+                hk, _ = udivmod32(h, head_ratio)
+                n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
+                if special.elect_one():
+                    memory.st_shared_b32(tile_slot, tile)
+                    mbarrier.arrive_expect_tx(q_full, Q_BYTES)
                     for c in static_range(CHUNKS):
-                        tma.load(k_smem + index * KV_STAGE + c * KV_CHUNK, maps + Maps.K * MAP,
-                                 (c * CHUNK_COLS, hk, nb * BN, b), full)
-                    pipeline.producer_acquire(v_bars, STAGES, index, phase, KV_BYTES)
-                    full = pipeline.full_barrier(v_bars, index)
-                    for c in static_range(CHUNKS):
-                        tma.load(v_smem + index * KV_STAGE + c * KV_CHUNK, maps + Maps.V * MAP,
-                                 (c * CHUNK_COLS, hk, nb * BN, b), full)
+                        tma.load(q_smem + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, mb * BM, b), q_full)
+                # K of block j goes out before V of block j + 1 (blocks are walked downwards): the
+                # consumers' S_j GEMM is issued before their P_{j+1} V_{j+1} GEMM.  Block j's K
+                # and V share stage `index`.
+                nb = np.int32(n_max - 1)
+                if nb >= n_min:
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, nb, b)
+                    v_index, v_phase = index, phase
                     index, phase = pipeline.advance(index, phase, STAGES)
-                    nb -= 1
-                tile = scheduler.next_work(tile)
+                    nb = np.int32(nb - 1)
+                    while nb >= n_min:
+                        load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, nb, b)
+                        load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, nb + 1, b)
+                        v_index, v_phase = index, phase
+                        index, phase = pipeline.advance(index, phase, STAGES)
+                        nb = np.int32(nb - 1)
+                    load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, nb + 1, b)
+                tile = scheduler.claim_next(counter, tiles, lane)
         return load
 
     # --- consumers ----------------------------------------------------------------------------
@@ -135,81 +188,179 @@ class FlashForward(launch.HopperKernel):
         CAUSAL = self.mask_kind == mask.MASK_CAUSAL
         tile_coords = _tile_coords(CAUSAL)
         WG_THREADS = warpgroup.WARPGROUP_THREADS
-        BAR0 = int(NamedBarrier.EPILOGUE_WG0)
+        EPILOGUE0 = int(NamedBarrier.EPILOGUE_WG0)
+        SCHEDULER0 = int(NamedBarrier.SCHEDULER_WG0)
+        PAIR_THREADS = 2 * WG_THREADS
+        PINGPONG, OVERLAP = self.schedule.pingpong, self.schedule.overlap
+        SEPARATE_O = self.separate_o
         MAP = TENSOR_MAP_BYTES
         GROUPS = D // 8
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def mma(maps, lse_ptr, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem,
+        def issue_qk(q_wg, kst):
+            """S = Q K^T for this warpgroup's 64 rows, issued as one wgmma group (not waited)."""
+            s = wgmma.fence_tied(S_ZERO)
+            for kk in static_range(QK_STEPS):
+                c, w = kk // STEPS_PER_CHUNK, kk % STEPS_PER_CHUNK
+                s = QK(s, smem.descriptor(DESC_Q, q_wg + c * Q_CHUNK + w * K_STEP_BYTES),
+                       smem.descriptor(DESC_K, kst + c * KV_CHUNK + w * K_STEP_BYTES), 0 if kk == 0 else 1)
+            wgmma.commit_group()
+            return s
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def issue_pv(o, pk, vst):
+            """O += P V, P from registers, issued as one wgmma group (not waited)."""
+            o = wgmma.fence_tied(o)
+            for kk in static_range(PV_STEPS):
+                o = PV(o, (pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]),
+                       smem.descriptor(DESC_V, vst + kk * V_STEP_BYTES), 1)
+            wgmma.commit_group()
+            return o
+
+        @cuda.jit(device=True, forceinline=True)
+        def scheduler_sync(wg):
+            """Ping-pong: wait for this warpgroup's turn to issue GEMMs."""
+            if PINGPONG:
+                barrier.sync(SCHEDULER0 + wg, PAIR_THREADS)
+
+        @cuda.jit(device=True, forceinline=True)
+        def scheduler_pass(wg):
+            """Ping-pong: hand the tensor cores to the other warpgroup (its softmax is done)."""
+            if PINGPONG:
+                barrier.arrive(SCHEDULER0 + (1 - wg), PAIR_THREADS)
+
+        @cuda.jit(device=True, forceinline=True)
+        def release_q(q_empty, lane):
+            """With O in its own buffer, Q is free as soon as this warp's last S GEMM completed."""
+            if SEPARATE_O and lane == 0:
+                mbarrier.arrive(q_empty)
+
+        @cuda.jit(device=True, forceinline=True)
+        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1):
+            if MASKED or nb * BN + BN > sk:
+                if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
+                    base = nb * BN
+                    return mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
+            return s
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def mma(maps, lse_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem, o_smem,
                 heads, batch, m_blocks, left, right, scale_log2, softmax_scale, wg, tid):
             lane = tid % warpgroup.WARP_THREADS
             if tid == 0:
                 tma.fence_descriptor_acquire(maps + Maps.O * MAP)
-            index, phase, q_phase = 0, 0, 0
-            tiles = m_blocks * heads * batch
+            if PINGPONG and wg == 1:
+                scheduler_pass(wg)  # warpgroup 0 issues first
+            index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
+            tiles = np.int32(m_blocks * heads * batch)
             q_wg = q_smem + wg * WG_ROWS_BYTES
+            o_wg = o_smem + wg * WG_ROWS_BYTES
             r_local = 16 * (tid // 32) + (tid % 32) // 4
             col0 = 2 * (tid % 4)
             offset = sk - sq
-            tile = scheduler.initial_work()
-            while tile < tiles:
+            while True:
+                mbarrier.wait_parity(q_full, q_phase)
+                tile = np.int32(memory.ld_shared_b32(tile_slot))
+                if tile >= tiles:
+                    break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
-                row0 = mb * BM + wg * WGMMA_M + r_local
+                row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 lo0, hi0 = mask.key_limits(row0, offset, left, right, sk)
                 lo1, hi1 = mask.key_limits(row0 + 8, offset, left, right, sk)
                 o = O_ZERO
                 m0, m1 = softmax.NEG_INF, softmax.NEG_INF
                 l0, l1 = np.float32(0), np.float32(0)
-                mbarrier.wait_parity(q_full, q_phase)
-                nb = n_max - 1
-                while nb >= n_min:
-                    pipeline.consumer_wait(k_bars, index, phase)
-                    kst = k_smem + index * KV_STAGE
-                    s = wgmma.fence_tied(S_ZERO)
-                    for kk in static_range(QK_STEPS):
-                        c, w = kk // STEPS_PER_CHUNK, kk % STEPS_PER_CHUNK
-                        s = QK(s, smem.descriptor(DESC_Q, q_wg + c * Q_CHUNK + w * K_STEP_BYTES),
-                               smem.descriptor(DESC_K, kst + c * KV_CHUNK + w * K_STEP_BYTES),
-                               0 if kk == 0 else 1)
-                    wgmma.commit_group()
-                    s = wgmma.wait_group_tied(0, s)
-                    pipeline.consumer_release(k_bars, STAGES, index, lane)
-                    if MASKED or nb * BN + BN > sk:
-                        if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
-                            base = nb * BN
-                            s = fragment_mask(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
-                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
-                    o = scale_rows(o, a0, a1)
-                    pk = PACK(p)
-                    pipeline.consumer_wait(v_bars, index, phase)
-                    vst = v_smem + index * KV_STAGE
-                    o = wgmma.fence_tied(o)
-                    for kk in static_range(PV_STEPS):
-                        o = PV(o, (pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3]),
-                               smem.descriptor(DESC_V, vst + kk * V_STEP_BYTES), 1)
-                    wgmma.commit_group()
-                    o = wgmma.wait_group_tied(0, o)
-                    pipeline.consumer_release(v_bars, STAGES, index, lane)
-                    index, phase = pipeline.advance(index, phase, STAGES)
-                    nb -= 1
+                nb = np.int32(n_max - 1)
+                if OVERLAP:
+                    # FA3 section 3.2: S_{j} = Q K_j^T is in flight while the softmax of block
+                    # j + 1 (walking downwards) runs; P_{j+1} V_{j+1} is issued right behind it.
+                    if nb >= n_min:
+                        pipeline.consumer_wait(k_bars, index, phase)
+                        scheduler_sync(wg)
+                        s = issue_qk(q_wg, k_smem + index * KV_STAGE)
+                        scheduler_pass(wg)
+                        s = wgmma.wait_group_tied(0, s)
+                        pipeline.consumer_release(k_bars, STAGES, index, lane)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                        p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                        pk = PACK(p)
+                        v_index, v_phase = index, phase
+                        index, phase = pipeline.advance(index, phase, STAGES)
+                        nb = np.int32(nb - 1)
+                        while nb >= n_min:
+                            pipeline.consumer_wait(k_bars, index, phase)
+                            scheduler_sync(wg)
+                            s = issue_qk(q_wg, k_smem + index * KV_STAGE)
+                            o = scale_rows(o, a0, a1)
+                            pipeline.consumer_wait(v_bars, v_index, v_phase)
+                            o = issue_pv(o, pk, v_smem + v_index * KV_STAGE)
+                            scheduler_pass(wg)
+                            s = wgmma.wait_group_tied(1, s)
+                            pipeline.consumer_release(k_bars, STAGES, index, lane)
+                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                            p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                            o, pk = wgmma.wait_group_keep(0, o, pk)
+                            pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                            pk = PACK(p)
+                            v_index, v_phase = index, phase
+                            index, phase = pipeline.advance(index, phase, STAGES)
+                            nb = np.int32(nb - 1)
+                        release_q(q_empty, lane)
+                        o = scale_rows(o, a0, a1)
+                        pipeline.consumer_wait(v_bars, v_index, v_phase)
+                        o = issue_pv(o, pk, v_smem + v_index * KV_STAGE)
+                        o, pk = wgmma.wait_group_keep(0, o, pk)
+                        pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                    else:
+                        release_q(q_empty, lane)
+                else:
+                    # The ablation without intra-warpgroup overlap: S, softmax, PV in sequence.
+                    while nb >= n_min:
+                        pipeline.consumer_wait(k_bars, index, phase)
+                        scheduler_sync(wg)
+                        s = issue_qk(q_wg, k_smem + index * KV_STAGE)
+                        scheduler_pass(wg)
+                        s = wgmma.wait_group_tied(0, s)
+                        pipeline.consumer_release(k_bars, STAGES, index, lane)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                        p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                        o = scale_rows(o, a0, a1)
+                        pk = PACK(p)
+                        pipeline.consumer_wait(v_bars, index, phase)
+                        o = issue_pv(o, pk, v_smem + index * KV_STAGE)
+                        o, pk = wgmma.wait_group_keep(0, o, pk)
+                        pipeline.consumer_release(v_bars, STAGES, index, lane)
+                        index, phase = pipeline.advance(index, phase, STAGES)
+                        nb = np.int32(nb - 1)
+                    release_q(q_empty, lane)
                 inv0, lse0 = softmax.finish_row(m0, l0, softmax_scale)
                 inv1, lse1 = softmax.finish_row(m1, l1, softmax_scale)
                 po = PACK(scale_rows(o, inv0, inv1))
-                # O goes out through this warpgroup's rows of the Q tile (its GEMMs are done).
+                if SEPARATE_O:
+                    # The previous tile's O store must have read the buffer before it is rewritten.
+                    if tid == 0:
+                        tma.wait_group_read(0)
+                    barrier.sync(EPILOGUE0 + wg, WG_THREADS)
+                # The swizzled addresses are rebuilt here, per tile: hoisted out of the tile loop
+                # they would hold 2 * GROUPS registers through the main loop.
+                r_out = special.recompute_here(r_local)
+                cb0 = special.recompute_here(col0 * ELEMENT_BYTES)
                 for j in static_range(GROUPS):
                     c, g = j // 8, j % 8
-                    dst = q_wg + c * Q_CHUNK
-                    cb = (8 * g) * ELEMENT_BYTES + col0 * ELEMENT_BYTES
-                    memory.st_shared_b32(dst + smem.swizzle_128b(r_local, cb), po[2 * j])
-                    memory.st_shared_b32(dst + smem.swizzle_128b(r_local + 8, cb), po[2 * j + 1])
+                    dst = o_wg + c * Q_CHUNK
+                    cb = (8 * g) * ELEMENT_BYTES + cb0
+                    memory.st_shared_b32(dst + smem.swizzle_128b(r_out, cb), po[2 * j])
+                    memory.st_shared_b32(dst + smem.swizzle_128b(r_out + 8, cb), po[2 * j + 1])
                 barrier.fence_proxy_async()
-                barrier.sync(BAR0 + wg, WG_THREADS)
+                barrier.sync(EPILOGUE0 + wg, WG_THREADS)
                 if tid == 0:
                     for c in static_range(CHUNKS):
                         tma.store(maps + Maps.O * MAP, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b),
-                                  q_wg + c * Q_CHUNK)
+                                  o_wg + c * Q_CHUNK)
                     tma.commit_group()
                 if tid % 4 == 0:
                     lse_row = lse_ptr + ((b * heads + h) * sq + row0) * 4
@@ -217,12 +368,11 @@ class FlashForward(launch.HopperKernel):
                         memory.st_global_f32(lse_row, lse0)
                     if row0 + 8 < sq:
                         memory.st_global_f32(lse_row + 32, lse1)
-                if tid == 0:
+                if not SEPARATE_O and tid == 0:
                     # The Q tile may be reloaded once the stores have read this warpgroup's rows.
                     tma.wait_group_read(0)
                     mbarrier.arrive(q_empty)
-                q_phase ^= 1
-                tile = scheduler.next_work(tile)
+                q_phase = np.int32(q_phase ^ 1)
             if tid == 0:
                 tma.wait_group(0)
         return mma
@@ -234,12 +384,14 @@ class FlashForward(launch.HopperKernel):
         CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
         OFF_Q, OFF_K, OFF_V = (self.smem.offsets[k] for k in ("q", "k", "v"))
         OFF_BARS = self.smem.offsets["barriers"]
+        OFF_O = self.smem.offsets["o"] if self.separate_o else OFF_Q
+        Q_RELEASES = CONSUMER_WARPS if self.separate_o else self.consumers
         RING = pipeline.barrier_bytes(STAGES)
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
         CONSUMERS = self.consumers
 
-        def flash_fwd_kernel(maps, lse_ptr, batch, heads, head_ratio, sq, sk, m_blocks, left, right,
+        def flash_fwd_kernel(maps, lse_ptr, counter, batch, heads, head_ratio, sq, sk, m_blocks, left, right,
                              scale_log2, softmax_scale):
             dyn = cuda.shared.array(0, dtype=np.uint8)
             base = smem.aligned_base(special.shared_address(dyn))
@@ -247,28 +399,29 @@ class FlashForward(launch.HopperKernel):
             v_bars = k_bars + RING
             q_full = v_bars + RING
             q_empty = q_full + smem.MBARRIER_BYTES
+            tile_slot = q_empty + smem.MBARRIER_BYTES
             if cuda.threadIdx.x == 0:
                 pipeline.init(k_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(v_bars, STAGES, CONSUMER_WARPS)
                 mbarrier.init(q_full, 1)
-                mbarrier.init(q_empty, CONSUMERS)
+                mbarrier.init(q_empty, Q_RELEASES)
                 mbarrier.fence_init()
             cuda.syncthreads()
             wg = warpgroup.warpgroup_index()
             tid = cuda.threadIdx.x % WG_THREADS
             if wg == 0:
                 regs.setmaxnreg_dec(REG_PRODUCER)
-                if tid < warpgroup.WARP_THREADS and special.elect_one():
-                    load(maps, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
-                         base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right)
+                if tid < warpgroup.WARP_THREADS:
+                    load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
+                         base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right, tid)
             else:
                 regs.setmaxnreg_inc(REG_CONSUMER)
-                mma(maps, lse_ptr, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
-                    base + OFF_Q, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
+                mma(maps, lse_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
+                    base + OFF_Q, base + OFF_O, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
                     wg - 1, tid)
         return flash_fwd_kernel
 
-    SIGNATURE = types.void(types.uint64, types.uint64, types.int32, types.int32, types.int32,
+    SIGNATURE = types.void(types.uint64, types.uint64, types.uint64, types.int32, types.int32, types.int32,
                            types.int32, types.int32, types.int32, types.int32, types.int32,
                            types.float32, types.float32)
 
@@ -284,26 +437,28 @@ class FlashForward(launch.HopperKernel):
         m_blocks = -(-sq // self.block_m)
         grid = scheduler.persistent_grid(m_blocks * heads * batch, launch.sm_count())
         left, right = window
-        self.kernel()(grid, stream, table, lse_ptr, batch, heads, heads // heads_k, sq, sk, m_blocks,
+        counter = scheduler.tile_counters.get(launch.stream_handle(stream))
+        self.kernel()(grid, stream, table, lse_ptr, counter, batch, heads, heads // heads_k, sq, sk, m_blocks,
                       left, right, np.float32(softmax_scale * softmax.LOG2E), np.float32(softmax_scale))
 
-
-from primitives.fragment import mask_cols as fragment_mask  # noqa: E402
 
 
 def _tile_coords(longest_first):
     @cuda.jit(device=True, forceinline=True)
     def tile_coords(tile, m_blocks, heads, batch):
-        """(m_block, head, batch) of a linear tile.  Heads and batches vary fastest, so CTAs that
-        run together work on the same m_block; causal walks m_blocks from the last (longest)."""
-        bh = tile % (heads * batch)
-        mb = tile // (heads * batch)
+        """(m_block, head, batch) of a linear tile.  m_blocks vary fastest: the CTAs running at
+        one time then work on few (batch, head) pairs and share their K and V in L2 (about
+        132 x block_m x D x 4 bytes live, ~8 MB at D = 128, whatever the sequence length).
+        With heads fastest instead, a 2k-token run streamed K and V from HBM for every tile.
+        Causal runs each pair's m_blocks from the last (longest) to the first."""
+        bh, mb = udivmod32(tile, m_blocks)
+        b, h = udivmod32(bh, heads)
         if longest_first:
-            mb = m_blocks - 1 - mb
-        return mb, bh % heads, bh // heads
+            mb = np.int32(m_blocks - 1 - mb)
+        return mb, h, b
     return tile_coords
 
 
 @functools.lru_cache(maxsize=None)
-def forward_kernel(dtype, head_dim, mask_kind):
-    return FlashForward(dtype, head_dim, mask_kind)
+def forward_kernel(dtype, head_dim, mask_kind, schedule=FULL_SCHEDULE):
+    return FlashForward(dtype, head_dim, mask_kind, schedule)

@@ -3,6 +3,7 @@
 with left/right < 0 meaning unbounded; causal is (left, 0).  One place answers both questions a
 kernel asks: which key blocks does a query tile visit, and which of them need the mask.
 """
+import numpy as np
 from numba import cuda
 
 #: A bound that stands for "unbounded" in int32 arithmetic.
@@ -29,7 +30,7 @@ def key_limits(row, offset, left, right, seqlen_k):
     lo = 0
     if left >= 0:
         lo = row + offset - left
-    return lo, hi
+    return np.int32(lo), np.int32(hi)
 
 
 @cuda.jit(device=True, forceinline=True)
@@ -42,8 +43,8 @@ def block_range(m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
     _, hi = key_limits(r1, offset, left, right, seqlen_k)
     lo = max(lo, 0)
     if hi <= lo:
-        return 0, 0
-    return lo // block_n, (hi + block_n - 1) // block_n
+        return np.int32(0), np.int32(0)
+    return np.int32(lo // block_n), np.int32((hi + block_n - 1) // block_n)
 
 
 @cuda.jit(device=True, forceinline=True)

@@ -1,18 +1,24 @@
-"""Tile sizes and register budgets of the forward kernel, per head dimension.
+"""Tile sizes and register budgets of the forward kernel, per head dimension (and mask).
 
-Each consumer warpgroup owns 64 query rows (the wgmma M), so block_m = 64 * consumers.  Registers
-per consumer thread: O is D/2, S is block_n/2, P (bf16) block_n/4.  Shared memory: Q (block_m x D)
-plus `stages` of K and V (block_n x D each), all bf16, must fit 227 KB.
-  D=64:  128 x 128, 2 stages: 16 + 2*16 + 2*16 = 80 KB; O 32 + S 64 + P 32 regs.
-  D=128: 128 x 128, 2 stages: 32 + 2*32 + 2*32 = 160 KB; O 64 + S 64 + P 32 regs.  (FA3 uses
-         block_n 176 for non-causal; 128 keeps the mask arithmetic and the first version simple.)
-  D=256 (not yet): 128 x 64, 2 stages = 192 KB, O 128 + S 32 + P 16 regs; it spills at 232
-         registers per consumer today (ptxas: 240-290 B), so it is left out until it does not.
-Registers: producer 40 / consumers 232.  setmaxnreg moves registers only within what the CTA got
-at launch: 384 threads x 168 (the launch-bounds cap) = 64512, so producer + 2 x consumer <= 504.
-(48/232 deadlocked on the H100: setmaxnreg.inc waited for registers that never came.)  At 40 the
-producer spills 4 bytes (it keeps ~20 64-bit sizes and addresses live; Numba's ints are int64),
-at 24 it spills 92.
+Each consumer warpgroup owns 64 query rows (the wgmma M), so block_m = 64 * consumers = 128.
+Per consumer thread the accumulators take O: D/2 registers, S: block_n/2, P (16-bit): block_n/4,
+and with the intra-warpgroup overlap all three are live at once (S of block j+1 in flight while P
+of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V tiles (block_n x D),
+16-bit, in 64-column chunks of the 128-byte swizzle (D = 96 and 192 round up to whole chunks; TMA
+fills the extra columns with zeros and the GEMMs never read them), within 227 KB:
+
+  D    block_n  stages  smem (Q + K + V)            O + S + P regs   why this block_n
+  64   128      2       16 + 32 + 32 = 80 KB        32 + 64 + 32     short GEMMs: deeper N amortizes softmax
+  96   128      2       32 + 64 + 64 = 160 KB       48 + 64 + 32     (chunks padded to 128 columns)
+  128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     causal: diagonal blocks stay square
+  128  176      2       32 + 88 + 88 = 208 KB       64 + 88 + 44     non-causal, as FA3: fewer softmax rounds
+  192  112      2       48 + 84 + 84 = 216 KB       96 + 56 + 28     (chunks of 64 columns: 3)
+  256  80       2       64 + 80 + 80 = 224 KB       128 + 40 + 20    the most K/V that fits twice
+
+Registers: producer 24 / consumers 240 (FA3's split).  setmaxnreg moves registers only within
+what the CTA got at launch: 384 threads x 168 (the launch-bounds cap) = 64512 = 128 x (24 + 2 x 240).
+(48/232 deadlocked on the H100: setmaxnreg.inc waited for registers that never came.)  The
+producer fits 24 because its loop runs on a whole warp with 32-bit index math (see intmath).
 """
 from dataclasses import dataclass
 
@@ -27,15 +33,23 @@ class Tiles:
     consumer_registers: int
 
 
+def _tiles(block_n):
+    return Tiles(128, block_n, 2, 2, 24, 240)
+
+
+#: (head_dim, causal-or-local) -> tiles.
 TILES = {
-    64: Tiles(128, 128, 2, 2, 40, 232),
-    128: Tiles(128, 128, 2, 2, 40, 232),
+    (64, False): _tiles(128), (64, True): _tiles(128),
+    (96, False): _tiles(128), (96, True): _tiles(128),
+    (128, False): _tiles(128), (128, True): _tiles(128),
+    (192, False): _tiles(112), (192, True): _tiles(112),
+    (256, False): _tiles(80), (256, True): _tiles(80),
 }
 
-SUPPORTED_HEAD_DIMS = tuple(sorted(TILES))
+SUPPORTED_HEAD_DIMS = tuple(sorted({d for d, _ in TILES}))
 
 
-def tiles_for(head_dim):
-    if head_dim not in TILES:
+def tiles_for(head_dim, masked=False):
+    if (head_dim, bool(masked)) not in TILES:
         raise ValueError(f"head dim {head_dim} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    return TILES[head_dim]
+    return TILES[head_dim, bool(masked)]
