@@ -1,11 +1,10 @@
-"""`python -m bench gemm ...` | `python -m bench attention ...`"""
+"""`python -m bench gemm|attention|ablation [options]`"""
+import importlib
 import sys
 
+COMMANDS = ("gemm", "attention", "ablation", "profile")
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("gemm", "attention"):
-        sys.exit("usage: python -m bench {gemm,attention} [options]")
-    if sys.argv[1] == "gemm":
-        from .gemm import run
-    else:
-        from .attention import run
-    run(sys.argv[2:])
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m bench {{{','.join(COMMANDS)}}} [options]")
+    importlib.import_module(f".{sys.argv[1]}", __package__).run(sys.argv[2:])
