@@ -30,11 +30,11 @@ def run(argv=None):
     from numba_fa3.tiles import tiles_for
 
     @functools.lru_cache(maxsize=None)
-    def kernel(schedule, block_n, dtype, d, kind):
+    def kernel(schedule, block_n, dtype, d, kind, softcap=False):
         tiles = tiles_for(d, kind != 0)
         if block_n:
             tiles = type(tiles)(**{**tiles.__dict__, "block_n": block_n})
-        return FlashForward(dtype, d, kind, Schedule(*SCHEDULES[schedule]), tiles)
+        return FlashForward(dtype, d, kind, Schedule(*SCHEDULES[schedule]), tiles, softcap=softcap)
 
     rows = []
     for d in args.hdims:

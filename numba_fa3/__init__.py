@@ -3,4 +3,4 @@
 `flash_attn` is the forward pass; `reference` and `blocked` are the NumPy reference and the NumPy
 model of the kernel's blocked algorithm.
 """
-from .api import flash_attn  # noqa: F401
+from .api import flash_attn, flash_attn_varlen  # noqa: F401

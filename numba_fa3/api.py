@@ -1,10 +1,10 @@
-"""Public API: `flash_attn(q, k, v, ...)`.
+"""Public API: `flash_attn(q, k, v, ...)` and `flash_attn_varlen(q, k, v, cu_seqlens_q, ...)`.
 
-q `[B, Sq, H, D]`, k/v `[B, Sk, Hk, D]`, Hk dividing H (GQA/MQA); bf16 or fp16.  GPU inputs
-(torch CUDA tensors, Numba/CuPy device arrays) are used in place, strided ones too as long as the
-last dimension is contiguous; the result is a new array of the same library, or `out`.  NumPy
-inputs are copied to the GPU and the result comes back as NumPy.  Everything unsupported raises
-before launch.
+q `[B, Sq, H, D]`, k/v `[B, Sk, Hk, D]` (varlen: packed `[T, H, D]` / `[T, Hk, D]`), Hk dividing H
+(GQA/MQA); bf16 or fp16.  GPU inputs (torch CUDA tensors, Numba/CuPy device arrays) are used in
+place, strided ones too as long as the last dimension is contiguous; the result is a new array of
+the same library, or `out`.  NumPy inputs are copied to the GPU and the result comes back as
+NumPy.  Everything unsupported raises before launch.
 """
 import math
 
@@ -17,29 +17,61 @@ from .forward import forward_kernel
 from .tiles import SUPPORTED_HEAD_DIMS
 
 
-def _validate(iq, ik, iv):
-    for info, name in ((iq, "q"), (ik, "k"), (iv, "v")):
-        if len(info.shape) != 4:
-            raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim], got shape {info.shape}")
-        if info.strides[3] != 1:
+def _check_layout(infos, rank, what):
+    for info, name in infos:
+        if len(info.shape) != rank:
+            raise ValueError(f"{name} must be {what}, got shape {info.shape}")
+        if info.strides[-1] != 1:
             raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
-    if not (iq.dtype == ik.dtype == iv.dtype) or iq.dtype not in ("bf16", "f16"):
-        raise TypeError(f"q, k, v must all be bf16 or all fp16, got {iq.dtype}, {ik.dtype}, {iv.dtype}")
-    if len({iq.kind == "numpy", ik.kind == "numpy", iv.kind == "numpy"}) != 1:
+    dtypes = [i.dtype for i, _ in infos]
+    if len(set(dtypes)) != 1 or dtypes[0] not in ("bf16", "f16"):
+        raise TypeError(f"q, k, v must all be bf16 or all fp16, got {', '.join(dtypes)}")
+    if len({i.kind == "numpy" for i, _ in infos}) != 1:
         raise TypeError("q, k, v must all be NumPy arrays or all be GPU arrays")
-    b, sq, h, d = iq.shape
-    bk, sk, hk, dk = ik.shape
-    if iv.shape != ik.shape:
-        raise ValueError(f"k and v must have the same shape, got {ik.shape} and {iv.shape}")
-    if bk != b or dk != d:
-        raise ValueError(f"q {iq.shape} and k {ik.shape} differ in batch or head dim")
-    if h % hk:
+
+
+def _check_heads(h, hk, d, dk, dv):
+    if not d == dk == dv:
+        raise ValueError(f"q, k, v head dims differ: {d}, {dk}, {dv}")
+    if hk < 1 or h % hk:
         raise ValueError(f"key heads ({hk}) must divide query heads ({h})")
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if min(b, sq, sk) < 1:
-        raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}")
-    return b, sq, sk, h, hk, d
+
+
+def _check_tma(infos):
+    for info, name in infos:
+        if info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:-1]):
+            raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got base "
+                             f"{info.ptr:#x}, strides {info.strides} elements")
+
+
+def _options(d, softmax_scale, causal, window_size, softcap):
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
+    softcap = float(softcap)
+    if not softcap >= 0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
+    left, right = (int(window_size[0]), int(window_size[1]))
+    if causal:
+        right = 0
+    return scale, softcap, (left, right), mask.mask_kind(causal, (left, right))
+
+
+def _output(out, like, shape):
+    if out is None:
+        o = tensors.empty_like_kind(like, shape, like.dtype)
+        st, acc = [], 1
+        for n in reversed(shape):
+            st.append(acc)
+            acc *= n
+        return o, tensors.TensorInfo(tensors.device_ptr(o), shape, tuple(reversed(st)), like.dtype, like.kind, o)
+    io = tensors.inspect(out, "out")
+    if io.shape != shape or io.dtype != like.dtype or io.strides[-1] != 1:
+        raise ValueError(f"out must be {shape} {like.dtype} with a contiguous last dim, got {io.shape} {io.dtype}")
+    _check_tma([(io, "out")])
+    return out, io
 
 
 def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -47,51 +79,125 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     """Exact attention softmax(q k^T * scale) v, computed by the FlashAttention-3 forward kernel.
 
     causal: bottom-right aligned when Sq != Sk (as FA2/FA3).  window_size=(left, right), -1 for
-    unbounded.  Returns out `[B, Sq, H, D]`, and with return_lse the log-sum-exp `[B, H, Sq]`
-    (float32, natural log; -inf for rows that see no key, whose output is 0).
+    unbounded.  softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax.
+    Returns out `[B, Sq, H, D]`, and with return_lse the log-sum-exp `[B, H, Sq]` (float32,
+    natural log; -inf for rows that see no key, whose output is 0).
     """
     return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
                     forward_kernel)
 
 
 def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream, make_kernel):
-    """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind): the benchmark's
-    ablation passes kernels with parts of the schedule switched off."""
-    if softcap:
-        raise NotImplementedError("softcap is not implemented in the forward kernel yet")
+    """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind, softcap=...):
+    the benchmark's ablation passes kernels with parts of the schedule switched off."""
     iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    b, sq, sk, h, hk, d = _validate(iq, ik, iv)
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    if not scale > 0 or not math.isfinite(scale):
-        raise ValueError(f"softmax_scale must be positive and finite, got {softmax_scale}")
-    left, right = (int(window_size[0]), int(window_size[1]))
-    if causal:
-        right = 0
-    kind = mask.mask_kind(causal, (left, right))
+    _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 4, "[batch, seqlen, heads, head_dim]")
+    b, sq, h, d = iq.shape
+    bk, sk, hk, dk = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k and v must have the same shape, got {ik.shape} and {iv.shape}")
+    if bk != b:
+        raise ValueError(f"q {iq.shape} and k {ik.shape} differ in batch")
+    _check_heads(h, hk, d, dk, iv.shape[3])
+    if min(b, sq, sk, h) < 1:
+        raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
+    scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
     host = iq.kind == "numpy"
     if host:
         if out is not None:
             raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
         iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
-    for info, name in ((iq, "q"), (ik, "k"), (iv, "v")):
-        if info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:3]):
-            raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got base "
-                             f"{info.ptr:#x}, strides {info.strides} elements")
-    if out is None:
-        o = tensors.empty_like_kind(iq, (b, sq, h, d), iq.dtype)
-        io = tensors.TensorInfo(tensors.device_ptr(o), (b, sq, h, d), (sq * h * d, h * d, d, 1), iq.dtype, iq.kind, o)
-    else:
-        io = tensors.inspect(out, "out")
-        if io.shape != (b, sq, h, d) or io.dtype != iq.dtype or io.strides[3] != 1:
-            raise ValueError(f"out must be {(b, sq, h, d)} {iq.dtype} with a contiguous last dim")
-        o = out
+    _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
+    o, io = _output(out, iq, (b, sq, h, d))
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream()
-    kern = make_kernel(iq.dtype, d, kind)
+    kern = make_kernel(iq.dtype, d, kind, softcap=cap > 0)
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
-    kern.launch(table, tensors.device_ptr(lse), b, h, hk, sq, sk, (left, right), scale, stream)
+    kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, cap, stream)
     if host:
         o = tensors.to_host(o, io.dtype)
         lse = lse.copy_to_host()
     return (o, lse) if return_lse else o
+
+
+def _cu_seqlens(x, name, total, host):
+    """(array, device address, batch, lengths) of a cu_seqlens array (int32, batch + 1 entries),
+    checked as far as can be without reading GPU memory; NumPy ones are checked fully (and get
+    their device address from `_upload_cu` once every check has passed)."""
+    if host:
+        a = np.asarray(x)
+        if a.ndim != 1 or a.shape[0] < 2 or a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be a 1-D integer array of batch + 1 >= 2 entries, got {a.dtype} {a.shape}")
+        if a[0] != 0 or np.any(np.diff(a.astype(np.int64)) < 0) or a[-1] != total:
+            raise ValueError(f"{name} must start at 0, not decrease, and end at the packed length {total}")
+        return a.astype(np.int32), None, a.shape[0] - 1, np.diff(a.astype(np.int64))
+    info = tensors.inspect(x, name) if not isinstance(x, np.ndarray) else None
+    if info is None or info.kind == "numpy":
+        raise TypeError(f"{name} must be on the GPU like q, k, v")
+    if len(info.shape) != 1 or info.shape[0] < 2 or info.strides[0] != 1:
+        raise ValueError(f"{name} must be a contiguous 1-D array of batch + 1 >= 2 entries, got {info.shape}")
+    if info.dtype != "i32":
+        raise TypeError(f"{name} must be int32, got {info.dtype}")
+    return x, info.ptr, info.shape[0] - 1, None
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                      causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False, out=None, stream=None):
+    """Attention over sequences packed along one token axis: q `[Tq, H, D]`, k/v `[Tk, Hk, D]`;
+    sequence i is tokens cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:
+    cu_seqlens_k[i+1] of k and v (int32 arrays of batch + 1 entries, starting at 0).
+    max_seqlen_q / max_seqlen_k must bound every sequence's length.  Empty and 1-token sequences
+    are allowed (an empty key sequence gives zero output rows and LSE -inf).  Masks and softcap
+    as in `flash_attn`, per sequence.  Returns out `[Tq, H, D]` and with return_lse the LSE
+    `[H, Tq]` (float32).
+    """
+    iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 3, "[total_tokens, heads, head_dim]")
+    tq, h, d = iq.shape
+    tk, hk, dk = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k and v must have the same shape, got {ik.shape} and {iv.shape}")
+    _check_heads(h, hk, d, dk, iv.shape[2])
+    if h < 1:
+        raise ValueError("no heads")
+    scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_q < 0 or max_k < 0:
+        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+    host = iq.kind == "numpy"
+    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host)
+    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host)
+    if bq != bk:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
+    if host:
+        if out is not None:
+            raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
+        if lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k:
+            raise ValueError(f"a sequence is longer than max_seqlen_q/k ({max_q}, {max_k}): "
+                             f"longest {lens_q.max(initial=0)}, {lens_k.max(initial=0)}")
+        iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
+        cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
+        cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
+    _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
+    o, io = _output(out, iq, (tq, h, d))
+    lse = tensors.empty_like_kind(iq, (h, tq), "f32")
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream()
+    if tq and max_q:
+        kern = forward_kernel(iq.dtype, d, kind, softcap=cap > 0, varlen=True)
+        table = descriptor_tables.get(kern.tensor_maps(*(_as_batch_of_one(x) for x in (iq, ik, iv, io))))
+        kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max(max_k, 1), window, scale, cap,
+                    stream, cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
+    if host:
+        o = tensors.to_host(o, io.dtype)
+        lse = lse.copy_to_host()
+    return (o, lse) if return_lse else o
+
+
+def _as_batch_of_one(info):
+    """A packed [T, H, D] TensorInfo seen as [1, T, H, D] (the kernel's 4-D tensor maps)."""
+    t, h, d = info.shape
+    t = max(t, 1)  # no keys at all: a map of one row that the kernel never reads (every sk is 0)
+    return tensors.TensorInfo(info.ptr, (1, t, h, d), (t * info.strides[0],) + tuple(info.strides),
+                              info.dtype, info.kind, info.obj)

@@ -22,7 +22,7 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import mask_cols, pack_bf16, pack_f16, scale_rows, zeros
+from primitives.fragment import mask_cols, pack_bf16, pack_f16, scale_rows, tanh_rows, zeros
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
 from ptx_inline import barrier, mbarrier, memory, regs, special, tma, wgmma
@@ -67,15 +67,17 @@ class Maps(enum.IntEnum):
 
 
 class FlashForward(launch.HopperKernel):
-    """One forward specialization: dtype, head dim, mask kind."""
+    """One forward specialization: dtype, head dim, mask kind, soft-cap or not, varlen or not."""
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
-                 tiles=None):
-        """tiles: a `tiles.Tiles` to use instead of the table's (for tuning experiments)."""
+                 tiles=None, softcap=False, varlen=False):
+        """tiles: a `tiles.Tiles` to use instead of the table's (for tuning experiments).
+        varlen: sequences packed along one token axis, delimited by cu_seqlens (see api)."""
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE)
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
+        self.softcap, self.varlen = bool(softcap), bool(varlen)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
         self.threads = warpgroup.block_threads(self.consumers)
@@ -90,11 +92,14 @@ class FlashForward(launch.HopperKernel):
         # K and V rings, Q full/empty, and the slot that passes the tile id (one 8-byte unit).
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + 3 * smem.MBARRIER_BYTES,
                  align=smem.MBARRIER_BYTES)
-        # O gets its own buffer where it fits: then Q is free once the tile's last S GEMM is done
-        # and the producer loads the next tile's Q (and K, V) under the last P V and the epilogue.
-        # Otherwise O is staged in Q's buffer and Q is reloaded only after the O store read it.
-        self.separate_o = plan.used + self.chunks * self.q_chunk + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM
-        if self.separate_o:
+        # Q is released as soon as the tile's last S GEMM is done, so the producer loads the next
+        # tile's Q (and K, V) under the last P V and the epilogue; O therefore never goes through
+        # Q's buffer.  It goes out through its own buffer and TMA stores where that fits, else
+        # (D = 256, and varlen, whose tiles must not spill into the next sequence) by plain
+        # stores from registers, each row checked against the sequence length.
+        self.tma_store = (not self.varlen and
+                          plan.used + self.chunks * self.q_chunk + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM)
+        if self.tma_store:
             plan.add("o", self.chunks * self.q_chunk)
         self.smem = plan.check()
 
@@ -106,22 +111,24 @@ class FlashForward(launch.HopperKernel):
         KV_STAGE = CHUNKS * KV_CHUNK
         MAP = TENSOR_MAP_BYTES
         CAUSAL = self.mask_kind == mask.MASK_CAUSAL
+        VARLEN = self.varlen
         tile_coords = _tile_coords(CAUSAL)
+        seq_info = _seq_info(VARLEN)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load_block(tmap, bars, ring, index, phase, hk, nb, b):
+        def load_block(tmap, bars, ring, index, phase, hk, row, b):
             mbarrier.wait_parity(pipeline.empty_barrier(bars, STAGES, index), phase ^ 1)
             if special.elect_one():
                 full = pipeline.full_barrier(bars, index)
                 mbarrier.arrive_expect_tx(full, KV_BYTES)
                 for c in static_range(CHUNKS):
-                    tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, nb * BN, b), full)
+                    tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, row, b), full)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem,
-                 heads, head_ratio, batch, m_blocks, left, right, lane):
+        def load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                 k_smem, v_smem, q_smem, heads, head_ratio, batch, m_blocks, left, right, lane):
             # The whole warp runs this loop (so ptxas keeps its warp-uniform state in uniform
             # registers); one elected lane issues each TMA.
             if special.elect_one():
@@ -141,29 +148,38 @@ class FlashForward(launch.HopperKernel):
                         mbarrier.arrive(q_full)
                     break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
+                q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
+                if VARLEN and mb * BM >= sq:
+                    # Past this sequence's end (m_blocks counts the longest): nothing to do.
+                    q_phase = np.int32(q_phase ^ 1)
+                    tile = scheduler.claim_next(counter, tiles, lane)
+                    continue
+                bc = 0 if VARLEN else b
                 hk, _ = udivmod32(h, head_ratio)
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
                 if special.elect_one():
                     memory.st_shared_b32(tile_slot, tile)
                     mbarrier.arrive_expect_tx(q_full, Q_BYTES)
                     for c in static_range(CHUNKS):
-                        tma.load(q_smem + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, mb * BM, b), q_full)
+                        tma.load(q_smem + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, q_off + mb * BM, bc),
+                                 q_full)
                 # K of block j goes out before V of block j + 1 (blocks are walked downwards): the
                 # consumers' S_j GEMM is issued before their P_{j+1} V_{j+1} GEMM.  Block j's K
                 # and V share stage `index`.
                 nb = np.int32(n_max - 1)
                 if nb >= n_min:
-                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, nb, b)
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
                     v_index, v_phase = index, phase
                     index, phase = pipeline.advance(index, phase, STAGES)
                     nb = np.int32(nb - 1)
                     while nb >= n_min:
-                        load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, nb, b)
-                        load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, nb + 1, b)
+                        load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                        load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk,
+                                   k_off + (nb + 1) * BN, bc)
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
-                    load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, nb + 1, b)
+                    load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, k_off + (nb + 1) * BN, bc)
                 tile = scheduler.claim_next(counter, tiles, lane)
         return load
 
@@ -192,7 +208,8 @@ class FlashForward(launch.HopperKernel):
         SCHEDULER0 = int(NamedBarrier.SCHEDULER_WG0)
         PAIR_THREADS = 2 * WG_THREADS
         PINGPONG, OVERLAP = self.schedule.pingpong, self.schedule.overlap
-        SEPARATE_O = self.separate_o
+        TMA_STORE, VARLEN, SOFTCAP = self.tma_store, self.varlen, self.softcap
+        seq_info = _seq_info(VARLEN)
         MAP = TENSOR_MAP_BYTES
         GROUPS = D // 8
 
@@ -233,12 +250,14 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
-            """With O in its own buffer, Q is free as soon as this warp's last S GEMM completed."""
-            if SEPARATE_O and lane == 0:
+            """Q is free for the next tile once every consumer warp's last S GEMM completed."""
+            if lane == 0:
                 mbarrier.arrive(q_empty)
 
         @cuda.jit(device=True, forceinline=True)
-        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1):
+        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale):
+            if SOFTCAP:
+                s = tanh_rows(s, softcap_scale)
             if MASKED or nb * BN + BN > sk:
                 if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
                     base = nb * BN
@@ -247,26 +266,28 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def mma(maps, lse_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, k_smem, v_smem, q_smem, o_smem,
-                heads, batch, m_blocks, left, right, scale_log2, softmax_scale, wg, tid):
+        def mma(maps, lse_ptr, o_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
+                softcap_scale, o_strides, lse_strides, wg, tid):
             lane = tid % warpgroup.WARP_THREADS
-            if tid == 0:
+            if TMA_STORE and tid == 0:
                 tma.fence_descriptor_acquire(maps + Maps.O * MAP)
             if PINGPONG and wg == 1:
                 scheduler_pass(wg)  # warpgroup 0 issues first
             index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
             tiles = np.int32(m_blocks * heads * batch)
             q_wg = q_smem + wg * WG_ROWS_BYTES
-            o_wg = o_smem + wg * WG_ROWS_BYTES
+            o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
             r_local = 16 * (tid // 32) + (tid % 32) // 4
             col0 = 2 * (tid % 4)
-            offset = sk - sq
             while True:
                 mbarrier.wait_parity(q_full, q_phase)
                 tile = np.int32(memory.ld_shared_b32(tile_slot))
                 if tile >= tiles:
                     break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
+                q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
+                offset = sk - sq
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 lo0, hi0 = mask.key_limits(row0, offset, left, right, sk)
@@ -285,7 +306,7 @@ class FlashForward(launch.HopperKernel):
                         scheduler_pass(wg)
                         s = wgmma.wait_group_tied(0, s)
                         pipeline.consumer_release(k_bars, STAGES, index, lane)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         pk = PACK(p)
                         v_index, v_phase = index, phase
@@ -301,7 +322,7 @@ class FlashForward(launch.HopperKernel):
                             scheduler_pass(wg)
                             s = wgmma.wait_group_tied(1, s)
                             pipeline.consumer_release(k_bars, STAGES, index, lane)
-                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                             p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                             o, pk = wgmma.wait_group_keep(0, o, pk)
                             pipeline.consumer_release(v_bars, STAGES, v_index, lane)
@@ -326,7 +347,7 @@ class FlashForward(launch.HopperKernel):
                         scheduler_pass(wg)
                         s = wgmma.wait_group_tied(0, s)
                         pipeline.consumer_release(k_bars, STAGES, index, lane)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         o = scale_rows(o, a0, a1)
                         pk = PACK(p)
@@ -340,38 +361,45 @@ class FlashForward(launch.HopperKernel):
                 inv0, lse0 = softmax.finish_row(m0, l0, softmax_scale)
                 inv1, lse1 = softmax.finish_row(m1, l1, softmax_scale)
                 po = PACK(scale_rows(o, inv0, inv1))
-                if SEPARATE_O:
+                if TMA_STORE:
                     # The previous tile's O store must have read the buffer before it is rewritten.
                     if tid == 0:
                         tma.wait_group_read(0)
                     barrier.sync(EPILOGUE0 + wg, WG_THREADS)
-                # The swizzled addresses are rebuilt here, per tile: hoisted out of the tile loop
-                # they would hold 2 * GROUPS registers through the main loop.
-                r_out = special.recompute_here(r_local)
-                cb0 = special.recompute_here(col0 * ELEMENT_BYTES)
-                for j in static_range(GROUPS):
-                    c, g = j // 8, j % 8
-                    dst = o_wg + c * Q_CHUNK
-                    cb = (8 * g) * ELEMENT_BYTES + cb0
-                    memory.st_shared_b32(dst + smem.swizzle_128b(r_out, cb), po[2 * j])
-                    memory.st_shared_b32(dst + smem.swizzle_128b(r_out + 8, cb), po[2 * j + 1])
-                barrier.fence_proxy_async()
-                barrier.sync(EPILOGUE0 + wg, WG_THREADS)
-                if tid == 0:
-                    for c in static_range(CHUNKS):
-                        tma.store(maps + Maps.O * MAP, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b),
-                                  o_wg + c * Q_CHUNK)
-                    tma.commit_group()
+                    # The swizzled addresses are rebuilt here, per tile: hoisted out of the tile
+                    # loop they would hold 2 * GROUPS registers through the main loop.
+                    r_out = special.recompute_here(r_local)
+                    cb0 = special.recompute_here(col0 * ELEMENT_BYTES)
+                    for j in static_range(GROUPS):
+                        c, g = j // 8, j % 8
+                        dst = o_wg + c * Q_CHUNK
+                        cb = (8 * g) * ELEMENT_BYTES + cb0
+                        memory.st_shared_b32(dst + smem.swizzle_128b(r_out, cb), po[2 * j])
+                        memory.st_shared_b32(dst + smem.swizzle_128b(r_out + 8, cb), po[2 * j + 1])
+                    barrier.fence_proxy_async()
+                    barrier.sync(EPILOGUE0 + wg, WG_THREADS)
+                    if tid == 0:
+                        for c in static_range(CHUNKS):
+                            tma.store(maps + Maps.O * MAP, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b),
+                                      o_wg + c * Q_CHUNK)
+                        tma.commit_group()
+                else:
+                    rs, hs, bs = o_strides
+                    head = o_ptr + (b * bs + h * hs + (q_off + row0) * rs + col0) * ELEMENT_BYTES
+                    head = special.recompute_here64(head)
+                    if row0 < sq:
+                        for j in static_range(GROUPS):
+                            memory.st_global_b32(head + 8 * j * ELEMENT_BYTES, po[2 * j])
+                    if row0 + 8 < sq:
+                        for j in static_range(GROUPS):
+                            memory.st_global_b32(head + (8 * rs + 8 * j) * ELEMENT_BYTES, po[2 * j + 1])
                 if tid % 4 == 0:
-                    lse_row = lse_ptr + ((b * heads + h) * sq + row0) * 4
+                    lbs, lhs = lse_strides
+                    lse_row = lse_ptr + (b * lbs + h * lhs + q_off + row0) * 4
                     if row0 < sq:
                         memory.st_global_f32(lse_row, lse0)
                     if row0 + 8 < sq:
                         memory.st_global_f32(lse_row + 32, lse1)
-                if not SEPARATE_O and tid == 0:
-                    # The Q tile may be reloaded once the stores have read this warpgroup's rows.
-                    tma.wait_group_read(0)
-                    mbarrier.arrive(q_empty)
                 q_phase = np.int32(q_phase ^ 1)
             if tid == 0:
                 tma.wait_group(0)
@@ -384,15 +412,14 @@ class FlashForward(launch.HopperKernel):
         CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
         OFF_Q, OFF_K, OFF_V = (self.smem.offsets[k] for k in ("q", "k", "v"))
         OFF_BARS = self.smem.offsets["barriers"]
-        OFF_O = self.smem.offsets["o"] if self.separate_o else OFF_Q
-        Q_RELEASES = CONSUMER_WARPS if self.separate_o else self.consumers
+        OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q
         RING = pipeline.barrier_bytes(STAGES)
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
-        CONSUMERS = self.consumers
 
-        def flash_fwd_kernel(maps, lse_ptr, counter, batch, heads, head_ratio, sq, sk, m_blocks, left, right,
-                             scale_log2, softmax_scale):
+        def flash_fwd_kernel(maps, lse_ptr, counter, o_ptr, cu_q, cu_k, batch, heads, head_ratio, sq_max, sk_max, total_q, total_k,
+                             m_blocks, left, right, scale_log2, softmax_scale, softcap_scale,
+                             o_row_stride, o_head_stride, o_batch_stride, lse_batch_stride, lse_head_stride):
             dyn = cuda.shared.array(0, dtype=np.uint8)
             base = smem.aligned_base(special.shared_address(dyn))
             k_bars = base + OFF_BARS
@@ -404,7 +431,7 @@ class FlashForward(launch.HopperKernel):
                 pipeline.init(k_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(v_bars, STAGES, CONSUMER_WARPS)
                 mbarrier.init(q_full, 1)
-                mbarrier.init(q_empty, Q_RELEASES)
+                mbarrier.init(q_empty, CONSUMER_WARPS)
                 mbarrier.fence_init()
             cuda.syncthreads()
             wg = warpgroup.warpgroup_index()
@@ -412,18 +439,18 @@ class FlashForward(launch.HopperKernel):
             if wg == 0:
                 regs.setmaxnreg_dec(REG_PRODUCER)
                 if tid < warpgroup.WARP_THREADS:
-                    load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
-                         base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right, tid)
+                    load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                         base + OFF_K, base + OFF_V, base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right,
+                         tid)
             else:
                 regs.setmaxnreg_inc(REG_CONSUMER)
-                mma(maps, lse_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, sq, sk, base + OFF_K, base + OFF_V,
-                    base + OFF_Q, base + OFF_O, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
-                    wg - 1, tid)
+                mma(maps, lse_ptr, o_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                    base + OFF_K, base + OFF_V, base + OFF_Q, base + OFF_O, heads, batch, m_blocks, left, right,
+                    scale_log2, softmax_scale, softcap_scale, (o_row_stride, o_head_stride, o_batch_stride),
+                    (lse_batch_stride, lse_head_stride), wg - 1, tid)
         return flash_fwd_kernel
 
-    SIGNATURE = types.void(types.uint64, types.uint64, types.uint64, types.int32, types.int32, types.int32,
-                           types.int32, types.int32, types.int32, types.int32, types.int32,
-                           types.float32, types.float32)
+    SIGNATURE = types.void(*([types.uint64] * 6 + [types.int32] * 10 + [types.float32] * 3 + [types.int64] * 5))
 
     def tensor_maps(self, q, k, v, o):
         """4-D maps (D, heads, seqlen, batch) of Q, K, V, O; strides in bytes."""
@@ -433,14 +460,45 @@ class FlashForward(launch.HopperKernel):
             return (t.dtype, t.ptr, (d, h, s, b), st, (CHUNK_COLS, 1, rows, 1))
         return (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(o, WGMMA_M))
 
-    def launch(self, table, lse_ptr, batch, heads, heads_k, sq, sk, window, softmax_scale, stream):
-        m_blocks = -(-sq // self.block_m)
-        grid = scheduler.persistent_grid(m_blocks * heads * batch, launch.sm_count())
+    def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, softcap,
+               stream, cu_seqlens=(0, 0), lse_strides=None, total=(0, 0)):
+        """o: TensorInfo of the output ([B, S, H, D], or [T, H, D] packed); lse [B, H, S] or, with
+        varlen, [H, T]; sq_max/sk_max: the (longest) sequence lengths."""
+        m_blocks = -(-sq_max // self.block_m)
+        tiles = m_blocks * heads * batch
+        grid = scheduler.persistent_grid(tiles, launch.sm_count())
         left, right = window
+        if softcap:
+            # s -> softcap * tanh(s * scale / softcap): the kernel takes tanh's argument scale, and
+            # the exponent and LSE scale by softcap instead of softmax_scale.
+            tanh_scale, exp_scale = softmax_scale / softcap, softcap
+        else:
+            tanh_scale, exp_scale = 0.0, softmax_scale
+        st = o.strides
+        o_strides = (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
+        if lse_strides is None:
+            lse_strides = (heads * sq_max, sq_max)
         counter = scheduler.tile_counters.get(launch.stream_handle(stream))
-        self.kernel()(grid, stream, table, lse_ptr, counter, batch, heads, heads // heads_k, sq, sk, m_blocks,
-                      left, right, np.float32(softmax_scale * softmax.LOG2E), np.float32(softmax_scale))
+        self.kernel()(grid, stream, table, lse_ptr, counter, o.ptr, cu_seqlens[0], cu_seqlens[1], batch, heads,
+                      heads // heads_k, sq_max, sk_max, *total, m_blocks, left, right,
+                      np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),
+                      *o_strides, *lse_strides)
 
+
+def _seq_info(varlen):
+    @cuda.jit(device=True, forceinline=True)
+    def seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k):
+        """(first token of Q, seqlen_q, first token of K, seqlen_k) of batch entry b: from the
+        cu_seqlens arrays (int32, B + 1 entries) with varlen, else the fixed lengths.  Entries are
+        clamped to the packed lengths, so bad cu_seqlens cannot send a store out of bounds."""
+        if varlen:
+            q0 = min(max(memory.ld_global_s32(cu_q + 4 * b), 0), total_q)
+            q1 = min(max(memory.ld_global_s32(cu_q + 4 * b + 4), q0), total_q)
+            k0 = min(max(memory.ld_global_s32(cu_k + 4 * b), 0), total_k)
+            k1 = min(max(memory.ld_global_s32(cu_k + 4 * b + 4), k0), total_k)
+            return np.int32(q0), np.int32(q1 - q0), np.int32(k0), np.int32(k1 - k0)
+        return np.int32(0), np.int32(sq_max), np.int32(0), np.int32(sk_max)
+    return seq_info
 
 
 def _tile_coords(longest_first):
@@ -460,5 +518,5 @@ def _tile_coords(longest_first):
 
 
 @functools.lru_cache(maxsize=None)
-def forward_kernel(dtype, head_dim, mask_kind, schedule=FULL_SCHEDULE):
-    return FlashForward(dtype, head_dim, mask_kind, schedule)
+def forward_kernel(dtype, head_dim, mask_kind, schedule=FULL_SCHEDULE, softcap=False, varlen=False):
+    return FlashForward(dtype, head_dim, mask_kind, schedule, softcap=softcap, varlen=varlen)

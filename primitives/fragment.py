@@ -136,6 +136,22 @@ def exp2_rows(typingctx, acc, scale, b0, b1):
 
 
 @_intrinsic
+def tanh_rows(typingctx, acc, scale):
+    """tanh.approx(x * scale) for every register (PTX ISA 9.7.4.12 "tanh"): the logit soft-cap
+    of Gemma-style attention, softcap * tanh(s / softcap), with the factor outside folded into
+    the exponent scale."""
+    n = _f32_tuple(acc, "tanh_rows")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        sc = _f32(context, builder, args[1], sig.args[1])
+        out = [_emit(builder, "{\n.reg .f32 t;\nmul.ftz.f32 t, $1, $2;\ntanh.approx.f32 $0, t;\n}",
+                     [_F32], [(x, "f"), (sc, "f")], clobber_memory=False, side_effect=False) for x in v]
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, scale), codegen
+
+
+@_intrinsic
 def mask_cols(typingctx, acc, col0, lo0, hi0, lo1, hi1):
     """-inf where the register's column c = 8 * (i // 4) + i % 2 + col0 falls outside [lo, hi)
     of its row (lo0/hi0 for row r, lo1/hi1 for row r + 8)."""

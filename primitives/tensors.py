@@ -16,10 +16,11 @@ except ImportError:  # pragma: no cover - ml_dtypes is a dependency
     _BF16 = _E4M3 = None
 
 #: Canonical dtype names used across the library, with their NumPy dtypes.
-NUMPY_DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32), "bf16": _BF16, "e4m3": _E4M3}
+NUMPY_DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32), "bf16": _BF16, "e4m3": _E4M3,
+                "i32": np.dtype(np.int32)}
 _TORCH_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "f16", "torch.float32": "f32",
-                "torch.float8_e4m3fn": "e4m3"}
-_TYPESTR = {"<f2": "f16", "<f4": "f32"}
+                "torch.float8_e4m3fn": "e4m3", "torch.int32": "i32"}
+_TYPESTR = {"<f2": "f16", "<f4": "f32", "<i4": "i32"}
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,25 @@ def st_global_f32(typingctx, addr, value):
 
 
 @intrinsic
+def st_global_b32(typingctx, addr, value):
+    """`st.global.b32 [addr], v` with a 64-bit global address (e.g. a packed bf16x2 pair)."""
+    def codegen(context, builder, sig, args):
+        emit(builder, "st.global.b32 [$0], $1;", [], [(as_int(context, builder, args[0], sig.args[0], 64), "l"),
+                                                      (as_int(context, builder, args[1], sig.args[1], 32), "r")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen
+
+
+@intrinsic
+def ld_global_s32(typingctx, addr):
+    """`ld.global.s32 v, [addr]` (e.g. a cu_seqlens entry)."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "ld.global.s32 $0, [$1];", [I32],
+                    [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+    return types.int32(addr), codegen
+
+
+@intrinsic
 def ld_global_nc_f32(typingctx, addr):
     """`ld.global.nc.f32 v, [addr]`: read-only data through the non-coherent (texture) path."""
     def codegen(context, builder, sig, args):

@@ -85,3 +85,12 @@ def recompute_here(typingctx, x):
         v = as_int(context, builder, args[0], sig.args[0], 32)
         return emit(builder, "mov.b32 $0, $1;", [I32], [(v, "r")], clobber_memory=False)
     return types.uint32(x), codegen
+
+
+@intrinsic
+def recompute_here64(typingctx, x):
+    """`recompute_here` for a 64-bit value (a global address)."""
+    def codegen(context, builder, sig, args):
+        v = as_int(context, builder, args[0], sig.args[0], 64)
+        return emit(builder, "mov.b64 $0, $1;", [I64], [(v, "l")], clobber_memory=False)
+    return types.uint64(x), codegen

@@ -1,37 +1,97 @@
 """The forward kernel against the NumPy reference, with FA3's tolerance rule: the kernel's max
 error vs an fp64 reference is at most 2x the error of the same computation done in the input
-precision (`attention_lowprec`), plus a small absolute term.  Outputs are NaN-poisoned first."""
+precision (`attention_lowprec`), plus a small absolute term.
+
+GPU inputs go in as torch CUDA tensors with `out` NaN-poisoned, so every element must be written;
+each case runs twice and must give the same bits.  `EDGE_CASES` is a fixed list small enough to
+run under compute-sanitizer (see README)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from numba_fa3 import flash_attn
-from numba_fa3.reference import attention_lowprec, attention_reference
+from numba_fa3 import flash_attn, flash_attn_varlen
+from numba_fa3.reference import attention_lowprec, attention_reference, attention_reference_varlen
 from numba_fa3.tiles import SUPPORTED_HEAD_DIMS
 from primitives.tensors import NUMPY_DTYPES
 
 gpu = pytest.mark.gpu
 LENGTHS = [1, 17, 64, 113, 128, 129, 255, 799, 1023, 2049]
+VARLEN_LENGTHS = [0, 1, 2, 17, 80, 113, 128, 129, 300]
 
 
-def _qkv(rng, b, sq, sk, h, hk, d, dtype):
-    npdt = NUMPY_DTYPES[dtype]
-    return (rng.standard_normal((b, sq, h, d)).astype(npdt), rng.standard_normal((b, sk, hk, d)).astype(npdt),
-            rng.standard_normal((b, sk, hk, d)).astype(npdt))
+def _torch():
+    return pytest.importorskip("torch")
 
 
-def _check(q, k, v, out, lse, causal, window, dtype):
-    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, return_lse=True)
-    low = attention_lowprec(q, k, v, causal=causal, window_size=window,
-                            storage_dtype=NUMPY_DTYPES[dtype]).astype(np.float64)
+def _to_torch(a):
+    torch = _torch()
+    t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).cuda()
+    return t.view(torch.bfloat16 if a.dtype == NUMPY_DTYPES["bf16"] else torch.float16)
+
+
+def _to_numpy(t, dtype):
+    return t.view(_torch().int16).cpu().numpy().view(NUMPY_DTYPES[dtype])
+
+
+def _window(rng, mask):
+    return (int(rng.integers(0, 300)), int(rng.integers(0, 300))) if mask == "local" else (-1, -1)
+
+
+def _check(out, lse, ref, ref_lse, low):
     out = np.asarray(out, dtype=np.float64)
     assert np.isfinite(out).all(), "NaN/inf in the output (unwritten or bad masking)"
-    err, low_err = np.abs(out - ref).max(), np.abs(low - ref).max()
+    err, low_err = np.abs(out - ref).max(initial=0), np.abs(low - ref).max(initial=0)
     assert err <= 2 * low_err + 1e-3, f"max err {err:.3g} vs low-precision reference {low_err:.3g}"
     finite = np.isfinite(ref_lse)
     assert np.array_equal(np.isfinite(lse), finite), "LSE -inf pattern differs"
-    assert np.abs(lse[finite] - ref_lse[finite]).max() <= 1e-3 * (1 + np.abs(ref_lse[finite]).max())
-    assert (out[~finite.transpose(0, 2, 1)] == 0).all(), "fully masked rows must be 0"
+    if finite.any():
+        assert np.abs(lse[finite] - ref_lse[finite]).max() <= 1e-3 * (1 + np.abs(ref_lse[finite]).max())
+
+
+def run_dense(rng, b, sq, sk, h, hk, d, dtype, mask, softcap):
+    npdt = NUMPY_DTYPES[dtype]
+    q = rng.standard_normal((b, sq, h, d)).astype(npdt)
+    k = rng.standard_normal((b, sk, hk, d)).astype(npdt)
+    v = rng.standard_normal((b, sk, hk, d)).astype(npdt)
+    causal, window = mask == "causal", _window(rng, mask)
+    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
+    out = _torch().full_like(tq, float("nan"))
+    _, lse = flash_attn(tq, tk, tv, causal=causal, window_size=window, softcap=softcap, return_lse=True, out=out)
+    again = flash_attn(tq, tk, tv, causal=causal, window_size=window, softcap=softcap)
+    assert _torch().equal(out, again), "two runs on the same inputs differ"
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, softcap=softcap, return_lse=True)
+    low = attention_lowprec(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                            storage_dtype=npdt).astype(np.float64)
+    lse = lse.cpu().numpy()
+    _check(_to_numpy(out, dtype), lse, ref, ref_lse, low)
+    # Rows that see no key: output 0, LSE -inf.
+    assert (np.asarray(_to_numpy(out, dtype), np.float64)[~np.isfinite(ref_lse).transpose(0, 2, 1)] == 0).all()
+
+
+def run_varlen(rng, lens_q, lens_k, h, hk, d, dtype, mask, softcap):
+    npdt = NUMPY_DTYPES[dtype]
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q = rng.standard_normal((cu_q[-1], h, d)).astype(npdt)
+    k = rng.standard_normal((cu_k[-1], hk, d)).astype(npdt)
+    v = rng.standard_normal((cu_k[-1], hk, d)).astype(npdt)
+    causal, window = mask == "causal", _window(rng, mask)
+    torch = _torch()
+    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
+    out = torch.full_like(tq, float("nan"))
+    cq, ck = torch.from_numpy(cu_q).cuda(), torch.from_numpy(cu_k).cuda()
+    mq, mk = max(lens_q, default=0), max(lens_k, default=0)
+    _, lse = flash_attn_varlen(tq, tk, tv, cq, ck, mq, mk, causal=causal, window_size=window, softcap=softcap,
+                               return_lse=True, out=out)
+    ref, ref_lse = attention_reference_varlen(q, k, v, cu_q, cu_k, causal=causal, window_size=window,
+                                              softcap=softcap, return_lse=True)
+    low = np.zeros_like(ref)
+    for i in range(len(lens_q)):
+        if lens_q[i]:
+            sl, kl = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            low[sl] = attention_lowprec(q[None, sl], k[None, kl], v[None, kl], causal=causal, window_size=window,
+                                        softcap=softcap, storage_dtype=npdt)[0]
+    _check(_to_numpy(out, dtype), lse.cpu().numpy(), ref, ref_lse, low)
 
 
 @gpu
@@ -39,33 +99,67 @@ def _check(q, k, v, out, lse, causal, window, dtype):
 @given(sq=st.sampled_from(LENGTHS), sk=st.sampled_from(LENGTHS), d=st.sampled_from(SUPPORTED_HEAD_DIMS),
        b=st.integers(1, 2), hk=st.integers(1, 2), ratio=st.sampled_from([1, 2, 3]),
        mask=st.sampled_from(["none", "causal", "local"]), dtype=st.sampled_from(["bf16", "f16"]),
-       seed=st.integers(0, 2 ** 31))
-def test_forward_matches_reference(sq, sk, d, b, hk, ratio, mask, dtype, seed):
-    rng = np.random.default_rng(seed)
-    q, k, v = _qkv(rng, b, sq, sk, hk * ratio, hk, d, dtype)
-    causal = mask == "causal"
-    window = (int(rng.integers(0, 300)), int(rng.integers(0, 300))) if mask == "local" else (-1, -1)
-    out, lse = flash_attn(q, k, v, causal=causal, window_size=window, return_lse=True)
-    _check(q, k, v, out, lse, causal, window, dtype)
+       softcap=st.sampled_from([0.0, 0.0, 15.0]), seed=st.integers(0, 2 ** 31))
+def test_forward_matches_reference(sq, sk, d, b, hk, ratio, mask, dtype, softcap, seed):
+    run_dense(np.random.default_rng(seed), b, sq, sk, hk * ratio, hk, d, dtype, mask, softcap)
 
 
 @gpu
-def test_forward_torch_poisoned_and_deterministic():
-    torch = pytest.importorskip("torch")
+@settings(max_examples=25, deadline=None)
+@given(lens=st.lists(st.tuples(st.sampled_from(VARLEN_LENGTHS), st.sampled_from(VARLEN_LENGTHS)),
+                     min_size=1, max_size=4),
+       d=st.sampled_from(SUPPORTED_HEAD_DIMS), hk=st.integers(1, 2), ratio=st.sampled_from([1, 3]),
+       mask=st.sampled_from(["none", "causal", "local"]), softcap=st.sampled_from([0.0, 15.0]),
+       seed=st.integers(0, 2 ** 31))
+def test_varlen_matches_reference(lens, d, hk, ratio, mask, softcap, seed):
+    lens_q, lens_k = [a for a, _ in lens], [c for _, c in lens]
+    if sum(lens_q) == 0:
+        lens_q[0] = 1
+    run_varlen(np.random.default_rng(seed), lens_q, lens_k, hk * ratio, hk, d, "bf16", mask, softcap)
+
+
+#: Fixed, small cases: every head dim, the masks, softcap, GQA, ragged lengths, Sq != Sk, varlen
+#: with empty sequences.  Also the compute-sanitizer subset (`-k edge`).
+EDGE_CASES = [
+    ("dense", 1, 1, 1, 2, 1, 64, "none", 0.0),
+    ("dense", 2, 129, 113, 4, 2, 96, "causal", 0.0),
+    ("dense", 1, 200, 300, 3, 1, 128, "local", 0.0),
+    ("dense", 1, 255, 17, 2, 2, 192, "causal", 30.0),
+    ("dense", 2, 300, 300, 2, 1, 256, "none", 0.0),
+    ("varlen", [0, 1, 129, 70], [5, 0, 200, 70], 4, 2, 128, "causal", 0.0),
+    ("varlen", [33, 250], [300, 1], 2, 2, 256, "local", 20.0),
+    ("varlen", [17, 0, 64], [17, 17, 64], 3, 1, 64, "none", 0.0),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: "-".join(str(x) for x in c))
+def test_forward_edge(case):
+    rng = np.random.default_rng(7)
+    if case[0] == "dense":
+        _, b, sq, sk, h, hk, d, mask, softcap = case
+        run_dense(rng, b, sq, sk, h, hk, d, "bf16", mask, softcap)
+    else:
+        _, lq, lk, h, hk, d, mask, softcap = case
+        run_varlen(rng, lq, lk, h, hk, d, "f16", mask, softcap)
+
+
+@gpu
+def test_forward_numpy_roundtrip_and_gqa_vs_torch():
+    torch = _torch()
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(2, 1500, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(2, 1500, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    out = torch.full_like(q, float("nan"))
-    flash_attn(q, k, v, causal=True, out=out)
-    again = flash_attn(q, k, v, causal=True)
-    assert torch.isfinite(out).all()
-    assert torch.equal(out, again)
+    out = flash_attn(q, k, v, causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2).float(), k.repeat_interleave(4, 2).transpose(1, 2).float(),
         v.repeat_interleave(4, 2).transpose(1, 2).float(), is_causal=False,
         attn_mask=torch.ones(1000, 1500, device="cuda", dtype=torch.bool).tril(500)).transpose(1, 2)
     assert (out.float() - ref).abs().max().item() < 2e-2
+    host = flash_attn(*(_to_numpy(x, "bf16") for x in (q, k, v)), causal=True)
+    assert isinstance(host, np.ndarray) and host.dtype == NUMPY_DTYPES["bf16"]
+    assert np.array_equal(host.view(np.uint16), _to_numpy(out, "bf16").view(np.uint16))
 
 
 def test_bad_inputs_raise():
@@ -79,7 +173,18 @@ def test_bad_inputs_raise():
         flash_attn(q.astype(np.float32), q, q)
     with pytest.raises(ValueError, match=r"\[batch, seqlen"):
         flash_attn(q[0], q, q)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        flash_attn(q, q, q, softcap=30.0)
+    with pytest.raises(ValueError, match="softcap"):
+        flash_attn(q, q, q, softcap=-1.0)
     with pytest.raises(ValueError, match="softmax_scale"):
         flash_attn(q, q, q, softmax_scale=-1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        flash_attn(np.ones((1, 8, 2, 128), bf)[..., ::2], q, q)
+    p = np.ones((8, 2, 64), bf)
+    with pytest.raises(ValueError, match="packed length"):
+        flash_attn_varlen(p, p, p, np.array([0, 4], np.int32), np.array([0, 8], np.int32), 4, 8)
+    with pytest.raises(ValueError, match="longer than max_seqlen"):
+        flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 4, 8)
+    with pytest.raises(ValueError, match="sequences"):
+        flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 4, 8], np.int32), 8, 8)
+    with pytest.raises(ValueError, match=r"\[total_tokens"):
+        flash_attn_varlen(q, q, q, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 8, 8)
