@@ -21,7 +21,7 @@ def _check_layout(infos, rank, what):
     for info, name in infos:
         if len(info.shape) != rank:
             raise ValueError(f"{name} must be {what}, got shape {info.shape}")
-        if info.strides[-1] != 1:
+        if info.strides[-1] != 1 and 0 not in info.shape:  # an empty tensor is never read
             raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
     dtypes = [i.dtype for i, _ in infos]
     if len(set(dtypes)) != 1 or dtypes[0] not in ("bf16", "f16"):
@@ -41,6 +41,8 @@ def _check_heads(h, hk, d, dk, dv):
 
 def _check_tma(infos):
     for info, name in infos:
+        if 0 in info.shape:
+            continue
         if info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:-1]):
             raise ValueError(f"{name}: TMA needs 16-byte aligned base and strides, got base "
                              f"{info.ptr:#x}, strides {info.strides} elements")
@@ -184,7 +186,11 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     lse = tensors.empty_like_kind(iq, (h, tq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream()
-    if tq and max_q:
+    if tq and not tk:
+        # No keys at all: every row sees none (output 0, LSE -inf), and there is nothing to map.
+        tensors.fill(o, 0)
+        tensors.fill(lse, -np.inf)
+    elif tq and max_q:
         kern = forward_kernel(iq.dtype, d, kind, softcap=cap > 0, varlen=True)
         table = descriptor_tables.get(kern.tensor_maps(*(_as_batch_of_one(x) for x in (iq, ik, iv, io))))
         kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max(max_k, 1), window, scale, cap,
@@ -198,6 +204,5 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 def _as_batch_of_one(info):
     """A packed [T, H, D] TensorInfo seen as [1, T, H, D] (the kernel's 4-D tensor maps)."""
     t, h, d = info.shape
-    t = max(t, 1)  # no keys at all: a map of one row that the kernel never reads (every sk is 0)
     return tensors.TensorInfo(info.ptr, (1, t, h, d), (t * info.strides[0],) + tuple(info.strides),
                               info.dtype, info.kind, info.obj)

@@ -1,32 +1,21 @@
 """Compiling a kernel for this GPU and launching it with little Python in between.
 
 Kernels in this library take only scalars (addresses, sizes), so a launch is: normalize the
-stream, call the compiled kernel.  Going to the compiled overload directly skips the dispatcher's
-per-call type resolution and its small-grid warning (persistent grids are small on purpose).
+stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles; its dispatcher does not launch
+(its per-call type resolution costs more than a short attention kernel runs).
 """
+import ctypes
 import functools
+import threading
 
 from numba import cuda
 
 from .compile import HOPPER
 
 
-def as_stream(stream):
-    """cuda.core stream from None/0 (legacy default), an int handle, a Numba stream, or any object
-    with `.cuda_stream` (torch.cuda.Stream, CuPy streams)."""
-    from numba.cuda.cudadrv import driver
-    if not stream:
-        return driver._to_core_stream(0)
-    if isinstance(stream, int):
-        return driver.ExperimentalStream.from_handle(stream)
-    handle = getattr(stream, "cuda_stream", None)
-    if handle is not None:
-        return driver.ExperimentalStream.from_handle(int(handle))
-    return driver._to_core_stream(stream)
-
-
 def stream_handle(stream):
-    """The raw CUstream of anything `as_stream` accepts (0 for the legacy default stream)."""
+    """The raw CUstream of a stream given as None/0 (legacy default), an int handle, a Numba
+    stream, or any object with `.cuda_stream` (torch.cuda.Stream, CuPy streams)."""
     if not stream:
         return 0
     if isinstance(stream, int):
@@ -34,23 +23,44 @@ def stream_handle(stream):
     handle = getattr(stream, "cuda_stream", None)
     if handle is not None:
         return int(handle)
-    handle = getattr(stream, "handle", None)
-    return int(getattr(handle, "value", handle) or 0)
+    try:
+        return int(stream)
+    except TypeError:
+        handle = getattr(stream, "handle", None)
+        return int(getattr(handle, "value", handle) or 0)
+
+
+#: ctypes of the scalar kernel parameters this library uses (kernels take no arrays).
+_CTYPES = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "uint32": ctypes.c_uint32,
+           "int32": ctypes.c_int32, "float32": ctypes.c_float}
 
 
 class CompiledKernel:
     """One kernel specialization compiled for sm_90a with launch bounds (threads, 1), allowed
-    `smem_bytes` of dynamic shared memory."""
+    `smem_bytes` of dynamic shared memory.
+
+    Launches go straight to `cuLaunchKernel` with a parameter block packed by ctypes: Numba's own
+    launch path resolves every argument's type on every call (~10 us per argument, ~250 us for
+    the attention kernel's 24), which would dominate a short attention call."""
 
     def __init__(self, fn, signature, threads, smem_bytes):
+        from cuda.bindings import driver as drv
         self.threads, self.smem_bytes = threads, smem_bytes
         dispatcher = cuda.jit(signature, launch_bounds=(threads, 1))(fn)
         self._kernel = dispatcher.overloads[signature.args]
-        self._set_max_dynamic_smem(smem_bytes)
-
-    def _set_max_dynamic_smem(self, nbytes):
-        from cuda.bindings import driver as drv
+        self._context = cuda.current_context()
         cufunc = self._kernel._codelibrary.get_cufunc()
+        self._set_max_dynamic_smem(cufunc, smem_bytes)
+        err, self._function = drv.cuKernelGetFunction(cufunc.handle)
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuKernelGetFunction failed: {err.name}")
+        self._ctypes = [_CTYPES[str(a)] for a in signature.args]
+        self._drv = drv
+        self._local = threading.local()
+
+    @staticmethod
+    def _set_max_dynamic_smem(cufunc, nbytes):
+        from cuda.bindings import driver as drv
         attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         (err,) = drv.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
         if err != drv.CUresult.CUDA_SUCCESS:
@@ -60,8 +70,30 @@ class CompiledKernel:
     def registers(self):
         return self._kernel.get_regs_per_thread() if hasattr(self._kernel, "get_regs_per_thread") else None
 
+    def _params(self):
+        """This thread's parameter block: one ctypes value per argument and the void* array
+        cuLaunchKernel reads (per thread, so concurrent launches do not share it)."""
+        block = getattr(self._local, "block", None)
+        if block is None:
+            values = [t() for t in self._ctypes]
+            pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+            block = self._local.block = (values, pointers, ctypes.addressof(pointers))
+        return block
+
     def __call__(self, grid, stream, *args):
-        self._kernel.launch(args, (grid, 1, 1), (self.threads, 1, 1), as_stream(stream), self.smem_bytes)
+        values, _, address = self._params()
+        for slot, a in zip(values, args):
+            slot.value = a
+        drv = self._drv
+        launch = lambda: drv.cuLaunchKernel(self._function, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
+                                            stream_handle(stream), address, 0)
+        (err,) = launch()
+        if err == drv.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+            with self._context:  # a thread that has not touched CUDA yet
+                (err,) = launch()
+        if err != drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"cuLaunchKernel failed: {err.name} (grid {grid}, {self.threads} threads, "
+                               f"{self.smem_bytes} B shared)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -59,21 +59,28 @@ def claim_next(counter, tiles, lane):
 
 
 class TileCounters:
-    """One zeroed int32 counter per CUDA stream (launches on one stream never overlap, and each
-    leaves its counter at 0)."""
+    """One int32 counter per CUDA stream (launches on one stream never overlap, and each leaves its
+    counter at 0), as slots of one zeroed device array made on first use: a new stream costs no
+    allocation or copy, so a launch can be captured into a CUDA graph on any stream."""
+
+    SLOTS = 4096
 
     def __init__(self):
-        self._by_stream = {}
+        self._slots = {}
+        self._buf = None
         self._lock = threading.Lock()
 
     def get(self, stream_handle):
         key = int(stream_handle or 0)
         with self._lock:
-            buf = self._by_stream.get(key)
-            if buf is None:
-                buf = cuda.to_device(np.zeros(1, dtype=np.int32))
-                self._by_stream[key] = buf
-        return buf.__cuda_array_interface__["data"][0]
+            if self._buf is None:
+                self._buf = cuda.to_device(np.zeros(self.SLOTS, dtype=np.int32))
+            slot = self._slots.get(key)
+            if slot is None:
+                if len(self._slots) == self.SLOTS:
+                    raise RuntimeError(f"more than {self.SLOTS} CUDA streams have launched numba_fa3 kernels")
+                slot = self._slots[key] = len(self._slots)
+        return self._buf.__cuda_array_interface__["data"][0] + 4 * slot
 
 
 tile_counters = TileCounters()

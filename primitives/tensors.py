@@ -96,6 +96,16 @@ def empty_like_kind(info, shape, dtype):
     return cuda.device_array(shape, dtype=np.uint16 if dtype == "bf16" else npdt)
 
 
+def fill(arr, value):
+    """Set every element of a device array made by `empty_like_kind` (torch, CuPy or Numba)."""
+    mod = type(arr).__module__
+    if mod.startswith("torch") or mod.startswith("cupy"):
+        arr.fill_(value) if mod.startswith("torch") else arr.fill(value)
+        return arr
+    arr.copy_to_device(np.full(arr.shape, value, dtype=arr.dtype))
+    return arr
+
+
 def device_ptr(arr):
     """Address of a device array made by `empty_like_kind` or `to_device`."""
     if type(arr).__module__.startswith("torch"):
