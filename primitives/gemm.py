@@ -135,12 +135,12 @@ class GemmKernel(launch.HopperKernel):
                 prev = 0
                 for kb in range(k_blocks):
                     pipeline.consumer_wait(bars, index, phase)
-                    a = smem_a + index * A_STAGE + wg * WG_ROWS_BYTES
-                    b = smem_b + index * B_STAGE
+                    a = special.uniform_u32(smem_a + index * A_STAGE + wg * WG_ROWS_BYTES)
+                    b = special.uniform_u32(smem_b + index * B_STAGE)
                     acc = wgmma.fence_tied(acc)
                     for kk in static_range(K_STEPS):
-                        acc = MMA(acc, smem.descriptor(DESC_A, a + kk * A_KSTEP),
-                                  smem.descriptor(DESC_B, b + kk * B_KSTEP),
+                        acc = MMA(acc, smem.descriptor(DESC_A, a, kk * A_KSTEP),
+                                  smem.descriptor(DESC_B, b, kk * B_KSTEP),
                                   0 if kb == 0 and kk == 0 else 1)
                     wgmma.commit_group()
                     # Keep one group in flight; the one before it is done, so its stage is free.

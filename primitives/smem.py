@@ -44,26 +44,30 @@ def descriptor_base(leading_byte_offset, stride_byte_offset):
 
 
 @intrinsic
-def descriptor(typingctx, base, smem_addr):
-    """Full descriptor for a tile at shared address `smem_addr` (1024-byte aligned atoms; a
-    16-byte multiple offset inside the atom selects a K slice, which is how the K loop advances).
+def descriptor(typingctx, base, smem_addr, offset):
+    """Full descriptor for a tile at shared address `smem_addr + offset` (1024-byte aligned atoms;
+    a 16-byte multiple offset inside the atom selects a K slice, which is how the K loop advances).
 
-    `base` must be a compile-time constant (from `descriptor_base`).  The address field is built
-    in 32 bits and paired with the constant high word by one `mov.b64`: Numba's int64 arithmetic
-    would otherwise put 64-bit shifts and adds between the wgmmas of a K loop, and keep ptxas
-    from holding descriptors in uniform registers."""
-    if not isinstance(base, (types.IntegerLiteral,)):
+    `base` (from `descriptor_base`) must be a compile-time constant, `offset` a multiple of 16
+    (constant after unrolling, so LLVM folds it into one add).  The address field
+    is built in 32 bits and paired with the constant high word by one `mov.b64`: Numba's int64
+    arithmetic would otherwise put 64-bit shifts and adds between the wgmmas of a K loop.  The
+    offset is added after the field is extracted, so the steps of one K loop share the
+    extraction and cost one add each (shared addresses stay below 256 KB, so the 14-bit field
+    never carries into the LBO bits)."""
+    if not isinstance(base, types.IntegerLiteral):
         raise TypingError(f"descriptor base must be a compile-time constant, got {base}")
     value = base.literal_value
     lo_const, hi = value & 0xFFFFFFFF, value >> 32
 
     def codegen(context, builder, sig, args):
         addr = context.cast(builder, args[1], sig.args[1], types.uint32)
+        off = context.cast(builder, args[2], sig.args[2], types.uint32)
         field = builder.and_(builder.lshr(addr, ir.Constant(I32, 4)), ir.Constant(I32, (1 << 14) - 1))
-        lo = builder.or_(field, ir.Constant(I32, lo_const))
+        lo = builder.add(builder.or_(field, ir.Constant(I32, lo_const)), builder.lshr(off, ir.Constant(I32, 4)))
         return emit(builder, "mov.b64 $0, {$1, $2};", [I64], [(lo, "r"), (ir.Constant(I32, hi), "r")],
                     clobber_memory=False, side_effect=False)
-    return types.uint64(base, smem_addr), codegen
+    return types.uint64(base, smem_addr, offset), codegen
 
 
 @cuda.jit(device=True, forceinline=True)

@@ -94,3 +94,16 @@ def recompute_here64(typingctx, x):
         v = as_int(context, builder, args[0], sig.args[0], 64)
         return emit(builder, "mov.b64 $0, $1;", [I64], [(v, "l")], clobber_memory=False)
     return types.uint64(x), codegen
+
+
+@intrinsic
+def uniform_u32(typingctx, x):
+    """`redux.sync.min.u32` over the full warp (PTX ISA 9.7.12.10, sm_80+): for a value that is
+    already the same in every lane, the same value, but now known warp-uniform to ptxas (REDUX
+    writes a uniform register), so addresses and wgmma descriptors derived from it are computed
+    on the uniform datapath instead of being moved there (R2UR) before every wgmma."""
+    def codegen(context, builder, sig, args):
+        v = as_int(context, builder, args[0], sig.args[0], 32)
+        return emit(builder, "redux.sync.min.u32 $0, $1, 0xffffffff;", [I32], [(v, "r")],
+                    clobber_memory=False, side_effect=False)
+    return types.uint32(x), codegen
