@@ -317,6 +317,8 @@ class FlashForward(launch.HopperKernel):
                         scheduler_pass(wg)
                         s = wgmma.wait_group_tied(0, s)
                         pipeline.consumer_release(k_bars, STAGES, index, lane)
+                        if nb == n_min:  # the tile's last S GEMM is done: Q may be reloaded
+                            release_q(q_empty, lane)
                         s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         pk = PACK(p)
@@ -333,6 +335,8 @@ class FlashForward(launch.HopperKernel):
                             scheduler_pass(wg)
                             s = wgmma.wait_group_tied(1, s)
                             pipeline.consumer_release(k_bars, STAGES, index, lane)
+                            if nb == n_min:
+                                release_q(q_empty, lane)
                             s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                             p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                             o, pk = wgmma.wait_group_keep(0, o, pk)
@@ -341,7 +345,6 @@ class FlashForward(launch.HopperKernel):
                             v_index, v_phase = index, phase
                             index, phase = pipeline.advance(index, phase, STAGES)
                             nb = np.int32(nb - 1)
-                        release_q(q_empty, lane)
                         o = scale_rows(o, a0, a1)
                         pipeline.consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
