@@ -5,13 +5,14 @@ stages (separate K and V barriers, so S = Q K^T starts before V lands).  Two con
 own 64 query rows each: S = Q K^T (wgmma, both operands from shared memory), the online softmax in
 fp32 registers, P converted to bf16/fp16 in registers and O += P V (wgmma with A from registers).
 Key blocks are walked from the last to the first, so masked boundary blocks come first and the
-mask is applied only where `mask.needs_mask` says.  The epilogue scales O by 1/l, writes it through
-the Q tile's shared memory with TMA stores (rows past Sq are clipped), and stores the LSE.  Work
-tiles (m_block, head, batch) are scheduled persistently; causal runs the longest tiles first.
+mask is applied only where `mask.needs_mask` says.  Q is released as soon as the tile's last S
+GEMM is done; the epilogue scales O by 1/l and writes it by TMA store from its own shared buffer
+(or, where none fits, and for varlen, by row-checked stores from registers), then the LSE.
 
 Scheduling (FA3 section 3): the two consumer warpgroups ping-pong on named barriers, and within a
 warpgroup the S GEMM of the next key block is in flight during the softmax of the current one;
-`Schedule` switches each off for the ablation.
+`Schedule` switches each off for the ablation.  Work tiles (m_block, head, batch) come from a
+dynamic persistent scheduler (`scheduler.claim_next`); causal runs each pair's longest tiles first.
 """
 import enum
 import functools
@@ -255,6 +256,18 @@ class FlashForward(launch.HopperKernel):
                 barrier.arrive(SCHEDULER0 + (1 - wg), PAIR_THREADS)
 
         @cuda.jit(device=True, forceinline=True)
+        def s_now(q_wg, k_bars, k_smem, index, phase, lane, wg):
+            """S for the key block in stage `index`, waited for at once: a tile's first block (no
+            P V to overlap yet), and every block of the no-overlap ablation."""
+            pipeline.consumer_wait(k_bars, index, phase)
+            scheduler_sync(wg)
+            s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
+            scheduler_pass(wg)
+            s = wgmma.wait_group_tied(0, s)
+            pipeline.consumer_release(k_bars, STAGES, index, lane)
+            return s
+
+        @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
             """Q is free for the next tile once every consumer warp's last S GEMM completed."""
             if lane == 0:
@@ -311,12 +324,7 @@ class FlashForward(launch.HopperKernel):
                     # FA3 section 3.2: S_{j} = Q K_j^T is in flight while the softmax of block
                     # j + 1 (walking downwards) runs; P_{j+1} V_{j+1} is issued right behind it.
                     if nb >= n_min:
-                        pipeline.consumer_wait(k_bars, index, phase)
-                        scheduler_sync(wg)
-                        s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
-                        scheduler_pass(wg)
-                        s = wgmma.wait_group_tied(0, s)
-                        pipeline.consumer_release(k_bars, STAGES, index, lane)
+                        s = s_now(q_wg, k_bars, k_smem, index, phase, lane, wg)
                         if nb == n_min:  # the tile's last S GEMM is done: Q may be reloaded
                             release_q(q_empty, lane)
                         s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
@@ -355,12 +363,7 @@ class FlashForward(launch.HopperKernel):
                 else:
                     # The ablation without intra-warpgroup overlap: S, softmax, PV in sequence.
                     while nb >= n_min:
-                        pipeline.consumer_wait(k_bars, index, phase)
-                        scheduler_sync(wg)
-                        s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
-                        scheduler_pass(wg)
-                        s = wgmma.wait_group_tied(0, s)
-                        pipeline.consumer_release(k_bars, STAGES, index, lane)
+                        s = s_now(q_wg, k_bars, k_smem, index, phase, lane, wg)
                         s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         o = scale_rows(o, a0, a1)
@@ -382,8 +385,8 @@ class FlashForward(launch.HopperKernel):
                     barrier.sync(EPILOGUE0 + wg, WG_THREADS)
                     # The swizzled addresses are rebuilt here, per tile: hoisted out of the tile
                     # loop they would hold 2 * GROUPS registers through the main loop.
-                    r_out = special.recompute_here(r_local)
-                    cb0 = special.recompute_here(col0 * ELEMENT_BYTES)
+                    r_out = special.recompute_here(np.uint32(r_local))
+                    cb0 = special.recompute_here(np.uint32(col0 * ELEMENT_BYTES))
                     for j in static_range(GROUPS):
                         c, g = j // 8, j % 8
                         dst = o_wg + c * Q_CHUNK
@@ -400,7 +403,7 @@ class FlashForward(launch.HopperKernel):
                 else:
                     rs, hs, bs = o_strides
                     head = o_ptr + (b * bs + h * hs + (q_off + row0) * rs + col0) * ELEMENT_BYTES
-                    head = special.recompute_here64(head)
+                    head = special.recompute_here(head)
                     if row0 < sq:
                         for j in static_range(GROUPS):
                             memory.st_global_b32(head + 8 * j * ELEMENT_BYTES, po[2 * j])

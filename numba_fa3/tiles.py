@@ -8,13 +8,16 @@ of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V
 fills the extra columns with zeros and the GEMMs never read them), within 227 KB:
 
   D    block_n  stages  smem (Q + K + V)            O + S + P regs   why this block_n
-  64   128      2       16 + 32 + 32 = 80 KB        32 + 64 + 32     short GEMMs: deeper N amortizes softmax
+  64   128      2       16 + 32 + 32 = 80 KB        32 + 64 + 32     (192 won at 16k, lost at 2k)
   96   128      2       32 + 64 + 64 = 160 KB       48 + 64 + 32     (chunks padded to 128 columns)
-  128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     causal: diagonal blocks stay square
-  128  176      2       32 + 88 + 88 = 208 KB       64 + 88 + 44     non-causal, as FA3: fewer softmax rounds
+  128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     (FA3's 176 for non-causal was slower
+                                                                      here: 582 vs 612 TFLOPS at 16k, and
+                                                                      leaves no room for O; bench/NOTES.md)
   192  112      2       48 + 84 + 84 = 216 KB       96 + 56 + 28     (chunks of 64 columns: 3)
   256  80       2       64 + 80 + 80 = 224 KB       128 + 40 + 20    the most K/V that fits twice
 
+O goes out through its own shared buffer (+ block_m x D) and TMA where that still fits (D = 64,
+96, 128), else by stores from registers.
 Registers: producer 24 / consumers 240 (FA3's split).  setmaxnreg moves registers only within
 what the CTA got at launch: 384 threads x 168 (the launch-bounds cap) = 64512 = 128 x (24 + 2 x 240).
 (48/232 deadlocked on the H100: setmaxnreg.inc waited for registers that never came.)  The

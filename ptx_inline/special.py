@@ -77,23 +77,20 @@ def warp_uniform(typingctx, x):
 
 @intrinsic
 def recompute_here(typingctx, x):
-    """`mov.b32` behind a volatile asm: the value cannot be hoisted out of the loop it is in, so
-    addresses derived from it are recomputed there instead of being held in registers (or
-    spilled) across the whole loop.  For values cheap to rebuild and rarely used, like the
-    epilogue's shared-memory addresses."""
-    def codegen(context, builder, sig, args):
-        v = as_int(context, builder, args[0], sig.args[0], 32)
-        return emit(builder, "mov.b32 $0, $1;", [I32], [(v, "r")], clobber_memory=False)
-    return types.uint32(x), codegen
+    """`mov.b32`/`mov.b64` behind a volatile asm: the value cannot be hoisted out of the loop it
+    is in, so addresses derived from it are recomputed there instead of being held in registers
+    (or spilled) across the whole loop.  For values cheap to rebuild and rarely used, like the
+    epilogue's addresses.  32-bit integers stay 32-bit (uint32); wider ones become uint64."""
+    if not isinstance(x, (types.Integer, types.IntegerLiteral)):
+        raise TypingError(f"recompute_here takes an integer, got {x}")
+    bits = 32 if getattr(x, "bitwidth", 64) <= 32 else 64
+    out = types.uint32 if bits == 32 else types.uint64
 
-
-@intrinsic
-def recompute_here64(typingctx, x):
-    """`recompute_here` for a 64-bit value (a global address)."""
     def codegen(context, builder, sig, args):
-        v = as_int(context, builder, args[0], sig.args[0], 64)
-        return emit(builder, "mov.b64 $0, $1;", [I64], [(v, "l")], clobber_memory=False)
-    return types.uint64(x), codegen
+        v = as_int(context, builder, args[0], sig.args[0], bits)
+        return emit(builder, f"mov.b{bits} $0, $1;", [I32 if bits == 32 else I64],
+                    [(v, "r" if bits == 32 else "l")], clobber_memory=False)
+    return out(x), codegen
 
 
 @intrinsic
