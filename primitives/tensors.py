@@ -42,7 +42,7 @@ def numpy_dtype_name(dt):
     for name, d in NUMPY_DTYPES.items():
         if d is not None and d == dt:
             return name
-    raise TypeError(f"unsupported dtype {dt}; expected one of float16, bfloat16, float32")
+    raise TypeError(f"unsupported dtype {dt}; expected one of float16, bfloat16, float32, float8_e4m3fn, int32")
 
 
 def inspect(x, name="array"):
