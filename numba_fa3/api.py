@@ -64,11 +64,8 @@ def _options(d, softmax_scale, causal, window_size, softcap):
 def _output(out, like, shape):
     if out is None:
         o = tensors.empty_like_kind(like, shape, like.dtype)
-        st, acc = [], 1
-        for n in reversed(shape):
-            st.append(acc)
-            acc *= n
-        return o, tensors.TensorInfo(tensors.device_ptr(o), shape, tuple(reversed(st)), like.dtype, like.kind, o)
+        return o, tensors.TensorInfo(tensors.device_ptr(o), shape, tensors.contiguous_strides(shape), like.dtype,
+                                     like.kind, o)
     io = tensors.inspect(out, "out")
     if io.shape != shape or io.dtype != like.dtype or io.strides[-1] != 1:
         raise ValueError(f"out must be {shape} {like.dtype} with a contiguous last dim, got {io.shape} {io.dtype}")
@@ -134,8 +131,8 @@ def _cu_seqlens(x, name, total, host):
         if a[0] != 0 or np.any(np.diff(a.astype(np.int64)) < 0) or a[-1] != total:
             raise ValueError(f"{name} must start at 0, not decrease, and end at the packed length {total}")
         return a.astype(np.int32), None, a.shape[0] - 1, np.diff(a.astype(np.int64))
-    info = tensors.inspect(x, name) if not isinstance(x, np.ndarray) else None
-    if info is None or info.kind == "numpy":
+    info = tensors.inspect(x, name)
+    if info.kind == "numpy":
         raise TypeError(f"{name} must be on the GPU like q, k, v")
     if len(info.shape) != 1 or info.shape[0] < 2 or info.strides[0] != 1:
         raise ValueError(f"{name} must be a contiguous 1-D array of batch + 1 >= 2 entries, got {info.shape}")
@@ -193,7 +190,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     elif tq and max_q:
         kern = forward_kernel(iq.dtype, d, kind, softcap=cap > 0, varlen=True)
         table = descriptor_tables.get(kern.tensor_maps(*(_as_batch_of_one(x) for x in (iq, ik, iv, io))))
-        kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max(max_k, 1), window, scale, cap,
+        kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max_k, window, scale, cap,
                     stream, cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
     if host:
         o = tensors.to_host(o, io.dtype)

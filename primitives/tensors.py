@@ -37,6 +37,15 @@ class TensorInfo:
         return NUMPY_DTYPES[self.dtype].itemsize
 
 
+def contiguous_strides(shape):
+    """Row-major strides, in elements, of a contiguous array of `shape`."""
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
 def numpy_dtype_name(dt):
     dt = np.dtype(dt)
     for name, d in NUMPY_DTYPES.items():
@@ -68,11 +77,7 @@ def inspect(x, name="array"):
         item = NUMPY_DTYPES[dt].itemsize
         shape = tuple(cai["shape"])
         if cai.get("strides") is None:
-            strides, acc = [], 1
-            for d in reversed(shape):
-                strides.append(acc)
-                acc *= d
-            strides = tuple(reversed(strides))
+            strides = contiguous_strides(shape)
         else:
             strides = tuple(s // item for s in cai["strides"])
         return TensorInfo(cai["data"][0], shape, strides, dt, "cai", x)
@@ -132,11 +137,7 @@ def to_host(dev, dtype):
 def upload(info):
     """TensorInfo of a device copy of a NumPy array's TensorInfo (contiguous, same dtype)."""
     dev = to_device(info.obj)
-    strides, acc = [], 1
-    for d in reversed(info.shape):
-        strides.append(acc)
-        acc *= d
-    return TensorInfo(device_ptr(dev), info.shape, tuple(reversed(strides)), info.dtype, "cai", dev)
+    return TensorInfo(device_ptr(dev), info.shape, contiguous_strides(info.shape), info.dtype, "cai", dev)
 
 
 def torch_stream():
