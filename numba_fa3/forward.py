@@ -119,10 +119,10 @@ class FlashForward(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def load_block(tmap, bars, ring, index, phase, hk, row, b):
-            mbarrier.wait_parity(pipeline.empty_barrier(bars, STAGES, index), phase ^ 1)
+            pipeline.producer_wait(bars, STAGES, index, phase)
             if special.elect_one():
+                pipeline.producer_expect(bars, index, KV_BYTES)
                 full = pipeline.full_barrier(bars, index)
-                mbarrier.arrive_expect_tx(full, KV_BYTES)
                 for c in static_range(CHUNKS):
                     tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, row, b), full)
 
@@ -495,7 +495,8 @@ class FlashForward(launch.HopperKernel):
         o_strides = (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
         if lse_strides is None:
             lse_strides = (heads * sq_max, sq_max)
-        counter = scheduler.tile_counters.get(launch.stream_handle(stream))
+        stream = launch.stream_handle(stream)
+        counter = scheduler.tile_counters.get(stream)
         self.kernel()(grid, stream, table, lse_ptr, counter, o.ptr, cu_seqlens[0], cu_seqlens[1], batch, heads,
                       heads // heads_k, sq_max, sk_max, *total, m_blocks, left, right,
                       np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),

@@ -48,10 +48,22 @@ def advance(index, phase, stages):
 
 
 @cuda.jit(device=True, forceinline=True)
-def producer_acquire(bars, stages, index, phase, tx_bytes):
-    """Wait until stage `index` is free, then announce the bytes the TMA loads will bring."""
+def producer_wait(bars, stages, index, phase):
+    """Wait until stage `index` is free (any number of threads may wait)."""
     mbarrier.wait_parity(empty_barrier(bars, stages, index), phase ^ 1)
+
+
+@cuda.jit(device=True, forceinline=True)
+def producer_expect(bars, index, tx_bytes):
+    """Announce the bytes the TMA loads into stage `index` will bring (one thread)."""
     mbarrier.arrive_expect_tx(full_barrier(bars, index), tx_bytes)
+
+
+@cuda.jit(device=True, forceinline=True)
+def producer_acquire(bars, stages, index, phase, tx_bytes):
+    """`producer_wait` then `producer_expect`, for a producer that is a single thread."""
+    producer_wait(bars, stages, index, phase)
+    producer_expect(bars, index, tx_bytes)
 
 
 @cuda.jit(device=True, forceinline=True)
