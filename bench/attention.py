@@ -33,12 +33,9 @@ def run(argv=None):
     for d in args.hdims:
         for causal in [c == "true" for c in args.causal]:
             for s in args.seqlens:
-                b, h = 16384 // s, 2048 // d
-                q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
+                b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
                 out = torch.empty_like(q)
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-                ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
                 flash_attn(q, k, v, causal=causal, out=out)
                 err = (out.float() - ref.float()).abs().max().item()
 

@@ -37,3 +37,20 @@ def table(rows, cols):
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+#: FA3's Figure 5: 16k tokens per batch, hidden dimension 2048.
+TOKENS, HIDDEN = 16384, 2048
+
+
+def attention_problem(seqlen, hdim, causal, device="cuda"):
+    """Figure 5's inputs at one point: random bf16 q, k, v [B, S, H, D] with B = TOKENS / S and
+    H = HIDDEN / D.  Returns (batch, heads, q, k, v, flops, SDPA's output for an error check);
+    flops = 4 B H S^2 D, halved for causal."""
+    import torch
+    b, h = TOKENS // seqlen, HIDDEN // hdim
+    q, k, v = (torch.randn(b, seqlen, h, hdim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    flops = 4.0 * b * h * seqlen * seqlen * hdim / (2 if causal else 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal).transpose(1, 2)
+    return b, h, q, k, v, flops, ref
