@@ -59,6 +59,43 @@ class Schedule:
 FULL_SCHEDULE = Schedule()
 
 
+class TraceEvent(enum.IntEnum):
+    """A consumer warpgroup's timestamps (%clock64) in the trace build, per CTA and work tile:
+    waiting for Q, tile start, first S done, main loop done, last P V done, epilogue done; and
+    the tile's key-block count."""
+    WAIT_Q = 0
+    TILE = 1
+    FIRST_S = 2
+    LOOP_END = 3
+    LAST_PV = 4
+    DONE = 5
+    BLOCKS = 6
+
+
+class ProducerEvent(enum.IntEnum):
+    """The producer's: waiting for Q's buffer, Q's buffer free, first K issued, next tile
+    claimed, last V issued."""
+    WAIT_Q = 0
+    Q_FREE = 1
+    FIRST_K = 2
+    CLAIMED = 3
+    LAST_V = 4
+
+
+TRACE_TILES, TRACE_EVENTS, TRACE_ROLES = 64, 8, 3
+
+
+def _tracer(enabled):
+    @cuda.jit(device=True, forceinline=True)
+    def mark(buf, role, n, event, value):
+        """Record `value` for (this CTA, role, tile n, event); tiles past TRACE_TILES share the last
+        slot.  Compiles to nothing unless the kernel is a trace build."""
+        if enabled:
+            row = (cuda.blockIdx.x * TRACE_ROLES + role) * TRACE_TILES + min(n, TRACE_TILES - 1)
+            memory.st_global_b64(buf + (row * TRACE_EVENTS + event) * 8, value)
+    return mark
+
+
 class Maps(enum.IntEnum):
     """Order of the tensor maps in the launch's descriptor table."""
     Q = 0
@@ -71,14 +108,18 @@ class FlashForward(launch.HopperKernel):
     """One forward specialization: dtype, head dim, mask kind, soft-cap or not, varlen or not."""
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
-                 tiles=None, softcap=False, varlen=False):
+                 tiles=None, softcap=False, varlen=False, trace=False):
         """tiles: a `tiles.Tiles` to use instead of the table's (for tuning experiments).
-        varlen: sequences packed along one token axis, delimited by cu_seqlens (see api)."""
+        varlen: sequences packed along one token axis, delimited by cu_seqlens (see api).
+        trace: record `TraceEvent` timestamps per CTA, role and tile into the buffer passed as
+        cu_seqlens_q (dense only; `bench trace` reads it)."""
+        if trace and varlen:
+            raise ValueError("the trace build is dense-only: it takes cu_seqlens_q's slot")
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE)
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
-        self.softcap, self.varlen = bool(softcap), bool(varlen)
+        self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
         self.threads = warpgroup.block_threads(self.consumers)
@@ -115,6 +156,8 @@ class FlashForward(launch.HopperKernel):
         VARLEN = self.varlen
         tile_coords = _tile_coords(CAUSAL)
         seq_info = _seq_info(VARLEN)
+        TRACE = self.trace
+        mark = _tracer(TRACE)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -138,11 +181,16 @@ class FlashForward(launch.HopperKernel):
             index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
             tiles = np.int32(m_blocks * heads * batch)
             tile = scheduler.initial_work()
+            n = np.int32(0)  # tiles done (trace build)
             while True:
                 # The tile id travels to the consumers with Q, through a shared slot that the Q
                 # barriers guard; an id past the end (with no Q) tells them to stop.
+                if TRACE and lane == 0:
+                    mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
                 mbarrier.wait_parity(q_empty, q_phase ^ 1)
                 q_phase = np.int32(q_phase ^ 1)
+                if TRACE and lane == 0:
+                    mark(cu_q, 0, n, ProducerEvent.Q_FREE, special.clock64())
                 if tile >= tiles:
                     if special.elect_one():
                         memory.st_shared_b32(tile_slot, tile)
@@ -170,6 +218,8 @@ class FlashForward(launch.HopperKernel):
                 nb = np.int32(n_max - 1)
                 if nb >= n_min:
                     load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                    if TRACE and lane == 0:
+                        mark(cu_q, 0, n, ProducerEvent.FIRST_K, special.clock64())
                     v_index, v_phase = index, phase
                     index, phase = pipeline.advance(index, phase, STAGES)
                     nb = np.int32(nb - 1)
@@ -184,10 +234,15 @@ class FlashForward(launch.HopperKernel):
                     # under that load, and the claim still comes when this tile is nearly done (a
                     # claim a whole tile ahead unbalanced causal runs: 616 -> 576 TFLOPS at 16k).
                     upcoming = scheduler.claim_next(counter, tiles, lane)
+                    if TRACE and lane == 0:
+                        mark(cu_q, 0, n, ProducerEvent.CLAIMED, special.clock64())
                     load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, k_off + (nb + 1) * BN, bc)
+                    if TRACE and lane == 0:
+                        mark(cu_q, 0, n, ProducerEvent.LAST_V, special.clock64())
                 else:
                     upcoming = scheduler.claim_next(counter, tiles, lane)
                 tile = upcoming
+                n = np.int32(n + 1)
         return load
 
     # --- consumers ----------------------------------------------------------------------------
@@ -219,6 +274,8 @@ class FlashForward(launch.HopperKernel):
         seq_info = _seq_info(VARLEN)
         MAP = TENSOR_MAP_BYTES
         GROUPS = D // 8
+        TRACE = self.trace
+        mark = _tracer(TRACE)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -301,11 +358,17 @@ class FlashForward(launch.HopperKernel):
             o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
             r_local = 16 * (tid // 32) + (tid % 32) // 4
             col0 = 2 * (tid % 4)
+            n = np.int32(0)  # tiles done (trace build)
+            tracer = TRACE and tid == 0
             while True:
+                if tracer:
+                    mark(cu_q, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
                 mbarrier.wait_parity(q_full, q_phase)
                 tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slot)))
                 if tile >= tiles:
                     break
+                if tracer:
+                    mark(cu_q, 1 + wg, n, TraceEvent.TILE, special.clock64())
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
                 offset = sk - sq
@@ -325,6 +388,9 @@ class FlashForward(launch.HopperKernel):
                     # j + 1 (walking downwards) runs; P_{j+1} V_{j+1} is issued right behind it.
                     if nb >= n_min:
                         s = s_now(q_wg, k_bars, k_smem, index, phase, lane, wg)
+                        if tracer:
+                            mark(cu_q, 1 + wg, n, TraceEvent.FIRST_S, special.clock64())
+                            mark(cu_q, 1 + wg, n, TraceEvent.BLOCKS, n_max - n_min)
                         if nb == n_min:  # the tile's last S GEMM is done: Q may be reloaded
                             release_q(q_empty, lane)
                         s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
@@ -353,11 +419,15 @@ class FlashForward(launch.HopperKernel):
                             v_index, v_phase = index, phase
                             index, phase = pipeline.advance(index, phase, STAGES)
                             nb = np.int32(nb - 1)
+                        if tracer:
+                            mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
                         o = scale_rows(o, a0, a1)
                         pipeline.consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
                         pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                        if tracer:
+                            mark(cu_q, 1 + wg, n, TraceEvent.LAST_PV, special.clock64())
                     else:
                         release_q(q_empty, lane)
                 else:
@@ -417,6 +487,9 @@ class FlashForward(launch.HopperKernel):
                         memory.st_global_f32(lse_row, lse0)
                     if row0 + 8 < sq:
                         memory.st_global_f32(lse_row + 32, lse1)
+                if tracer:
+                    mark(cu_q, 1 + wg, n, TraceEvent.DONE, special.clock64())
+                n = np.int32(n + 1)
                 q_phase = np.int32(q_phase ^ 1)
             if tid == 0:
                 tma.wait_group(0)

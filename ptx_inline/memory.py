@@ -102,6 +102,16 @@ def st_global_b32(typingctx, addr, value):
 
 
 @intrinsic
+def st_global_b64(typingctx, addr, value):
+    """`st.global.b64 [addr], v` with a 64-bit global address (e.g. a trace timestamp)."""
+    def codegen(context, builder, sig, args):
+        emit(builder, "st.global.b64 [$0], $1;", [], [(as_int(context, builder, args[0], sig.args[0], 64), "l"),
+                                                      (as_int(context, builder, args[1], sig.args[1], 64), "l")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen
+
+
+@intrinsic
 def ld_global_s32(typingctx, addr):
     """`ld.global.s32 v, [addr]` (e.g. a cu_seqlens entry)."""
     def codegen(context, builder, sig, args):

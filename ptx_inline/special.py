@@ -104,3 +104,12 @@ def uniform_u32(typingctx, x):
         return emit(builder, "redux.sync.min.u32 $0, $1, 0xffffffff;", [I32], [(v, "r")],
                     clobber_memory=False, side_effect=False)
     return types.uint32(x), codegen
+
+
+@intrinsic
+def clock64(typingctx):
+    """`mov.u64 %0, %clock64` (PTX ISA 10.14, the SM's cycle counter): timestamps for the kernels'
+    trace builds.  Volatile, so each read stays where it is written."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "mov.u64 $0, %clock64;", [I64], [], clobber_memory=False)
+    return types.uint64(), codegen

@@ -1,0 +1,104 @@
+"""Where a work tile's time goes: the forward kernel's trace build (`FlashForward(trace=True)`)
+records %clock64 at the tile's landmarks in every CTA, and this prints, per configuration, the
+cycles of each phase summed over all tiles, and the per-tile overhead in units of one steady
+key-block iteration.
+
+    python -m bench trace [--seqlens 2048 16384] [--hdims 128] [--causal false true] [--out F]
+"""
+import argparse
+import functools
+import sys
+
+import numpy as np
+
+from . import common
+
+#: consumer phases: (name, from event, to event)
+PHASES = (("wait Q", "WAIT_Q", "TILE"), ("first S", "TILE", "FIRST_S"), ("main loop", "FIRST_S", "LOOP_END"),
+          ("last PV", "LOOP_END", "LAST_PV"), ("epilogue", "LAST_PV", "DONE"))
+
+
+def analyse(buf, ctas):
+    """Per-phase cycle totals over both consumer warpgroups and all recorded tiles, the steady
+    block time (main loop cycles / its blocks) and the tile boundary's cost in blocks."""
+    from numba_fa3.forward import TRACE_EVENTS, TRACE_ROLES, TRACE_TILES, TraceEvent, ProducerEvent
+    ev = buf.reshape(ctas, TRACE_ROLES, TRACE_TILES, TRACE_EVENTS).astype(np.int64)
+    cons = ev[:, 1:]
+    done = cons[..., TraceEvent.DONE] != 0
+    done[:, :, TRACE_TILES - 1] = False  # the overflow slot mixes tiles
+    blocks = cons[..., TraceEvent.BLOCKS]
+    out = {}
+    for name, a, b in PHASES:
+        d = cons[..., TraceEvent[b]] - cons[..., TraceEvent[a]]
+        out[name] = int(d[done].sum())
+    loop_blocks = int((blocks[done] - 1).sum())
+    tiles = int(done.sum())
+    total = sum(out.values())
+    block = out["main loop"] / max(loop_blocks, 1)
+    overhead = (total - out["main loop"]) / tiles - block   # the first block counts as work
+    prod = ev[:, 0]
+    pdone = prod[..., ProducerEvent.LAST_V] != 0
+    pdone[:, TRACE_TILES - 1] = False
+    p_wait = prod[..., ProducerEvent.Q_FREE] - prod[..., ProducerEvent.WAIT_Q]
+    p_first = prod[..., ProducerEvent.FIRST_K] - prod[..., ProducerEvent.Q_FREE]
+    # From the producer seeing Q's buffer free to the consumers starting that tile: Q's load
+    # latency wherever the consumers were waiting for it.
+    nxt = cons[:, :, 1:, TraceEvent.TILE]
+    free = prod[:, None, 1:, ProducerEvent.Q_FREE]
+    ok = done[:, :, 1:] & (nxt > 0)
+    q_land = (nxt - free)[ok]
+    return dict(tiles=tiles, blocks_per_tile=float(blocks[done].mean()), cycles=out,
+                share={k: v / total for k, v in out.items()}, block_cycles=block,
+                boundary_blocks=overhead / block, producer_wait_q=float(p_wait[pdone].mean()),
+                producer_q_to_first_k=float(p_first[pdone].mean()), q_free_to_tile=float(np.median(q_land)))
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench trace")
+    p.add_argument("--seqlens", type=int, nargs="*", default=[2048, 4096, 16384])
+    p.add_argument("--hdims", type=int, nargs="*", default=[128])
+    p.add_argument("--causal", nargs="*", default=["false", "true"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+    from numba_fa3.api import _forward
+    from numba_fa3.forward import TRACE_EVENTS, TRACE_ROLES, TRACE_TILES, FlashForward
+    from primitives import launch
+
+    ctas = launch.sm_count()
+    buf = torch.zeros(ctas * TRACE_ROLES * TRACE_TILES * TRACE_EVENTS, dtype=torch.int64, device="cuda")
+
+    class Traced(FlashForward):
+        def launch(self, *a, **kw):
+            super().launch(*a, cu_seqlens=(buf.data_ptr(), 0), **kw)
+
+    @functools.lru_cache(maxsize=None)
+    def kernel(dtype, d, kind, softcap=False):
+        return Traced(dtype, d, kind, softcap=softcap, trace=True)
+
+    rows = []
+    for d in args.hdims:
+        for causal in [c == "true" for c in args.causal]:
+            for s in args.seqlens:
+                b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
+                out = torch.empty_like(q)
+                for _ in range(3):  # warm: the last run's trace is read
+                    buf.zero_()
+                    _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kernel)
+                torch.cuda.synchronize()
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err < 2e-2, f"trace build wrong: max error {err}"
+                r = analyse(buf.cpu().numpy(), ctas)
+                r.update(hdim=d, causal=causal, seqlen=s)
+                rows.append(r)
+                sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
+                print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "
+                      f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
+                      f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
+                      f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
+    if args.out:
+        common.write_json(args.out, dict(meta=common.meta(), rows=rows))
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
