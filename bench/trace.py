@@ -53,6 +53,32 @@ def analyse(buf, ctas):
                 producer_q_to_first_k=float(p_first[pdone].mean()), q_free_to_tile=float(np.median(q_land)))
 
 
+def analyse_loop(buf, ctas):
+    """Per main-loop step (averaged over CTAs and tiles): cycles from the last P V to K landing,
+    K to its turn, turn to S landed, the softmax, softmax to P V landed; the step's period; and how
+    far warpgroup 1's turn trails warpgroup 0's."""
+    from numba_fa3.forward import TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
+    ev = buf.reshape(ctas, 2, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
+    ok = (ev != 0).all(-1)
+    steps = []
+    for k in range(1, TRACE_LOOP_STEPS):
+        both = ok[..., k] & ok[..., k - 1]
+        if both.sum() < 16:
+            break
+        cur, prev = ev[..., k, :][both], ev[..., k - 1, :][both]
+        row = dict(step=k, samples=int(both.sum()),
+                   wait_k=float(np.mean(cur[:, E.K_READY] - prev[:, E.PV_DONE])),
+                   wait_turn=float(np.mean(cur[:, E.TURN] - cur[:, E.K_READY])),
+                   s_latency=float(np.mean(cur[:, E.S_READY] - cur[:, E.TURN])),
+                   softmax=float(np.mean(cur[:, E.SOFTMAX] - cur[:, E.S_READY])),
+                   wait_pv=float(np.mean(cur[:, E.PV_DONE] - cur[:, E.SOFTMAX])),
+                   period=float(np.mean(cur[:, E.TURN] - prev[:, E.TURN])))
+        pair = ok[:, 0, :, k] & ok[:, 1, :, k]
+        row["wg1_lag"] = float(np.mean(ev[:, 1, :, k, E.TURN][pair] - ev[:, 0, :, k, E.TURN][pair]))
+        steps.append(row)
+    return steps
+
+
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench trace")
     p.add_argument("--seqlens", type=int, nargs="*", default=[2048, 4096, 16384])
@@ -62,15 +88,18 @@ def run(argv=None):
     args = p.parse_args(argv)
     import torch
     from numba_fa3.api import _forward
-    from numba_fa3.forward import TRACE_EVENTS, TRACE_ROLES, TRACE_TILES, FlashForward
+    from numba_fa3.forward import (TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_ROLES, TRACE_TILES,
+                                   FlashForward)
     from primitives import launch
 
     ctas = launch.sm_count()
     buf = torch.zeros(ctas * TRACE_ROLES * TRACE_TILES * TRACE_EVENTS, dtype=torch.int64, device="cuda")
+    loop = torch.zeros(ctas * 2 * TRACE_TILES * TRACE_LOOP_STEPS * TRACE_LOOP_EVENTS, dtype=torch.int64,
+                       device="cuda")
 
     class Traced(FlashForward):
         def launch(self, *a, **kw):
-            super().launch(*a, cu_seqlens=(buf.data_ptr(), 0), **kw)
+            super().launch(*a, cu_seqlens=(buf.data_ptr(), loop.data_ptr()), **kw)
 
     @functools.lru_cache(maxsize=None)
     def kernel(dtype, d, kind, softcap=False):
@@ -84,18 +113,20 @@ def run(argv=None):
                 out = torch.empty_like(q)
                 for _ in range(3):  # warm: the last run's trace is read
                     buf.zero_()
+                    loop.zero_()
                     _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kernel)
                 torch.cuda.synchronize()
                 err = (out.float() - ref.float()).abs().max().item()
                 assert err < 2e-2, f"trace build wrong: max error {err}"
                 r = analyse(buf.cpu().numpy(), ctas)
-                r.update(hdim=d, causal=causal, seqlen=s)
+                r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas))
                 rows.append(r)
                 sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
                 print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "
                       f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
                       f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
                       f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
+                print(common.table(r["steps"], list(r["steps"][0]) if r["steps"] else []))
     if args.out:
         common.write_json(args.out, dict(meta=common.meta(), rows=rows))
 

@@ -23,7 +23,7 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import mask_cols, pack_bf16, pack_f16, scale_rows, tanh_rows, zeros
+from primitives.fragment import mask_cols, pack_bf16, pack_f16, quad_transpose, scale_rows, tanh_rows, zeros
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
 from ptx_inline import barrier, mbarrier, memory, regs, special, tma, wgmma
@@ -82,7 +82,19 @@ class ProducerEvent(enum.IntEnum):
     LAST_V = 4
 
 
+class LoopEvent(enum.IntEnum):
+    """A consumer warpgroup's timestamps in each of the first `TRACE_LOOP_STEPS` steps of the
+    overlapped main loop (into the buffer passed as cu_seqlens_k): K landed, its turn on the
+    tensor cores came, S landed, the softmax is done, P V landed."""
+    K_READY = 0
+    TURN = 1
+    S_READY = 2
+    SOFTMAX = 3
+    PV_DONE = 4
+
+
 TRACE_TILES, TRACE_EVENTS, TRACE_ROLES = 64, 8, 3
+TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS = 16, 5
 
 
 def _tracer(enabled):
@@ -94,6 +106,16 @@ def _tracer(enabled):
             row = (cuda.blockIdx.x * TRACE_ROLES + role) * TRACE_TILES + min(n, TRACE_TILES - 1)
             memory.st_global_b64(buf + (row * TRACE_EVENTS + event) * 8, value)
     return mark
+
+
+def _loop_tracer(enabled):
+    @cuda.jit(device=True, forceinline=True)
+    def mark_step(buf, wg, n, step, event):
+        if enabled:
+            if n < TRACE_TILES and step < TRACE_LOOP_STEPS:
+                row = ((cuda.blockIdx.x * 2 + wg) * TRACE_TILES + n) * TRACE_LOOP_STEPS + step
+                memory.st_global_b64(buf + (row * TRACE_LOOP_EVENTS + event) * 8, special.clock64())
+    return mark_step
 
 
 class Maps(enum.IntEnum):
@@ -276,6 +298,7 @@ class FlashForward(launch.HopperKernel):
         GROUPS = D // 8
         TRACE = self.trace
         mark = _tracer(TRACE)
+        mark_step = _loop_tracer(TRACE)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -400,20 +423,31 @@ class FlashForward(launch.HopperKernel):
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
                         while nb >= n_min:
+                            step = np.int32(n_max - 2 - nb)
                             pipeline.consumer_wait(k_bars, index, phase)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.K_READY)
                             scheduler_sync(wg)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.TURN)
                             s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
                             o = scale_rows(o, a0, a1)
                             pipeline.consumer_wait(v_bars, v_index, v_phase)
                             o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                             scheduler_pass(wg)
                             s = wgmma.wait_group_tied(1, s)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.S_READY)
                             pipeline.consumer_release(k_bars, STAGES, index, lane)
                             if nb == n_min:
                                 release_q(q_empty, lane)
                             s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
                             p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.SOFTMAX)
                             o, pk = wgmma.wait_group_keep(0, o, pk)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.PV_DONE)
                             pipeline.consumer_release(v_bars, STAGES, v_index, lane)
                             pk = PACK(p)
                             v_index, v_phase = index, phase
@@ -471,15 +505,22 @@ class FlashForward(launch.HopperKernel):
                                       o_wg + c * Q_CHUNK)
                         tma.commit_group()
                 else:
+                    # Each quad transposes its row's pieces so that a thread stores 16 contiguous
+                    # bytes (8 columns) per st.global.v4: a warp's store covers 8 rows x 64
+                    # bytes in whole sectors.  Four-byte stores (8 rows x 16 bytes each) made
+                    # this epilogue ~13% of a hdim-256 tile at 2k tokens (bench trace).
                     rs, hs, bs = o_strides
-                    head = o_ptr + (b * bs + h * hs + (q_off + row0) * rs + col0) * ELEMENT_BYTES
+                    # (lane-derived values rebuilt here, not hoisted and held through the main loop)
+                    quad = np.int32(special.recompute_here(np.uint32(tid % 4)))
+                    head = o_ptr + (b * bs + h * hs + (q_off + row0) * rs + 8 * quad) * ELEMENT_BYTES
                     head = special.recompute_here(head)
-                    if row0 < sq:
-                        for j in static_range(GROUPS):
-                            memory.st_global_b32(head + 8 * j * ELEMENT_BYTES, po[2 * j])
-                    if row0 + 8 < sq:
-                        for j in static_range(GROUPS):
-                            memory.st_global_b32(head + (8 * rs + 8 * j) * ELEMENT_BYTES, po[2 * j + 1])
+                    for half in static_range(2):
+                        for i in static_range(GROUPS // 4):
+                            # every lane shuffles (full-warp shfl); only rows inside the sequence store
+                            run = quad_transpose(po[8 * i + half], po[8 * i + 2 + half], po[8 * i + 4 + half],
+                                                 po[8 * i + 6 + half], quad)
+                            if row0 + 8 * half < sq:
+                                memory.st_global_v4_b32(head + (8 * half * rs + 32 * i) * ELEMENT_BYTES, run)
                 if tid % 4 == 0:
                     lbs, lhs = lse_strides
                     lse_row = lse_ptr + (b * lbs + h * lhs + q_off + row0) * 4

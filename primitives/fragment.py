@@ -10,6 +10,7 @@ fully, which keeps the tuple in registers (CI fails on any stack frame).
 """
 import numpy as np
 from numba import cuda
+from ptx_inline import special
 
 #: Registers per 8-column group, and threads per row of a group.
 REGS_PER_GROUP = 4
@@ -197,3 +198,26 @@ def pack_bf16(typingctx, acc):
 def pack_f16(typingctx, acc):
     """Consecutive register pairs -> f16x2 (see pack_bf16)."""
     return _pack_pairs("cvt.rn.f16x2.f32 $0, $1, $2;")(typingctx, acc)
+
+
+@cuda.jit(device=True, forceinline=True)
+def quad_transpose(v0, v1, v2, v3, lane):
+    """Transpose a 4 x 4 block of 32-bit values across the four threads of a quad (the threads
+    sharing a fragment row): thread q gives (v0..v3) = its values of column groups 0..3 and gets
+    back group q's values from threads 0..3, in thread order.  For packed 16-bit output that turns
+    four 4-byte pieces of a row per thread into one 16-byte run (one `st.global.v4` instead of
+    four partial-sector stores).  Two butterfly stages (xor 2, then xor 1), four shuffles."""
+    hi = (lane & 2) != 0
+    lo = (lane & 1) != 0
+    # Stage 1: keep the two groups on this thread's side of bit 1, swap the other two.
+    r0 = special.shfl_xor_b32(v0 if hi else v2, 2)
+    r1 = special.shfl_xor_b32(v1 if hi else v3, 2)
+    # a[s][e]: from the thread with bit 1 = s, group 2 * hi + e
+    a00, a01 = (r0, r1) if hi else (v0, v1)
+    a10, a11 = (v2, v3) if hi else (r0, r1)
+    # Stage 2: the same on bit 0.
+    t0 = special.shfl_xor_b32(a00 if lo else a01, 1)
+    t1 = special.shfl_xor_b32(a10 if lo else a11, 1)
+    if lo:
+        return t0, a01, t1, a11
+    return a00, t0, a10, t1

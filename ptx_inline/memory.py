@@ -112,6 +112,21 @@ def st_global_b64(typingctx, addr, value):
 
 
 @intrinsic
+def st_global_v4_b32(typingctx, addr, regs):
+    """`st.global.v4.b32 [addr], {r0..r3}`: 16 bytes from one thread (addr 16-byte aligned), e.g.
+    eight bf16 of an output row."""
+    _regs(regs, 4, "st_global_v4_b32")
+
+    def codegen(context, builder, sig, args):
+        ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
+        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                for i in range(4)]
+        emit(builder, "st.global.v4.b32 [$0], {$1, $2, $3, $4};", [], ins)
+        return context.get_dummy_value()
+    return types.void(addr, regs), codegen
+
+
+@intrinsic
 def ld_global_s32(typingctx, addr):
     """`ld.global.s32 v, [addr]` (e.g. a cu_seqlens entry)."""
     def codegen(context, builder, sig, args):

@@ -113,3 +113,15 @@ def clock64(typingctx):
     def codegen(context, builder, sig, args):
         return emit(builder, "mov.u64 $0, %clock64;", [I64], [], clobber_memory=False)
     return types.uint64(), codegen
+
+
+@intrinsic
+def shfl_xor_b32(typingctx, x, lane_mask):
+    """`shfl.sync.bfly.b32` over the full warp (PTX ISA 9.7.8.6): lane i gets lane i ^ lane_mask's
+    32 bits.  For packed 16-bit pairs (uint32), which Numba's shfl_xor_sync does not take."""
+    def codegen(context, builder, sig, args):
+        v = as_int(context, builder, args[0], sig.args[0], 32)
+        m = as_int(context, builder, args[1], sig.args[1], 32)
+        return emit(builder, "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", [I32], [(v, "r"), (m, "r")],
+                    clobber_memory=False, side_effect=False)
+    return types.uint32(x, lane_mask), codegen
