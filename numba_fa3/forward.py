@@ -282,6 +282,7 @@ class FlashForward(launch.HopperKernel):
         QK = wgmma.mma_ss(BN, self.dtype, 0)
         PV = wgmma.mma_rs(D, self.dtype, 1)
         S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
+        P_NONE = (np.uint32(0),) * (BN // 4)  # P's registers before the first P V
         PACK = pack_bf16 if self.dtype == "bf16" else pack_f16
         WG_ROWS_BYTES = WGMMA_M * smem.SWIZZLE_BYTES
         MASKED = self.mask_kind != mask.MASK_NONE
@@ -354,14 +355,17 @@ class FlashForward(launch.HopperKernel):
                 mbarrier.arrive(q_empty)
 
         @cuda.jit(device=True, forceinline=True)
-        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale):
+        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, first):
+            """first: the tile's first block (its last in key order), the only one that can be
+            ragged without a mask; the main loop passes False, so unmasked kernels carry no mask
+            code (or its registers) there."""
             if SOFTCAP:
                 s = tanh_rows(s, softcap_scale)
             base = nb * BN
             if MASKED:
                 if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
                     return mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
-            elif base + BN > sk:  # without a mask only the last block can be ragged
+            elif first and base + BN > sk:
                 return mask_cols(s, col0, -base, sk - base, -base, sk - base)
             return s
 
@@ -416,14 +420,27 @@ class FlashForward(launch.HopperKernel):
                             mark(cu_q, 1 + wg, n, TraceEvent.BLOCKS, n_max - n_min)
                         if nb == n_min:  # the tile's last S GEMM is done: Q may be reloaded
                             release_q(q_empty, lane)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, True)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         pk = PACK(p)
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
+                        # P V of the previous step is waited for at the top of the next one, not
+                        # right after the softmax: ptxas schedules within a basic block and hoisted
+                        # that wait above the exponentials (to reuse P's registers), which
+                        # serialized the softmax behind P V.  The new P is packed into fresh
+                        # registers while `in_flight` (the registers the running P V reads) stays
+                        # live up to the wait.
+                        in_flight = P_NONE
+                        pv_index = np.int32(-1)  # the V stage the running P V reads
                         while nb >= n_min:
                             step = np.int32(n_max - 2 - nb)
+                            o, in_flight = wgmma.wait_group_keep(0, o, in_flight)
+                            if pv_index >= 0:
+                                pipeline.consumer_release(v_bars, STAGES, pv_index, lane)
+                                if tracer:
+                                    mark_step(cu_k, wg, n, step - 1, LoopEvent.PV_DONE)
                             pipeline.consumer_wait(k_bars, index, phase)
                             if tracer:
                                 mark_step(cu_k, wg, n, step, LoopEvent.K_READY)
@@ -434,6 +451,7 @@ class FlashForward(launch.HopperKernel):
                             o = scale_rows(o, a0, a1)
                             pipeline.consumer_wait(v_bars, v_index, v_phase)
                             o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
+                            in_flight = pk
                             scheduler_pass(wg)
                             s = wgmma.wait_group_tied(1, s)
                             if tracer:
@@ -441,20 +459,21 @@ class FlashForward(launch.HopperKernel):
                             pipeline.consumer_release(k_bars, STAGES, index, lane)
                             if nb == n_min:
                                 release_q(q_empty, lane)
-                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
+                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale,
+                                              False)
                             p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                            pk = PACK(p)
                             if tracer:
                                 mark_step(cu_k, wg, n, step, LoopEvent.SOFTMAX)
-                            o, pk = wgmma.wait_group_keep(0, o, pk)
-                            if tracer:
-                                mark_step(cu_k, wg, n, step, LoopEvent.PV_DONE)
-                            pipeline.consumer_release(v_bars, STAGES, v_index, lane)
-                            pk = PACK(p)
+                            pv_index = v_index
                             v_index, v_phase = index, phase
                             index, phase = pipeline.advance(index, phase, STAGES)
                             nb = np.int32(nb - 1)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
+                        o, in_flight = wgmma.wait_group_keep(0, o, in_flight)
+                        if pv_index >= 0:
+                            pipeline.consumer_release(v_bars, STAGES, pv_index, lane)
                         o = scale_rows(o, a0, a1)
                         pipeline.consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
@@ -468,7 +487,7 @@ class FlashForward(launch.HopperKernel):
                     # The ablation without intra-warpgroup overlap: S, softmax, PV in sequence.
                     while nb >= n_min:
                         s = s_now(q_wg, k_bars, k_smem, index, phase, lane, wg)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, True)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         o = scale_rows(o, a0, a1)
                         pk = PACK(p)
