@@ -126,7 +126,8 @@ def run(argv=None):
                       f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
                       f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
                       f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
-                print(common.table(r["steps"], list(r["steps"][0]) if r["steps"] else []))
+                shown = [x for x in r["steps"] if x["step"] < 4 or x["step"] % 8 == 0]
+                print(common.table(shown, list(shown[0]) if shown else []))
     if args.out:
         common.write_json(args.out, dict(meta=common.meta(), rows=rows))
 

@@ -205,15 +205,10 @@ class FlashForward(launch.HopperKernel):
             tile = scheduler.initial_work()
             n = np.int32(0)  # tiles done (trace build)
             while True:
-                # The tile id travels to the consumers with Q, through a shared slot that the Q
-                # barriers guard; an id past the end (with no Q) tells them to stop.
-                if TRACE and lane == 0:
-                    mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
-                mbarrier.wait_parity(q_empty, q_phase ^ 1)
-                q_phase = np.int32(q_phase ^ 1)
-                if TRACE and lane == 0:
-                    mark(cu_q, 0, n, ProducerEvent.Q_FREE, special.clock64())
                 if tile >= tiles:
+                    # The end: an id past the last tile (with no Q) tells the consumers to stop; it
+                    # travels like a tile id, through the shared slot the Q barriers guard.
+                    mbarrier.wait_parity(q_empty, q_phase ^ 1)
                     if special.elect_one():
                         memory.st_shared_b32(tile_slot, tile)
                         mbarrier.arrive(q_full)
@@ -222,12 +217,22 @@ class FlashForward(launch.HopperKernel):
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
                 if VARLEN and mb * BM >= sq:
                     # Past this sequence's end (m_blocks counts the longest): nothing to do.
-                    q_phase = np.int32(q_phase ^ 1)
                     tile = scheduler.claim_next(counter, tiles, lane)
                     continue
                 bc = 0 if VARLEN else b
                 hk, _ = udivmod32(h, head_ratio)
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
+                nb = np.int32(n_max - 1)
+                # The tile's first K goes out before Q, as in FA3: its stage was freed a step
+                # before Q's buffer (the previous tile's second-to-last S GEMM vs its last).
+                if nb >= n_min:
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                if TRACE and lane == 0:
+                    mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
+                mbarrier.wait_parity(q_empty, q_phase ^ 1)
+                q_phase = np.int32(q_phase ^ 1)
+                if TRACE and lane == 0:
+                    mark(cu_q, 0, n, ProducerEvent.Q_FREE, special.clock64())
                 if special.elect_one():
                     memory.st_shared_b32(tile_slot, tile)
                     mbarrier.arrive_expect_tx(q_full, Q_BYTES)
@@ -237,9 +242,7 @@ class FlashForward(launch.HopperKernel):
                 # K of block j goes out before V of block j + 1 (blocks are walked downwards): the
                 # consumers' S_j GEMM is issued before their P_{j+1} V_{j+1} GEMM.  Block j's K
                 # and V share stage `index`.
-                nb = np.int32(n_max - 1)
                 if nb >= n_min:
-                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
                     if TRACE and lane == 0:
                         mark(cu_q, 0, n, ProducerEvent.FIRST_K, special.clock64())
                     v_index, v_phase = index, phase
@@ -282,7 +285,6 @@ class FlashForward(launch.HopperKernel):
         QK = wgmma.mma_ss(BN, self.dtype, 0)
         PV = wgmma.mma_rs(D, self.dtype, 1)
         S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
-        P_NONE = (np.uint32(0),) * (BN // 4)  # a P register set before any P V read it
         PACK = pack_bf16 if self.dtype == "bf16" else pack_f16
         WG_ROWS_BYTES = WGMMA_M * smem.SWIZZLE_BYTES
         MASKED = self.mask_kind != mask.MASK_NONE
@@ -370,65 +372,6 @@ class FlashForward(launch.HopperKernel):
             return s
 
         @cuda.jit(device=True, forceinline=True)
-        def loop_step(o, pk_prev, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, pv_index, nb, q_wg, k_bars,
-                      v_bars, k_smem, v_smem, q_empty, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1,
-                      softcap_scale, scale_log2, n_min, n_max, lane, wg, tracer, cu_k, n):
-            """One step of the overlapped main loop: wait for the previous step's P V (which read
-            `pk_prev`), issue S_nb and P V of the block before it (P from `pk`), softmax S_nb.
-            Returns the new P, which the caller keeps apart from `pk` (P V reads it until the next
-            step's wait)."""
-            step = np.int32(n_max - 2 - nb)
-            # pk_prev is tied to the wait so that it stays allocated, untouched, up to here.
-            o, pk_prev = wgmma.wait_group_keep(0, o, pk_prev)
-            if pv_index >= 0:
-                pipeline.consumer_release(v_bars, STAGES, pv_index, lane)
-                if tracer:
-                    mark_step(cu_k, wg, n, step - 1, LoopEvent.PV_DONE)
-            pipeline.consumer_wait(k_bars, index, phase)
-            if tracer:
-                mark_step(cu_k, wg, n, step, LoopEvent.K_READY)
-            scheduler_sync(wg)
-            if tracer:
-                mark_step(cu_k, wg, n, step, LoopEvent.TURN)
-            s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
-            o = scale_rows(o, a0, a1)
-            pipeline.consumer_wait(v_bars, v_index, v_phase)
-            o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
-            scheduler_pass(wg)
-            s = wgmma.wait_group_tied(1, s)
-            if tracer:
-                mark_step(cu_k, wg, n, step, LoopEvent.S_READY)
-            pipeline.consumer_release(k_bars, STAGES, index, lane)
-            if nb == n_min:
-                release_q(q_empty, lane)
-            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, False)
-            p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
-            pk_next = PACK(p)
-            if tracer:
-                mark_step(cu_k, wg, n, step, LoopEvent.SOFTMAX)
-            pv_index = v_index
-            v_index, v_phase = index, phase
-            index, phase = pipeline.advance(index, phase, STAGES)
-            return (o, pk_next, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, pv_index,
-                    np.int32(nb - 1))
-
-        @cuda.jit(device=True, forceinline=True)
-        def loop_tail(o, pk_prev, pk, a0, a1, v_bars, v_smem, v_index, v_phase, pv_index, lane, tracer, cu_q, wg,
-                      n):
-            """After the main loop: wait for its last P V, then the tile's last P V (block n_min)."""
-            if tracer:
-                mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
-            o, pk_prev = wgmma.wait_group_keep(0, o, pk_prev)
-            if pv_index >= 0:
-                pipeline.consumer_release(v_bars, STAGES, pv_index, lane)
-            o = scale_rows(o, a0, a1)
-            pipeline.consumer_wait(v_bars, v_index, v_phase)
-            o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
-            o, pk = wgmma.wait_group_keep(0, o, pk)
-            pipeline.consumer_release(v_bars, STAGES, v_index, lane)
-            return o
-
-        @cuda.jit(device=True, forceinline=True)
         @unrolled
         def mma(maps, lse_ptr, o_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                 k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
@@ -485,35 +428,44 @@ class FlashForward(launch.HopperKernel):
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
-                        # P V of a step is waited for at the top of the next step, not right after
-                        # the softmax: ptxas schedules within a basic block and hoisted that wait
-                        # above the exponentials, which serialized the softmax behind P V.  While
-                        # a P V runs, its P registers must not be written (PTX: no access to a
-                        # wgmma's operands before its wait), so the new P goes to a second set:
-                        # the loop is unrolled by two, alternating pk_a and pk_b, and each exit
-                        # runs the tail with the set that holds the last P.
-                        pk_a = pk
-                        pk_b = P_NONE  # no P V running yet
-                        pv_index = np.int32(-1)  # the V stage the running P V reads
-                        while True:
-                            if nb < n_min:
-                                o = loop_tail(o, pk_b, pk_a, a0, a1, v_bars, v_smem, v_index, v_phase, pv_index, lane,
-                                              tracer, cu_q, wg, n)
-                                break
-                            (o, pk_b, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, pv_index,
-                             nb) = loop_step(o, pk_b, pk_a, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
-                                             pv_index, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, mb, sq, sk,
-                                             left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2,
-                                             n_min, n_max, lane, wg, tracer, cu_k, n)
-                            if nb < n_min:
-                                o = loop_tail(o, pk_a, pk_b, a0, a1, v_bars, v_smem, v_index, v_phase, pv_index, lane,
-                                              tracer, cu_q, wg, n)
-                                break
-                            (o, pk_a, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, pv_index,
-                             nb) = loop_step(o, pk_a, pk_b, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
-                                             pv_index, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, mb, sq, sk,
-                                             left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2,
-                                             n_min, n_max, lane, wg, tracer, cu_k, n)
+                        while nb >= n_min:
+                            step = np.int32(n_max - 2 - nb)
+                            pipeline.consumer_wait(k_bars, index, phase)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.K_READY)
+                            scheduler_sync(wg)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.TURN)
+                            s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
+                            o = scale_rows(o, a0, a1)
+                            pipeline.consumer_wait(v_bars, v_index, v_phase)
+                            o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
+                            scheduler_pass(wg)
+                            s = wgmma.wait_group_tied(1, s)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.S_READY)
+                            pipeline.consumer_release(k_bars, STAGES, index, lane)
+                            if nb == n_min:
+                                release_q(q_empty, lane)
+                            s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale, False)
+                            p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.SOFTMAX)
+                            o, pk = wgmma.wait_group_keep(0, o, pk)
+                            if tracer:
+                                mark_step(cu_k, wg, n, step, LoopEvent.PV_DONE)
+                            pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                            pk = PACK(p)
+                            v_index, v_phase = index, phase
+                            index, phase = pipeline.advance(index, phase, STAGES)
+                            nb = np.int32(nb - 1)
+                        if tracer:
+                            mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
+                        o = scale_rows(o, a0, a1)
+                        pipeline.consumer_wait(v_bars, v_index, v_phase)
+                        o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
+                        o, pk = wgmma.wait_group_keep(0, o, pk)
+                        pipeline.consumer_release(v_bars, STAGES, v_index, lane)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LAST_PV, special.clock64())
                     else:
