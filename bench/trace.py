@@ -57,8 +57,8 @@ def analyse_loop(buf, ctas):
     """Per main-loop step (averaged over CTAs and tiles): cycles from the last P V to K landing,
     K to its turn, turn to S landed, the softmax, softmax to P V landed; the step's period; and how
     far warpgroup 1's turn trails warpgroup 0's."""
-    from numba_fa3.forward import TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
-    ev = buf.reshape(ctas, 2, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
+    from numba_fa3.forward import MAX_CONSUMERS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
+    ev = buf.reshape(ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
     ok = (ev != 0).all(-1)
     steps = []
     for k in range(1, TRACE_LOOP_STEPS):
@@ -94,7 +94,7 @@ def run(argv=None):
 
     ctas = launch.sm_count()
     buf = torch.zeros(ctas * TRACE_ROLES * TRACE_TILES * TRACE_EVENTS, dtype=torch.int64, device="cuda")
-    loop = torch.zeros(ctas * 2 * TRACE_TILES * TRACE_LOOP_STEPS * TRACE_LOOP_EVENTS, dtype=torch.int64,
+    loop = torch.zeros(ctas * MAX_CONSUMERS * TRACE_TILES * TRACE_LOOP_STEPS * TRACE_LOOP_EVENTS, dtype=torch.int64,
                        device="cuda")
 
     class Traced(FlashForward):

@@ -38,12 +38,18 @@ ELEMENT_BYTES = 2
 
 class NamedBarrier(enum.IntEnum):
     """Id 0 is __syncthreads.  Each consumer warpgroup syncs its epilogue on its own id; the
-    ping-pong schedule gives each warpgroup a barrier that the other one arrives at when it has
-    issued its GEMMs (FA3 section 3.1, "pingpong scheduling")."""
+    ping-pong schedule gives each warpgroup a barrier that the one before it (round robin)
+    arrives at when it has issued its GEMMs (FA3 section 3.1, "pingpong scheduling")."""
     EPILOGUE_WG0 = 1
     EPILOGUE_WG1 = 2
-    SCHEDULER_WG0 = 3
-    SCHEDULER_WG1 = 4
+    EPILOGUE_WG2 = 3
+    SCHEDULER_WG0 = 4
+    SCHEDULER_WG1 = 5
+    SCHEDULER_WG2 = 6
+
+
+#: consumer warpgroups the barriers above provide for
+MAX_CONSUMERS = 3
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class LoopEvent(enum.IntEnum):
     PV_DONE = 4
 
 
-TRACE_TILES, TRACE_EVENTS, TRACE_ROLES = 64, 8, 3
+TRACE_TILES, TRACE_EVENTS, TRACE_ROLES = 64, 8, 1 + MAX_CONSUMERS
 TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS = 16, 5
 
 
@@ -113,7 +119,7 @@ def _loop_tracer(enabled):
     def mark_step(buf, wg, n, step, event):
         if enabled:
             if n < TRACE_TILES and step < TRACE_LOOP_STEPS:
-                row = ((cuda.blockIdx.x * 2 + wg) * TRACE_TILES + n) * TRACE_LOOP_STEPS + step
+                row = ((cuda.blockIdx.x * MAX_CONSUMERS + wg) * TRACE_TILES + n) * TRACE_LOOP_STEPS + step
                 memory.st_global_b64(buf + (row * TRACE_LOOP_EVENTS + event) * 8, special.clock64())
     return mark_step
 
@@ -144,6 +150,11 @@ class FlashForward(launch.HopperKernel):
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
+        if not 1 <= self.consumers <= MAX_CONSUMERS or self.block_m != WGMMA_M * self.consumers:
+            raise ValueError(f"{self.consumers} consumer warpgroups with block_m {self.block_m}: each owns "
+                             f"{WGMMA_M} rows, at most {MAX_CONSUMERS}")
+        if schedule.pingpong and self.consumers < 2:
+            raise ValueError("ping-pong needs at least two consumer warpgroups")
         self.threads = warpgroup.block_threads(self.consumers)
         self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
         self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
@@ -292,6 +303,7 @@ class FlashForward(launch.HopperKernel):
         tile_coords = _tile_coords(CAUSAL)
         WG_THREADS = warpgroup.WARPGROUP_THREADS
         EPILOGUE0 = int(NamedBarrier.EPILOGUE_WG0)
+        CONSUMERS = self.consumers
         SCHEDULER0 = int(NamedBarrier.SCHEDULER_WG0)
         PAIR_THREADS = 2 * WG_THREADS
         PINGPONG, OVERLAP = self.schedule.pingpong, self.schedule.overlap
@@ -334,9 +346,9 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         def scheduler_pass(wg):
-            """Ping-pong: hand the tensor cores to the other warpgroup (its softmax is done)."""
+            """Ping-pong: hand the tensor cores to the next warpgroup (its softmax is done)."""
             if PINGPONG:
-                barrier.arrive(SCHEDULER0 + (1 - wg), PAIR_THREADS)
+                barrier.arrive(SCHEDULER0 + (wg + 1) % CONSUMERS, PAIR_THREADS)
 
         @cuda.jit(device=True, forceinline=True)
         def s_now(q_wg, k_bars, k_smem, index, phase, lane, wg):
@@ -379,7 +391,7 @@ class FlashForward(launch.HopperKernel):
             lane = tid % warpgroup.WARP_THREADS
             if TMA_STORE and tid == 0:
                 tma.fence_descriptor_acquire(maps + Maps.O * MAP)
-            if PINGPONG and wg == 1:
+            if PINGPONG and wg == CONSUMERS - 1:
                 scheduler_pass(wg)  # warpgroup 0 issues first
             index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
             tiles = np.int32(m_blocks * heads * batch)

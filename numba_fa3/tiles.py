@@ -1,6 +1,7 @@
 """Tile sizes and register budgets of the forward kernel, per head dimension (and mask).
 
-Each consumer warpgroup owns 64 query rows (the wgmma M), so block_m = 64 * consumers = 128.
+Each consumer warpgroup owns 64 query rows (the wgmma M), so block_m = 64 * consumers: 128 with
+two, 192 with three (hdim 64, as FA3).
 Per consumer thread the accumulators take O: D/2 registers, S: block_n/2, P (16-bit): block_n/4,
 and with the intra-warpgroup overlap all three are live at once (S of block j+1 in flight while P
 of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V tiles (block_n x D),
@@ -8,7 +9,11 @@ of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V
 fills the extra columns with zeros and the GEMMs never read them), within 227 KB:
 
   D    block_n  stages  smem (Q + K + V)            O + S + P regs   why this block_n
-  64   128      2       16 + 32 + 32 = 80 KB        32 + 64 + 32     (192 won at 16k, lost at 2k)
+  64   128      2       24 + 32 + 32 = 88 KB        32 + 64 + 32     block_m 192: three consumers
+                                                                      at 160 registers; the 64-wide
+                                                                      P V GEMM is short, so a third
+                                                                      softmax hides under two others'
+                                                                      GEMMs (2k: 477 vs 439 TFLOPS)
   96   128      2       32 + 64 + 64 = 160 KB       48 + 64 + 32     (chunks padded to 128 columns)
   128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     (FA3's 176 for non-causal was slower
                                                                       here: 582 vs 612 TFLOPS at 16k, and
@@ -18,8 +23,9 @@ fills the extra columns with zeros and the GEMMs never read them), within 227 KB
 
 O goes out through its own shared buffer (+ block_m x D) and TMA where that still fits (D = 64,
 96, 128), else by stores from registers.
-Registers: producer 24 / consumers 240 (FA3's split).  setmaxnreg moves registers only within
-what the CTA got at launch: 384 threads x 168 (the launch-bounds cap) = 64512 = 128 x (24 + 2 x 240).
+Registers: producer 24 / consumers 240 (FA3's split), or 24 / 160 with three consumers.
+setmaxnreg moves registers only within what the CTA got at launch: 384 threads x 168 (the
+launch-bounds cap) = 64512 = 128 x (24 + 2 x 240); 512 x 128 = 65536 >= 128 x (24 + 3 x 160).
 (48/232 deadlocked on the H100: setmaxnreg.inc waited for registers that never came.)  The
 producer fits 24 because its loop runs on a whole warp with 32-bit index math (see intmath).
 """
@@ -40,9 +46,13 @@ def _tiles(block_n):
     return Tiles(128, block_n, 2, 2, 24, 240)
 
 
+def _tiles3(block_n):
+    return Tiles(192, block_n, 2, 3, 24, 160)
+
+
 #: (head_dim, causal-or-local) -> tiles.
 TILES = {
-    (64, False): _tiles(128), (64, True): _tiles(128),
+    (64, False): _tiles3(128), (64, True): _tiles3(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
     (128, False): _tiles(128), (128, True): _tiles(128),
     (192, False): _tiles(112), (192, True): _tiles(112),
