@@ -61,18 +61,19 @@ def analyse_loop(buf, ctas):
     ev = buf.reshape(ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
     ok = (ev != 0).all(-1)
     steps = []
-    for k in range(1, TRACE_LOOP_STEPS):
-        both = ok[..., k] & ok[..., k - 1]
+    for k in range(0, TRACE_LOOP_STEPS):
+        both = ok[..., k] & (ok[..., k - 1] if k else True)
         if both.sum() < 16:
             break
-        cur, prev = ev[..., k, :][both], ev[..., k - 1, :][both]
+        cur = ev[..., k, :][both]
+        prev = ev[..., k - 1, :][both] if k else None
         row = dict(step=k, samples=int(both.sum()),
-                   wait_k=float(np.mean(cur[:, E.K_READY] - prev[:, E.PV_DONE])),
+                   wait_k=float(np.mean(cur[:, E.K_READY] - prev[:, E.PV_DONE])) if k else float("nan"),
                    wait_turn=float(np.mean(cur[:, E.TURN] - cur[:, E.K_READY])),
                    s_latency=float(np.mean(cur[:, E.S_READY] - cur[:, E.TURN])),
                    softmax=float(np.mean(cur[:, E.SOFTMAX] - cur[:, E.S_READY])),
                    wait_pv=float(np.mean(cur[:, E.PV_DONE] - cur[:, E.SOFTMAX])),
-                   period=float(np.mean(cur[:, E.TURN] - prev[:, E.TURN])))
+                   period=float(np.mean(cur[:, E.TURN] - prev[:, E.TURN])) if k else float("nan"))
         pair = ok[:, 0, :, k] & ok[:, 1, :, k]
         row["wg1_lag"] = float(np.mean(ev[:, 1, :, k, E.TURN][pair] - ev[:, 0, :, k, E.TURN][pair]))
         steps.append(row)
@@ -88,8 +89,8 @@ def run(argv=None):
     args = p.parse_args(argv)
     import torch
     from numba_fa3.api import _forward
-    from numba_fa3.forward import (TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_ROLES, TRACE_TILES,
-                                   FlashForward)
+    from numba_fa3.forward import (MAX_CONSUMERS, TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_ROLES,
+                                   TRACE_TILES, FlashForward)
     from primitives import launch
 
     ctas = launch.sm_count()

@@ -160,29 +160,39 @@ class FlashForward(launch.HopperKernel):
         self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
+        # Q is released as soon as the tile's last S GEMM is done, so O never goes through Q's
+        # buffer.  It goes out through its own buffer and TMA stores where that fits, else (D =
+        # 192, 256, and varlen, whose tiles must not spill into the next sequence) by stores from
+        # registers, each row checked against the sequence length.  Where there is room beside
+        # that (D <= 128), Q has two buffers: the next tile's Q loads during this tile, and its
+        # first S GEMM does not wait ~3000 cycles for Q after the epilogue (bench trace).
+        tma_store = not self.varlen
+        for q_stages, with_o in ((2, tma_store), (1, tma_store), (1, False)):
+            plan = self._plan(q_stages, with_o)
+            if plan.used + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM:
+                break
+        self.q_stages, self.tma_store = q_stages, with_o
+        self.smem = plan.check()
+
+    def _plan(self, q_stages, with_o):
+        q_bytes = self.chunks * self.q_chunk
         plan = smem.SharedLayout()
-        plan.add("q", self.chunks * self.q_chunk)
+        plan.add("q", q_stages * q_bytes)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
         plan.add("v", self.stages * self.chunks * self.kv_chunk)
-        # K and V rings, Q full/empty, and the slot that passes the tile id (one 8-byte unit).
-        plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + 3 * smem.MBARRIER_BYTES,
-                 align=smem.MBARRIER_BYTES)
-        # Q is released as soon as the tile's last S GEMM is done, so the producer loads the next
-        # tile's Q (and K, V) under the last P V and the epilogue; O therefore never goes through
-        # Q's buffer.  It goes out through its own buffer and TMA stores where that fits, else
-        # (D = 256, and varlen, whose tiles must not spill into the next sequence) by plain
-        # stores from registers, each row checked against the sequence length.
-        self.tma_store = (not self.varlen and
-                          plan.used + self.chunks * self.q_chunk + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM)
-        if self.tma_store:
-            plan.add("o", self.chunks * self.q_chunk)
-        self.smem = plan.check()
+        # K, V and Q rings, and per Q buffer the slot that passes the tile id (an 8-byte unit).
+        plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
+                 + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
+        if with_o:
+            plan.add("o", q_bytes)
+        return plan
 
     # --- producer -----------------------------------------------------------------------------
     def make_load(self):
         BM, BN, STAGES, CHUNKS = self.block_m, self.block_n, self.stages, self.chunks
         Q_CHUNK, KV_CHUNK = self.q_chunk, self.kv_chunk
         Q_BYTES, KV_BYTES = CHUNKS * Q_CHUNK, CHUNKS * KV_CHUNK
+        Q_STAGES = self.q_stages
         KV_STAGE = CHUNKS * KV_CHUNK
         MAP = TENSOR_MAP_BYTES
         CAUSAL = self.mask_kind == mask.MASK_CAUSAL
@@ -204,14 +214,15 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+        def load(maps, counter, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                  k_smem, v_smem, q_smem, heads, head_ratio, batch, m_blocks, left, right, lane):
             # The whole warp runs this loop (so ptxas keeps its warp-uniform state in uniform
             # registers); one elected lane issues each TMA.
             if special.elect_one():
                 for i in static_range(3):
                     tma.fence_descriptor_acquire(maps + i * MAP)
-            index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
+            index, phase = np.int32(0), np.int32(0)
+            qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
             tile = scheduler.initial_work()
             n = np.int32(0)  # tiles done (trace build)
@@ -219,10 +230,10 @@ class FlashForward(launch.HopperKernel):
                 if tile >= tiles:
                     # The end: an id past the last tile (with no Q) tells the consumers to stop; it
                     # travels like a tile id, through the shared slot the Q barriers guard.
-                    mbarrier.wait_parity(q_empty, q_phase ^ 1)
+                    pipeline.producer_wait(q_bars, Q_STAGES, qi, q_phase)
                     if special.elect_one():
-                        memory.st_shared_b32(tile_slot, tile)
-                        mbarrier.arrive(q_full)
+                        memory.st_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES, tile)
+                        mbarrier.arrive(pipeline.full_barrier(q_bars, qi))
                     break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
@@ -234,22 +245,26 @@ class FlashForward(launch.HopperKernel):
                 hk, _ = udivmod32(h, head_ratio)
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
                 nb = np.int32(n_max - 1)
-                # The tile's first K goes out before Q, as in FA3: its stage was freed a step
-                # before Q's buffer (the previous tile's second-to-last S GEMM vs its last).
-                if nb >= n_min:
+                # With one Q buffer the tile's first K goes out before Q, as in FA3: its stage was
+                # freed a step before Q's buffer (the previous tile's second-to-last S GEMM vs its
+                # last).  With two, this tile's Q buffer has been free for a whole tile.
+                if Q_STAGES == 1 and nb >= n_min:
                     load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
                 if TRACE and lane == 0:
                     mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
-                mbarrier.wait_parity(q_empty, q_phase ^ 1)
-                q_phase = np.int32(q_phase ^ 1)
+                pipeline.producer_wait(q_bars, Q_STAGES, qi, q_phase)
                 if TRACE and lane == 0:
                     mark(cu_q, 0, n, ProducerEvent.Q_FREE, special.clock64())
                 if special.elect_one():
-                    memory.st_shared_b32(tile_slot, tile)
-                    mbarrier.arrive_expect_tx(q_full, Q_BYTES)
+                    memory.st_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES, tile)
+                    pipeline.producer_expect(q_bars, qi, Q_BYTES)
+                    q_dst = q_smem + qi * Q_BYTES
                     for c in static_range(CHUNKS):
-                        tma.load(q_smem + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, q_off + mb * BM, bc),
-                                 q_full)
+                        tma.load(q_dst + c * Q_CHUNK, maps + Maps.Q * MAP, (c * CHUNK_COLS, h, q_off + mb * BM, bc),
+                                 pipeline.full_barrier(q_bars, qi))
+                qi, q_phase = pipeline.advance(qi, q_phase, Q_STAGES)
+                if Q_STAGES > 1 and nb >= n_min:
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
                 # K of block j goes out before V of block j + 1 (blocks are walked downwards): the
                 # consumers' S_j GEMM is issued before their P_{j+1} V_{j+1} GEMM.  Block j's K
                 # and V share stage `index`.
@@ -311,6 +326,7 @@ class FlashForward(launch.HopperKernel):
         seq_info = _seq_info(VARLEN)
         MAP = TENSOR_MAP_BYTES
         GROUPS = D // 8
+        Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
@@ -364,7 +380,7 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
-            """Q is free for the next tile once every consumer warp's last S GEMM completed."""
+            """Q's buffer is free for a later tile once every consumer warp's last S GEMM completed."""
             if lane == 0:
                 mbarrier.arrive(q_empty)
 
@@ -385,7 +401,7 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def mma(maps, lse_ptr, o_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+        def mma(maps, lse_ptr, o_ptr, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                 k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
                 softcap_scale, o_strides, lse_strides, wg, tid):
             lane = tid % warpgroup.WARP_THREADS
@@ -393,9 +409,9 @@ class FlashForward(launch.HopperKernel):
                 tma.fence_descriptor_acquire(maps + Maps.O * MAP)
             if PINGPONG and wg == CONSUMERS - 1:
                 scheduler_pass(wg)  # warpgroup 0 issues first
-            index, phase, q_phase = np.int32(0), np.int32(0), np.int32(0)
+            index, phase = np.int32(0), np.int32(0)
+            qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
-            q_wg = q_smem + wg * WG_ROWS_BYTES
             o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
             r_local = 16 * (tid // 32) + (tid % 32) // 4
             col0 = 2 * (tid % 4)
@@ -404,14 +420,16 @@ class FlashForward(launch.HopperKernel):
             while True:
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
-                mbarrier.wait_parity(q_full, q_phase)
-                tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slot)))
+                pipeline.consumer_wait(q_bars, qi, q_phase)
+                tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES)))
                 if tile >= tiles:
                     break
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.TILE, special.clock64())
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
+                q_wg = q_smem + qi * Q_BYTES + wg * WG_ROWS_BYTES
+                q_empty = pipeline.empty_barrier(q_bars, Q_STAGES, qi)
                 offset = sk - sq
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
@@ -549,7 +567,7 @@ class FlashForward(launch.HopperKernel):
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.DONE, special.clock64())
                 n = np.int32(n + 1)
-                q_phase = np.int32(q_phase ^ 1)
+                qi, q_phase = pipeline.advance(qi, q_phase, Q_STAGES)
             if tid == 0:
                 tma.wait_group(0)
         return mma
@@ -563,6 +581,8 @@ class FlashForward(launch.HopperKernel):
         OFF_BARS = self.smem.offsets["barriers"]
         OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q
         RING = pipeline.barrier_bytes(STAGES)
+        Q_STAGES = self.q_stages
+        Q_RING = pipeline.barrier_bytes(Q_STAGES)
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
 
@@ -573,14 +593,12 @@ class FlashForward(launch.HopperKernel):
             base = smem.aligned_base(special.shared_address(dyn))
             k_bars = base + OFF_BARS
             v_bars = k_bars + RING
-            q_full = v_bars + RING
-            q_empty = q_full + smem.MBARRIER_BYTES
-            tile_slot = q_empty + smem.MBARRIER_BYTES
+            q_bars = v_bars + RING
+            tile_slots = q_bars + Q_RING
             if cuda.threadIdx.x == 0:
                 pipeline.init(k_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(v_bars, STAGES, CONSUMER_WARPS)
-                mbarrier.init(q_full, 1)
-                mbarrier.init(q_empty, CONSUMER_WARPS)
+                pipeline.init(q_bars, Q_STAGES, CONSUMER_WARPS)
                 mbarrier.fence_init()
             cuda.syncthreads()
             wg = warpgroup.warpgroup_index()
@@ -588,12 +606,12 @@ class FlashForward(launch.HopperKernel):
             if wg == 0:
                 regs.setmaxnreg_dec(REG_PRODUCER)
                 if tid < warpgroup.WARP_THREADS:
-                    load(maps, counter, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                    load(maps, counter, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                          base + OFF_K, base + OFF_V, base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right,
                          tid)
             else:
                 regs.setmaxnreg_inc(REG_CONSUMER)
-                mma(maps, lse_ptr, o_ptr, tile_slot, k_bars, v_bars, q_full, q_empty, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
+                mma(maps, lse_ptr, o_ptr, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                     base + OFF_K, base + OFF_V, base + OFF_Q, base + OFF_O, heads, batch, m_blocks, left, right,
                     scale_log2, softmax_scale, softcap_scale, (o_row_stride, o_head_stride, o_batch_stride),
                     (lse_batch_stride, lse_head_stride), wg - 1, tid)
