@@ -9,14 +9,14 @@ of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V
 fills the extra columns with zeros and the GEMMs never read them), within 227 KB:
 
   D    block_n  stages  smem (Q + K + V)            O + S + P regs   why this block_n
-  64   128      2       48 + 32 + 32 = 112 KB       32 + 64 + 32     block_m 192: three consumers
-                                                                      at 160 registers; the 64-wide
-                                                                      P V GEMM is short, so a third
-                                                                      softmax hides under two others'
-                                                                      GEMMs (2k: 477 vs 439 TFLOPS).
-                                                                      Masked: 112, as the masked
-                                                                      loop's two step copies spill
-                                                                      at 128 (perf equal at 4k)
+  64   128      2       48 + 32 + 32 = 112 KB       32 + 64 + 32     full: block_m 192, three
+                                                                      consumers at 160 registers; the
+                                                                      64-wide P V GEMM is short, so a
+                                                                      third softmax hides under two
+                                                                      others' GEMMs (2k: 477 vs 439).
+                                                                      Causal/local: 128 x 128, two
+                                                                      consumers (short causal tiles:
+                                                                      512 tokens 234 vs 204 TFLOPS)
   96   128      2       32 + 64 + 64 = 160 KB       48 + 64 + 32     (chunks padded to 128 columns)
   128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     (FA3's 176 for non-causal was slower
                                                                       here: 582 vs 612 TFLOPS at 16k, and
@@ -55,7 +55,7 @@ def _tiles3(block_n):
 
 #: (head_dim, causal-or-local) -> tiles.
 TILES = {
-    (64, False): _tiles3(128), (64, True): _tiles3(112),
+    (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
     (128, False): _tiles(128), (128, True): _tiles(128),
     (192, False): _tiles(112), (192, True): _tiles(112),
