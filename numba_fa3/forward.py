@@ -79,8 +79,8 @@ class TraceEvent(enum.IntEnum):
 
 
 class ProducerEvent(enum.IntEnum):
-    """The producer's: waiting for Q's buffer, Q's buffer free, first K issued, next tile
-    claimed, last V issued."""
+    """The producer's: waiting for Q's buffer, Q's buffer free, Q and the tile's first K issued,
+    next tile claimed, last V issued."""
     WAIT_Q = 0
     Q_FREE = 1
     FIRST_K = 2

@@ -35,3 +35,44 @@ def test_inspect_numpy_dtypes_and_strides():
         tensors.inspect([1, 2, 3], "x")
     with pytest.raises(TypeError, match="unsupported dtype"):
         tensors.inspect(np.zeros(3, np.int64), "x")
+
+
+def test_tile_table_fits_registers_and_shared_memory():
+    """Every (head dim, mask) entry: register budget within the launch allocation, block_m one
+    wgmma M per consumer, and a shared-memory plan that fits (with two Q buffers where it says)."""
+    from numba_fa3.forward import FlashForward, MAX_CONSUMERS
+    from numba_fa3.mask import MASK_CAUSAL, MASK_NONE
+    from numba_fa3.tiles import TILES
+    from primitives import smem
+    for (d, masked), t in TILES.items():
+        assert 2 <= t.consumers <= MAX_CONSUMERS and t.block_m == 64 * t.consumers
+        k = FlashForward("bf16", d, MASK_CAUSAL if masked else MASK_NONE)
+        assert k.smem.used + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM
+        assert k.q_stages in (1, 2) and (k.q_stages == 2) == (d <= 128), (d, k.q_stages)
+        assert k.tma_store == (d <= 128), (d, k.tma_store)
+
+
+def test_trace_analysis_on_a_synthetic_trace():
+    """bench trace's arithmetic on hand-made timestamps: five phases of 1000 cycles per tile."""
+    import numpy as np
+    from bench.trace import analyse, analyse_loop
+    from numba_fa3.forward import (MAX_CONSUMERS, TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS,
+                                   TRACE_ROLES, TRACE_TILES)
+    ctas = 3
+    buf = np.zeros((ctas, TRACE_ROLES, TRACE_TILES, TRACE_EVENTS), np.int64)
+    for t in range(4):
+        for role in (1, 2):
+            buf[:, role, t, :6] = 100_000 * t + 1 + 1000 * np.arange(6)
+            buf[:, role, t, 6] = 9
+        buf[:, 0, t, :5] = 100_000 * t + 1 + 100 * np.arange(5)
+    r = analyse(buf.ravel(), ctas)
+    assert r["tiles"] == ctas * 2 * 4 and r["blocks_per_tile"] == 9
+    assert all(v == 0.2 for v in r["share"].values())
+    assert r["block_cycles"] == 1000 / 8
+    loop = np.zeros((ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS), np.int64)
+    for k in range(5):
+        loop[:, :2, :4, k, :] = 1 + 3000 * k + 500 * np.arange(TRACE_LOOP_EVENTS)
+    steps = analyse_loop(loop.ravel(), ctas)
+    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+    assert steps[1]["period"] == 3000 and steps[1]["wait_k"] == 3000 - 4 * 500 + 0
+    assert steps[2]["softmax"] == 500 and steps[2]["wg1_lag"] == 0

@@ -1,6 +1,7 @@
 """Every kernel specialization compiles to sm_90a with no spills, no stack and no wgmma
 serialization (ptxas warning C7510); every intrinsic assembles.  Runs without a GPU."""
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ def test_forward_specialization_compiles_clean(dtype, head_dim, mask_kind):
     # step copy, last block).
     copies = 1 + (1 if mask_kind == MASK_NONE else 2)
     assert ptx.count("wgmma.mma_async") == copies * (head_dim // 16 + kern.block_n // 16)
+    _assert_wgmma_operands_untouched(ptx)
     _assert_clean(kc.ptxas_report(ptx), f"forward {dtype} d{head_dim} mask {mask_kind}")
 
 
@@ -57,6 +59,25 @@ def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     ptx = kern.compile_ptx()
     assert ("bar.arrive" in ptx) == pingpong  # the ping-pong hand-over is the only bar.arrive
     _assert_clean(kc.ptxas_report(ptx), f"forward schedule pingpong={pingpong} overlap={overlap}")
+
+
+def _assert_wgmma_operands_untouched(ptx):
+    """PTX forbids any access to the registers a wgmma reads from (its A fragment) until a
+    wait_group has retired it, and ptxas does not protect them: a kernel whose P registers were
+    rewritten while P V ran computed garbage.  Scanning the PTX in order: between a register-A
+    wgmma and the next `wgmma.wait_group.sync.aligned 0`, no other instruction names those
+    registers.  (Order, not control flow: the loops here are laid out in order.)"""
+    in_flight = set()
+    for n, line in enumerate(ptx.split("\n")):
+        t = line.strip()
+        m = re.match(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*\{([^}]*)\}", t)
+        if m:
+            in_flight |= {x.strip() for x in m.group(1).split(",")}
+        elif t.startswith("wgmma.wait_group.sync.aligned 0"):
+            in_flight = set()
+        elif in_flight and not t.startswith("wgmma"):
+            touched = set(re.findall(r"%r\d+", t)) & in_flight
+            assert not touched, f"PTX line {n + 1} touches registers of a running wgmma: {t}"
 
 
 def _compile(fn, sig, threads=128):
