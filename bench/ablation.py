@@ -37,24 +37,21 @@ def run(argv=None):
         return FlashForward(dtype, d, kind, Schedule(*SCHEDULES[schedule]), tiles, softcap=softcap)
 
     rows = []
-    for d in args.hdims:
-        for causal in [c == "true" for c in args.causal]:
-            for s in args.seqlens:
-                b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
-                out = torch.empty_like(q)
-                for sched in args.schedules:
-                    for bn in args.block_n or [0]:
-                        make = functools.partial(kernel, sched, bn)
-                        fn = lambda: _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, make)
-                        fn()
-                        err = (out.float() - ref.float()).abs().max().item()
-                        ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
-                        bn_used = make("bf16", d, 1 if causal else 0).block_n
-                        rows.append(dict(impl=f"numba_fa3[{sched}]", mode="fwd", dtype="bf16", hdim=d,
-                                         causal=causal, seqlen=s, batch=b, heads=h, block_n=bn_used, ms=ms,
-                                         tflops=flops / ms / 1e9, max_abs_err=err))
-                        print(f"d={d} causal={causal} s={s} {sched:12s} block_n={bn_used}: "
-                              f"{rows[-1]['tflops']:.0f} TFLOPS err={err:.3g}", flush=True)
+    for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
+        out = torch.empty_like(q)
+        for sched in args.schedules:
+            for bn in args.block_n or [0]:
+                make = functools.partial(kernel, sched, bn)
+                fn = lambda: _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, make)
+                fn()
+                err = (out.float() - ref.float()).abs().max().item()
+                ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
+                bn_used = make("bf16", d, 1 if causal else 0).block_n
+                rows.append(dict(impl=f"numba_fa3[{sched}]", mode="fwd", dtype="bf16", hdim=d,
+                                 causal=causal, seqlen=s, batch=b, heads=h, block_n=bn_used, ms=ms,
+                                 tflops=flops / ms / 1e9, max_abs_err=err))
+                print(f"d={d} causal={causal} s={s} {sched:12s} block_n={bn_used}: "
+                      f"{rows[-1]['tflops']:.0f} TFLOPS err={err:.3g}", flush=True)
     result = dict(meta=common.meta(), rows=rows)
     path = args.out or os.path.join(common.RESULTS, f"ablation-fwd-{result['meta']['date']}.json")
     common.write_json(path, result)

@@ -30,34 +30,31 @@ def run(argv=None):
         from fa3_jax import FA3
         fa3 = FA3(args.fa3)
     rows = []
-    for d in args.hdims:
-        for causal in [c == "true" for c in args.causal]:
-            for s in args.seqlens:
-                b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
-                out = torch.empty_like(q)
-                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-                flash_attn(q, k, v, causal=causal, out=out)
-                err = (out.float() - ref.float()).abs().max().item()
+    for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
+        out = torch.empty_like(q)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        flash_attn(q, k, v, causal=causal, out=out)
+        err = (out.float() - ref.float()).abs().max().item()
 
-                def sdpa(backend):
-                    def f():
-                        with sdpa_kernel(backend):
-                            torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    return f
-                impls = {"numba_fa3": lambda: flash_attn(q, k, v, causal=causal, out=out),
-                         "fa2-sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
-                         "cudnn-sdpa": sdpa(SDPBackend.CUDNN_ATTENTION)}
-                for name, fn in impls.items():
-                    ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
-                    rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
-                                     batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9,
-                                     max_abs_err=err if name == "numba_fa3" else None))
-                if fa3 is not None:
-                    ms = fa3.time_forward(q, k, v, causal=causal)
-                    rows.append(dict(impl="fa3", mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
-                                     batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9))
-                print("  ".join(f"{r['impl']}={r['tflops']:.0f}" for r in rows if r["hdim"] == d
-                                and r["causal"] == causal and r["seqlen"] == s), f"d={d} causal={causal} s={s} err={err:.3g}", flush=True)
+        def sdpa(backend):
+            def f():
+                with sdpa_kernel(backend):
+                    torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return f
+        impls = {"numba_fa3": lambda: flash_attn(q, k, v, causal=causal, out=out),
+                 "fa2-sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
+                 "cudnn-sdpa": sdpa(SDPBackend.CUDNN_ATTENTION)}
+        for name, fn in impls.items():
+            ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
+            rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
+                             batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9,
+                             max_abs_err=err if name == "numba_fa3" else None))
+        if fa3 is not None:
+            ms = fa3.time_forward(q, k, v, causal=causal)
+            rows.append(dict(impl="fa3", mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
+                             batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9))
+        print("  ".join(f"{r['impl']}={r['tflops']:.0f}" for r in rows if r["hdim"] == d
+                        and r["causal"] == causal and r["seqlen"] == s), f"d={d} causal={causal} s={s} err={err:.3g}", flush=True)
     result = dict(meta=common.meta(), rows=rows)
     path = args.out or os.path.join(common.RESULTS, f"attention-fwd-{result['meta']['date']}.json")
     common.write_json(path, result)

@@ -54,3 +54,12 @@ def attention_problem(seqlen, hdim, causal, device="cuda"):
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal).transpose(1, 2)
     return b, h, q, k, v, flops, ref
+
+
+def grid(args):
+    """(hdim, causal, seqlen, attention_problem(...)) over a command's --hdims, --causal (strings
+    "true"/"false") and --seqlens, in that nesting order."""
+    for d in args.hdims:
+        for causal in [c == "true" for c in args.causal]:
+            for s in args.seqlens:
+                yield d, causal, s, attention_problem(s, d, causal)

@@ -107,28 +107,25 @@ def run(argv=None):
         return Traced(dtype, d, kind, softcap=softcap, trace=True)
 
     rows = []
-    for d in args.hdims:
-        for causal in [c == "true" for c in args.causal]:
-            for s in args.seqlens:
-                b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
-                out = torch.empty_like(q)
-                for _ in range(3):  # warm: the last run's trace is read
-                    buf.zero_()
-                    loop.zero_()
-                    _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kernel)
-                torch.cuda.synchronize()
-                err = (out.float() - ref.float()).abs().max().item()
-                assert err < 2e-2, f"trace build wrong: max error {err}"
-                r = analyse(buf.cpu().numpy(), ctas)
-                r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas))
-                rows.append(r)
-                sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
-                print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "
-                      f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
-                      f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
-                      f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
-                shown = [x for x in r["steps"] if x["step"] < 4 or x["step"] % 8 == 0]
-                print(common.table(shown, list(shown[0]) if shown else []))
+    for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
+        out = torch.empty_like(q)
+        for _ in range(3):  # warm: the last run's trace is read
+            buf.zero_()
+            loop.zero_()
+            _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kernel)
+        torch.cuda.synchronize()
+        err = (out.float() - ref.float()).abs().max().item()
+        assert err < 2e-2, f"trace build wrong: max error {err}"
+        r = analyse(buf.cpu().numpy(), ctas)
+        r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas))
+        rows.append(r)
+        sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
+        print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "
+              f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
+              f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
+              f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
+        shown = [x for x in r["steps"] if x["step"] < 4 or x["step"] % 8 == 0]
+        print(common.table(shown, list(shown[0]) if shown else []))
     if args.out:
         common.write_json(args.out, dict(meta=common.meta(), rows=rows))
 
