@@ -1,18 +1,22 @@
 """The FlashAttention-3 forward kernel: warp-specialized, TMA-fed, wgmma on both GEMMs.
 
-One producer warp loads the Q tile once per work tile and K/V tiles into a ring of shared-memory
-stages (separate K and V barriers, so S = Q K^T starts before V lands).  Two consumer warpgroups
-own 64 query rows each: S = Q K^T (wgmma, both operands from shared memory), the online softmax in
-fp32 registers, P converted to bf16/fp16 in registers and O += P V (wgmma with A from registers).
-Key blocks are walked from the last to the first, so masked boundary blocks come first and the
-mask is applied only where `mask.needs_mask` says.  Q is released as soon as the tile's last S
-GEMM is done; the epilogue scales O by 1/l and writes it by TMA store from its own shared buffer
-(or, where none fits, and for varlen, by row-checked stores from registers), then the LSE.
+One producer warp loads the Q tile once per work tile (into one of two buffers where shared
+memory allows, so the next tile's Q lands during this one) and K/V tiles into a ring of shared-
+memory stages (separate K and V barriers, so S = Q K^T starts before V lands).  Two or three
+consumer warpgroups own 64 query rows each: S = Q K^T (wgmma, both operands from shared memory),
+the online softmax in fp32 registers, P converted to bf16/fp16 in registers and O += P V (wgmma
+with A from registers).  Key blocks are walked from the last to the first, so masked boundary
+blocks come first; the mask is applied only where `mask.needs_mask` says, by a separate copy of
+the loop step.  Q's buffer is released as soon as the tile's last S GEMM is done; the epilogue
+scales O by 1/l and writes it by TMA store from its own shared buffer (or, where none fits, and
+for varlen, by row-checked 16-byte stores from registers), then the LSE.
 
-Scheduling (FA3 section 3): the two consumer warpgroups ping-pong on named barriers, and within a
-warpgroup the S GEMM of the next key block is in flight during the softmax of the current one;
-`Schedule` switches each off for the ablation.  Work tiles (m_block, head, batch) come from a
-dynamic persistent scheduler (`scheduler.claim_next`); causal runs each pair's longest tiles first.
+Scheduling (FA3 section 3): the consumer warpgroups ping-pong (round robin) on named barriers,
+and within a warpgroup the S GEMM of the next key block is in flight during the softmax of the
+current one, which itself runs under the P V GEMM of the block before; `Schedule` switches each
+off for the ablation.  Work tiles (m_block, head, batch) come from a dynamic persistent scheduler
+(`scheduler.claim_next`); causal runs each pair's longest tiles first.  `trace=True` builds the
+kernel with %clock64 timestamps for `python -m bench trace`.
 """
 import enum
 import functools
