@@ -389,6 +389,12 @@ class FlashForward(launch.HopperKernel):
                 mbarrier.arrive(q_empty)
 
         @cuda.jit(device=True, forceinline=True)
+        def mask_block(s, nb, col0, lo0, hi0, lo1, hi1):
+            """S of key block nb with the columns outside each row's [lo, hi) key range at -inf."""
+            base = nb * BN
+            return mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
+
+        @cuda.jit(device=True, forceinline=True)
         def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale):
             """Soft-cap, then the mask where this block needs one.  Without a mask only a tile's
             first block (its last in key order) can be ragged; the overlapped loop's steps (which
@@ -398,9 +404,9 @@ class FlashForward(launch.HopperKernel):
             base = nb * BN
             if MASKED:
                 if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
-                    return mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
-            elif base + BN > sk:
-                return mask_cols(s, col0, -base, sk - base, -base, sk - base)
+                    return mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
+            elif base + BN > sk:  # (lo, hi) are (0, sk) here
+                return mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
             return s
 
         def make_step(masked):
@@ -432,8 +438,7 @@ class FlashForward(launch.HopperKernel):
                 if SOFTCAP:
                     s = tanh_rows(s, softcap_scale)
                 if masked:
-                    base = nb * BN
-                    s = mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
+                    s = mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
                 p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
