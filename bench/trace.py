@@ -47,7 +47,16 @@ def analyse(buf, ctas):
     free = prod[:, None, 1:, ProducerEvent.Q_FREE]
     ok = done[:, :, 1:] & (nxt > 0)
     q_land = (nxt - free)[ok]
-    return dict(tiles=tiles, blocks_per_tile=float(blocks[done].mean()), cycles=out,
+    # Each CTA's span, first Q wait to last epilogue (one SM's clock, so only spans compare across
+    # CTAs; all start together, one persistent wave): the tail is the mean CTA's idle share of the
+    # longest span, i.e. what load imbalance costs.
+    if TRACE_TILES > int(done.sum(axis=2).max()) + 1:
+        first = np.where(cons[..., TraceEvent.WAIT_Q] > 0, cons[..., TraceEvent.WAIT_Q], np.iinfo(np.int64).max)
+        span = cons[..., TraceEvent.DONE].max(axis=(1, 2)) - first.min(axis=(1, 2))
+        tail = float(1 - span.mean() / span.max())
+    else:
+        tail = float("nan")  # tiles past TRACE_TILES were not recorded
+    return dict(tiles=tiles, blocks_per_tile=float(blocks[done].mean()), cycles=out, tail=tail,
                 share={k: v / total for k, v in out.items()}, block_cycles=block,
                 boundary_blocks=overhead / block, producer_wait_q=float(p_wait[pdone].mean()),
                 producer_q_to_first_k=float(p_first[pdone].mean()), q_free_to_tile=float(np.median(q_land)))
@@ -122,7 +131,7 @@ def run(argv=None):
         sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
         print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "
               f"{r['blocks_per_tile']:.1f} blocks, block {r['block_cycles']:.0f} cyc, boundary "
-              f"{r['boundary_blocks']:.2f} blocks | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
+              f"{r['boundary_blocks']:.2f} blocks, tail {r['tail']:.1%} | {sh} | producer: waits Q {r['producer_wait_q']:.0f}, "
               f"Q->first K {r['producer_q_to_first_k']:.0f}; Q free -> tile {r['q_free_to_tile']:.0f}")
         shown = [x for x in r["steps"] if x["step"] < 4 or x["step"] % 8 == 0]
         print(common.table(shown, list(shown[0]) if shown else []))

@@ -6,8 +6,8 @@ memory stages (separate K and V barriers, so S = Q K^T starts before V lands).  
 consumer warpgroups own 64 query rows each: S = Q K^T (wgmma, both operands from shared memory),
 the online softmax in fp32 registers, P converted to bf16/fp16 in registers and O += P V (wgmma
 with A from registers).  Key blocks are walked from the last to the first, so masked boundary
-blocks come first; the mask is applied only where `mask.needs_mask` says, by a separate copy of
-the loop step.  Q's buffer is released as soon as the tile's last S GEMM is done; the epilogue
+blocks come first; the blocks that need the mask (`mask.needs_mask`) run a copy of the loop
+step with the mask, those between (`mask.unmasked_range`) a loop of the plain copy.  Q's buffer is released as soon as the tile's last S GEMM is done; the epilogue
 scales O by 1/l and writes it by TMA store from its own shared buffer (or, where none fits, and
 for varlen, by row-checked 16-byte stores from registers), then the LSE.
 
@@ -15,7 +15,8 @@ Scheduling (FA3 section 3): the consumer warpgroups ping-pong (round robin) on n
 and within a warpgroup the S GEMM of the next key block is in flight during the softmax of the
 current one, which itself runs under the P V GEMM of the block before; `Schedule` switches each
 off for the ablation.  Work tiles (m_block, head, batch) come from a dynamic persistent scheduler
-(`scheduler.claim_next`); causal runs each pair's longest tiles first.  `trace=True` builds the
+(`scheduler.claim_next`); causal runs go through L2-sized sections of (batch, head) pairs,
+longest tiles first across each section (`_tile_coords`).  `trace=True` builds the
 kernel with %clock64 timestamps for `python -m bench trace`.
 """
 import enum
@@ -104,7 +105,7 @@ class LoopEvent(enum.IntEnum):
 
 
 TRACE_TILES, TRACE_EVENTS, TRACE_ROLES = 64, 8, 1 + MAX_CONSUMERS
-TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS = 16, 5
+TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS = 64, 5
 
 
 def _tracer(enabled):
@@ -219,7 +220,7 @@ class FlashForward(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def load(maps, counter, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
-                 k_smem, v_smem, q_smem, heads, head_ratio, batch, m_blocks, left, right, lane):
+                 k_smem, v_smem, q_smem, heads, head_ratio, batch, m_blocks, section, left, right, lane):
             # The whole warp runs this loop (so ptxas keeps its warp-uniform state in uniform
             # registers); one elected lane issues each TMA.
             if special.elect_one():
@@ -239,7 +240,7 @@ class FlashForward(launch.HopperKernel):
                         memory.st_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES, tile)
                         mbarrier.arrive(pipeline.full_barrier(q_bars, qi))
                     break
-                mb, h, b = tile_coords(tile, m_blocks, heads, batch)
+                mb, h, b = tile_coords(tile, m_blocks, heads, batch, section)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
                 if VARLEN and mb * BM >= sq:
                     # Past this sequence's end (m_blocks counts the longest): nothing to do.
@@ -457,7 +458,7 @@ class FlashForward(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def mma(maps, lse_ptr, o_ptr, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
-                k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, left, right, scale_log2, softmax_scale,
+                k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, section, left, right, scale_log2, softmax_scale,
                 softcap_scale, o_strides, lse_strides, wg, tid):
             lane = tid % warpgroup.WARP_THREADS
             if TMA_STORE and tid == 0:
@@ -481,7 +482,7 @@ class FlashForward(launch.HopperKernel):
                     break
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.TILE, special.clock64())
-                mb, h, b = tile_coords(tile, m_blocks, heads, batch)
+                mb, h, b = tile_coords(tile, m_blocks, heads, batch, section)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
                 q_wg = q_smem + qi * Q_BYTES + wg * WG_ROWS_BYTES
                 q_empty = pipeline.empty_barrier(q_bars, Q_STAGES, qi)
@@ -513,26 +514,42 @@ class FlashForward(launch.HopperKernel):
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
-                        while nb >= n_min:
-                            # Blocks that need the mask run a copy of the step with the mask in
-                            # it unconditionally.  A branch inside the step would end a basic block
-                            # just before the softmax, and ptxas then put the P V wait at the top
-                            # of the softmax's block: no softmax under P V at all (causal 2k/4k
-                            # +4%, hdim 192 causal +11%).  Unmasked kernels have one copy, with no
-                            # mask (only a tile's first block, outside this loop, can be ragged).
-                            if MASKED and mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
-                                (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                 v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
-                                                        nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
-                                                        lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg,
-                                                        tracer, cu_k, n, n_max)
-                            else:
+                        if MASKED:
+                            # The blocks that need the mask (the diagonal's, the window's edges)
+                            # run a copy of the step with the mask in it unconditionally, and the
+                            # blocks between run a loop of the plain copy on its own.  A branch
+                            # inside the step ended a basic block just before the softmax, and
+                            # ptxas put the P V wait at the top of the softmax's block (no softmax
+                            # under P V at all); choosing the copy per step instead left the plain
+                            # steps ~9% slower than the unmasked kernel's (bench trace, hdim 128 8k).
+                            u_min, u_max = mask.unmasked_range(mb, BM, BN, sq, sk, left, right)
+                            while nb >= n_min:
+                                if nb >= u_max or nb < u_min:
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                                            v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty,
+                                                            n_min, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2,
+                                                            lane, wg, tracer, cu_k, n, n_max)
+                                    nb = np.int32(nb - 1)
+                                else:
+                                    stop = max(n_min, u_min)
+                                    while nb >= stop:
+                                        (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                         v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                                               v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem,
+                                                               q_empty, n_min, col0, lo0, hi0, lo1, hi1, softcap_scale,
+                                                               scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                        nb = np.int32(nb - 1)
+                        else:
+                            # Unmasked kernels have one copy, with no mask (only a tile's first
+                            # block, outside this loop, can be ragged).
+                            while nb >= n_min:
                                 (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                  v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
                                                        nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
                                                        lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg,
                                                        tracer, cu_k, n, n_max)
-                            nb = np.int32(nb - 1)
+                                nb = np.int32(nb - 1)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
                         o = scale_rows(o, a0, a1)
@@ -631,7 +648,7 @@ class FlashForward(launch.HopperKernel):
         WG_THREADS = warpgroup.WARPGROUP_THREADS
 
         def flash_fwd_kernel(maps, lse_ptr, counter, o_ptr, cu_q, cu_k, batch, heads, head_ratio, sq_max, sk_max, total_q, total_k,
-                             m_blocks, left, right, scale_log2, softmax_scale, softcap_scale,
+                             m_blocks, section, left, right, scale_log2, softmax_scale, softcap_scale,
                              o_row_stride, o_head_stride, o_batch_stride, lse_batch_stride, lse_head_stride):
             dyn = cuda.shared.array(0, dtype=np.uint8)
             base = smem.aligned_base(special.shared_address(dyn))
@@ -651,17 +668,17 @@ class FlashForward(launch.HopperKernel):
                 regs.setmaxnreg_dec(REG_PRODUCER)
                 if tid < warpgroup.WARP_THREADS:
                     load(maps, counter, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
-                         base + OFF_K, base + OFF_V, base + OFF_Q, heads, head_ratio, batch, m_blocks, left, right,
+                         base + OFF_K, base + OFF_V, base + OFF_Q, heads, head_ratio, batch, m_blocks, section, left, right,
                          tid)
             else:
                 regs.setmaxnreg_inc(REG_CONSUMER)
                 mma(maps, lse_ptr, o_ptr, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
-                    base + OFF_K, base + OFF_V, base + OFF_Q, base + OFF_O, heads, batch, m_blocks, left, right,
+                    base + OFF_K, base + OFF_V, base + OFF_Q, base + OFF_O, heads, batch, m_blocks, section, left, right,
                     scale_log2, softmax_scale, softcap_scale, (o_row_stride, o_head_stride, o_batch_stride),
                     (lse_batch_stride, lse_head_stride), wg - 1, tid)
         return flash_fwd_kernel
 
-    SIGNATURE = types.void(*([types.uint64] * 6 + [types.int32] * 10 + [types.float32] * 3 + [types.int64] * 5))
+    SIGNATURE = types.void(*([types.uint64] * 6 + [types.int32] * 11 + [types.float32] * 3 + [types.int64] * 5))
 
     def tensor_maps(self, q, k, v, o):
         """4-D maps (D, heads, seqlen, batch) of Q, K, V, O; strides in bytes."""
@@ -677,6 +694,8 @@ class FlashForward(launch.HopperKernel):
         varlen, [H, T]; sq_max/sk_max: the (longest) sequence lengths."""
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
+        causal = self.mask_kind == mask.MASK_CAUSAL
+        section = l2_section(sk_max, self.head_dim, heads // heads_k) if causal else 1
         grid = scheduler.persistent_grid(tiles, launch.sm_count())
         left, right = window
         if softcap:
@@ -692,7 +711,7 @@ class FlashForward(launch.HopperKernel):
         stream = launch.stream_handle(stream)
         counter = scheduler.tile_counters.get(stream)
         self.kernel()(grid, stream, table, lse_ptr, counter, o.ptr, cu_seqlens[0], cu_seqlens[1], batch, heads,
-                      heads // heads_k, sq_max, sk_max, *total, m_blocks, left, right,
+                      heads // heads_k, sq_max, sk_max, *total, m_blocks, section, left, right,
                       np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),
                       *o_strides, *lse_strides)
 
@@ -715,18 +734,43 @@ def _seq_info(varlen):
 
 def _tile_coords(longest_first):
     @cuda.jit(device=True, forceinline=True)
-    def tile_coords(tile, m_blocks, heads, batch):
-        """(m_block, head, batch) of a linear tile.  m_blocks vary fastest: the CTAs running at
-        one time then work on few (batch, head) pairs and share their K and V in L2 (about
-        132 x block_m x D x 4 bytes live, ~8 MB at D = 128, whatever the sequence length).
-        With heads fastest instead, a 2k-token run streamed K and V from HBM for every tile.
-        Causal runs each pair's m_blocks from the last (longest) to the first."""
-        bh, mb = udivmod32(tile, m_blocks)
-        b, h = udivmod32(bh, heads)
+    def tile_coords(tile, m_blocks, heads, batch, section):
+        """(m_block, head, batch) of a linear tile.
+
+        Non-causal: m_blocks vary fastest, so the CTAs running at one time work on few (batch,
+        head) pairs and share their K and V in L2 (with heads fastest instead, a 2k-token run
+        streamed K and V from HBM for every tile).
+
+        Causal: the (batch, head) pairs go in sections of `section` pairs whose K and V fit in L2
+        together (`l2_section`); within a section the m_blocks go from the last (longest) to the
+        first, each across all the section's pairs.  The run then ends on a section's shortest
+        tiles.  Ordered pair by pair instead, the last pair's longest tile was claimed when the
+        other CTAs had a few blocks left, and they idled while it ran."""
         if longest_first:
+            pairs = heads * batch
+            first, r = udivmod32(tile, section * m_blocks)
+            first = first * section
+            mb, bh = udivmod32(r, min(section, pairs - first))
+            bh = bh + first
             mb = np.int32(m_blocks - 1 - mb)
+        else:
+            bh, mb = udivmod32(tile, m_blocks)
+        b, h = udivmod32(bh, heads)
         return mb, h, b
     return tile_coords
+
+
+#: The K and V bytes one causal section of (batch, head) pairs may hold: FA3's choice, about two
+#: thirds of the H100's 50 MB L2, leaving room for the Q and O streams.
+L2_SECTION_BYTES = 32 << 20
+
+
+def l2_section(seqlen_k, head_dim, head_ratio):
+    """(batch, head) pairs per causal section: a power of two of K/V heads whose K and V take at
+    most L2_SECTION_BYTES (at least one), times the query heads that share each (GQA)."""
+    kv_head = max(1, seqlen_k * 2 * head_dim * ELEMENT_BYTES)
+    kv_heads = max(1, L2_SECTION_BYTES // kv_head)
+    return (1 << (kv_heads.bit_length() - 1)) * head_ratio
 
 
 @functools.lru_cache(maxsize=None)

@@ -62,3 +62,20 @@ def needs_mask(n_block, m_block, block_m, block_n, seqlen_q, seqlen_k, left, rig
     if left >= 0 and k0 < r1 + offset - left:
         return True
     return False
+
+
+@cuda.jit(device=True, forceinline=True)
+def unmasked_range(m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
+    """[u_min, u_max): the key blocks for which `needs_mask` is False are exactly those in this
+    range (possibly empty, u_min >= u_max), so a kernel can run them in a loop without the mask.
+    Above u_max: the ragged end and the diagonal (or right window edge); below u_min: the left
+    window edge."""
+    u_max = seqlen_k // block_n
+    offset = seqlen_k - seqlen_q
+    r0 = m_block * block_m
+    if right >= 0:
+        u_max = min(u_max, max(r0 + offset + right + 1, 0) // block_n)
+    u_min = 0
+    if left >= 0:
+        u_min = (max(r0 + block_m - 1 + offset - left, 0) + block_n - 1) // block_n
+    return np.int32(u_min), np.int32(u_max)

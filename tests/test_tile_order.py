@@ -1,0 +1,107 @@
+"""Run on the GPU: the forward kernel's tile order (forward._tile_coords) maps every linear tile
+id to a distinct (m_block, head, batch), and causal runs take each L2 section's pairs longest tile
+first, a whole m_block row of the section before the next; mask.unmasked_range bounds exactly the
+key blocks that need no mask."""
+import numpy as np
+import pytest
+
+SHAPES = [  # (m_blocks, heads, batch, section)
+    (16, 16, 8, 32), (32, 16, 4, 16), (128, 16, 1, 4), (7, 5, 3, 4), (3, 1, 1, 1), (5, 12, 2, 8), (1, 3, 2, 2),
+]
+
+
+def _coords(longest_first, m_blocks, heads, batch, section):
+    from numba import cuda
+    from numba_fa3.forward import _tile_coords
+    tile_coords = _tile_coords(longest_first)
+
+    @cuda.jit
+    def kernel(out, m_blocks, heads, batch, section):
+        t = cuda.grid(1)
+        if t < out.shape[0]:
+            mb, h, b = tile_coords(np.int32(t), np.int32(m_blocks), np.int32(heads), np.int32(batch),
+                                   np.int32(section))
+            out[t, 0], out[t, 1], out[t, 2] = mb, h, b
+
+    tiles = m_blocks * heads * batch
+    d_out = cuda.to_device(np.full((tiles, 3), -7, dtype=np.int32))  # poisoned
+    kernel[-(-tiles // 128), 128](d_out, m_blocks, heads, batch, section)
+    return d_out.copy_to_host()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("longest_first", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_tile_once(longest_first, shape):
+    m_blocks, heads, batch, section = shape
+    got = _coords(longest_first, *shape)
+    assert got.min() >= 0
+    assert got[:, 0].max() < m_blocks and got[:, 1].max() < heads and got[:, 2].max() < batch
+    assert len({tuple(r) for r in got}) == len(got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_causal_sections_longest_first(shape):
+    m_blocks, heads, batch, section = shape
+    got = _coords(True, *shape)
+    pair = got[:, 2] * heads + got[:, 1]
+    for start in range(0, heads * batch, section):
+        width = min(section, heads * batch - start)
+        rows = got[start * m_blocks:(start + width) * m_blocks]
+        # one section's tiles: only its pairs, m_blocks falling row by row, each row every pair
+        assert set(pair[start * m_blocks:(start + width) * m_blocks]) == set(range(start, start + width))
+        want_mb = np.repeat(np.arange(m_blocks - 1, -1, -1), width)
+        np.testing.assert_array_equal(rows[:, 0], want_mb)
+
+
+def test_l2_section_sizes():
+    from numba_fa3.forward import L2_SECTION_BYTES, l2_section
+    # 2k keys at hdim 128: 1 MB of K and V per head, 32 heads per 32 MB section
+    assert l2_section(2048, 128, 1) == 32
+    assert l2_section(16384, 128, 1) == 4
+    assert l2_section(16384, 128, 4) == 16           # GQA: the query heads of each K/V head come along
+    assert l2_section(1 << 20, 256, 1) == 1          # one head larger than the budget: sections of one
+    for sk in (1, 17, 999, 4096, 100000):
+        s = l2_section(sk, 96, 1)
+        assert s & (s - 1) == 0 and (s == 1 or s * sk * 2 * 96 * 2 <= L2_SECTION_BYTES)
+
+
+@pytest.mark.gpu
+def test_unmasked_range_is_where_no_mask_is_needed():
+    """mask.unmasked_range bounds exactly the key blocks for which mask.needs_mask is False, over
+    random shapes, tiles, Sq != Sk and windows (the kernel runs those blocks without the mask)."""
+    from numba import cuda
+    from numba_fa3 import mask
+
+    @cuda.jit
+    def kernel(params, flags, ranges):
+        i = cuda.grid(1)
+        if i < params.shape[0]:
+            mb, bm, bn, sq = params[i, 0], params[i, 1], params[i, 2], params[i, 3]
+            sk, left, right = params[i, 4], params[i, 5], params[i, 6]
+            u_min, u_max = mask.unmasked_range(mb, bm, bn, sq, sk, left, right)
+            ranges[i, 0], ranges[i, 1] = u_min, u_max
+            for nb in range(flags.shape[1]):
+                flags[i, nb] = 1 if mask.needs_mask(nb, mb, bm, bn, sq, sk, left, right) else 0
+
+    rng = np.random.default_rng(3)
+    n, max_blocks = 4000, 64
+    bm = rng.choice([64, 128, 192], n)
+    bn = rng.choice([64, 80, 112, 128, 176], n)
+    sq = rng.integers(1, 2500, n)
+    sk = np.minimum(rng.integers(1, 2500, n), bn * max_blocks)
+    mb = (rng.random(n) * -(-sq // bm)).astype(np.int64)
+    left = np.where(rng.random(n) < 0.5, -1, rng.integers(0, 700, n))
+    right = np.where(rng.random(n) < 0.3, -1, rng.integers(0, 300, n))
+    right[rng.random(n) < 0.3] = 0  # causal-like
+    params = np.stack([mb, bm, bn, sq, sk, left, right], axis=1).astype(np.int32)
+    d_flags = cuda.to_device(np.full((n, max_blocks), 7, dtype=np.int8))
+    d_ranges = cuda.to_device(np.full((n, 2), -7, dtype=np.int32))
+    kernel[-(-n // 128), 128](cuda.to_device(params), d_flags, d_ranges)
+    flags, ranges = d_flags.copy_to_host(), d_ranges.copy_to_host()
+    for i in range(n):
+        blocks = -(-int(sk[i]) // int(bn[i]))
+        nb = np.arange(blocks)
+        plain = (ranges[i, 0] <= nb) & (nb < ranges[i, 1])
+        np.testing.assert_array_equal(flags[i, :blocks] == 0, plain, err_msg=str(params[i]))
