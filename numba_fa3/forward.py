@@ -39,6 +39,13 @@ from .tiles import tiles_for
 WGMMA_M, WGMMA_K = 64, 16
 CHUNK_COLS = smem.SWIZZLE_BYTES // 2
 ELEMENT_BYTES = 2
+#: The K and V bytes one causal section of (batch, head) pairs may hold: FA3's choice, about two
+#: thirds of the H100's 50 MB L2, leaving room for the Q and O streams.
+L2_SECTION_BYTES = 32 << 20
+#: Causal runs with fewer query blocks than this keep the pair-by-pair order: there, the CTAs that
+#: run one pair's few tiles side by side share its K and V as they load (H100, 512 tokens: 308 vs
+#: 268 TFLOPS at hdim 128, 226 vs 208 at hdim 64; 2k: sections 531 vs 508).
+SECTION_MIN_M_BLOCKS = 16
 
 
 class NamedBarrier(enum.IntEnum):
@@ -139,6 +146,8 @@ class Maps(enum.IntEnum):
 
 class FlashForward(launch.HopperKernel):
     """One forward specialization: dtype, head dim, mask kind, soft-cap or not, varlen or not."""
+
+    L2_SECTION_BYTES = L2_SECTION_BYTES  # class attribute, so a tuning experiment can override it
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False):
@@ -695,7 +704,10 @@ class FlashForward(launch.HopperKernel):
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
         causal = self.mask_kind == mask.MASK_CAUSAL
-        section = l2_section(sk_max, self.head_dim, heads // heads_k) if causal else 1
+        if causal and m_blocks >= SECTION_MIN_M_BLOCKS:
+            section = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES)
+        else:
+            section = 1  # pair by pair: each pair's m_blocks in a row
         grid = scheduler.persistent_grid(tiles, launch.sm_count())
         left, right = window
         if softcap:
@@ -745,7 +757,9 @@ def _tile_coords(longest_first):
         together (`l2_section`); within a section the m_blocks go from the last (longest) to the
         first, each across all the section's pairs.  The run then ends on a section's shortest
         tiles.  Ordered pair by pair instead, the last pair's longest tile was claimed when the
-        other CTAs had a few blocks left, and they idled while it ran."""
+        other CTAs had a few blocks left, and they idled while it ran.  `section` 1 is that
+        pair-by-pair order, longest first within each pair (short sequences, see
+        SECTION_MIN_M_BLOCKS)."""
         if longest_first:
             pairs = heads * batch
             first, r = udivmod32(tile, section * m_blocks)
@@ -760,16 +774,11 @@ def _tile_coords(longest_first):
     return tile_coords
 
 
-#: The K and V bytes one causal section of (batch, head) pairs may hold: FA3's choice, about two
-#: thirds of the H100's 50 MB L2, leaving room for the Q and O streams.
-L2_SECTION_BYTES = 32 << 20
-
-
-def l2_section(seqlen_k, head_dim, head_ratio):
+def l2_section(seqlen_k, head_dim, head_ratio, budget=L2_SECTION_BYTES):
     """(batch, head) pairs per causal section: a power of two of K/V heads whose K and V take at
     most L2_SECTION_BYTES (at least one), times the query heads that share each (GQA)."""
     kv_head = max(1, seqlen_k * 2 * head_dim * ELEMENT_BYTES)
-    kv_heads = max(1, L2_SECTION_BYTES // kv_head)
+    kv_heads = max(1, budget // kv_head)
     return (1 << (kv_heads.bit_length() - 1)) * head_ratio
 
 
