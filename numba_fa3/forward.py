@@ -147,7 +147,8 @@ class Maps(enum.IntEnum):
 class FlashForward(launch.HopperKernel):
     """One forward specialization: dtype, head dim, mask kind, soft-cap or not, varlen or not."""
 
-    L2_SECTION_BYTES = L2_SECTION_BYTES  # class attribute, so a tuning experiment can override it
+    L2_SECTION_BYTES = L2_SECTION_BYTES  # class attributes, so a tuning experiment can override them
+    PREFETCH_Q = True
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False):
@@ -206,7 +207,7 @@ class FlashForward(launch.HopperKernel):
         BM, BN, STAGES, CHUNKS = self.block_m, self.block_n, self.stages, self.chunks
         Q_CHUNK, KV_CHUNK = self.q_chunk, self.kv_chunk
         Q_BYTES, KV_BYTES = CHUNKS * Q_CHUNK, CHUNKS * KV_CHUNK
-        Q_STAGES = self.q_stages
+        Q_STAGES, PREFETCH_Q = self.q_stages, self.PREFETCH_Q
         KV_STAGE = CHUNKS * KV_CHUNK
         MAP = TENSOR_MAP_BYTES
         CAUSAL = self.mask_kind == mask.MASK_CAUSAL
@@ -301,6 +302,17 @@ class FlashForward(launch.HopperKernel):
                     upcoming = scheduler.claim_next(counter, tiles, lane)
                     if TRACE and lane == 0:
                         mark(cu_q, 0, n, ProducerEvent.CLAIMED, special.clock64())
+                    if Q_STAGES == 1 and PREFETCH_Q and upcoming < tiles:
+                        # One Q buffer: the next Q can only load once this tile's last S GEMM is
+                        # done, and from HBM (each Q is read once) the consumers waited for it
+                        # (bench trace, hdim 256: ~3.7k cycles from Q free to the tile's start).
+                        # Prefetched into L2 now, that load finds it there.
+                        nmb, nh, nbb = tile_coords(upcoming, m_blocks, heads, batch, section)
+                        nq_off, nsq, _, _ = seq_info(cu_q, cu_k, nbb, sq_max, sk_max, total_q, total_k)
+                        if nmb * BM < nsq and special.elect_one():
+                            for c in static_range(CHUNKS):
+                                tma.prefetch_l2(maps + Maps.Q * MAP,
+                                                (c * CHUNK_COLS, nh, nq_off + nmb * BM, 0 if VARLEN else nbb))
                     load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, k_off + (nb + 1) * BN, bc)
                     if TRACE and lane == 0:
                         mark(cu_q, 0, n, ProducerEvent.LAST_V, special.clock64())

@@ -65,6 +65,23 @@ def load_hint(typingctx, dst, tmap, coords, bar, policy):
 
 
 @intrinsic
+def prefetch_l2(typingctx, tmap, coords):
+    """`cp.async.bulk.prefetch.tensor.Nd.L2.global.tile` (9.7.9.26, "cp.async.bulk.prefetch.tensor"):
+    start bringing the box at `coords` into L2, with no shared memory and no completion to wait
+    for, so a later `load` of the box finds it there."""
+    nd = _coords(coords)
+
+    def codegen(context, builder, sig, args):
+        c = ", ".join(f"${i + 1}" for i in range(nd))
+        text = f"cp.async.bulk.prefetch.tensor.{nd}d.L2.global.tile [$0, {{{c}}}];"
+        ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
+        ins += _coord_values(context, builder, args[1], sig.args[1])
+        emit(builder, text, [], ins)
+        return context.get_dummy_value()
+    return types.void(tmap, coords), codegen
+
+
+@intrinsic
 def store(typingctx, tmap, coords, src):
     """`cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group`: copy the shared box at `src` to the
     tensor at `coords`.  Elements outside the tensor are not written, so ragged edges are safe."""
