@@ -117,6 +117,7 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
             tma.prefetch_descriptor(tmap)
             tma.load(s + 1024, tmap, (0, 0), s)
             tma.load_hint(s + 1024, tmap, (0, 0, 0), s, special.policy_evict_last())
+            tma.prefetch_l2(tmap, (0, 1, 2, 3))
             tma.store(tmap, (1, 2, 3, 4, 5), s + 2048)
             tma.commit_group()
             tma.wait_group_read(0)
