@@ -3,4 +3,4 @@
 Each function is a Numba `@intrinsic` that lowers to one inline-asm statement; docstrings name
 the PTX ISA section.  Import the modules, e.g. ``from ptx_inline import wgmma, tma, mbarrier``.
 """
-from . import atomic, barrier, convert, mbarrier, memory, regs, special, tma, wgmma  # noqa: F401
+from . import atomic, barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma  # noqa: F401

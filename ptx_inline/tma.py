@@ -65,6 +65,27 @@ def load_hint(typingctx, dst, tmap, coords, bar, policy):
 
 
 @intrinsic
+def load_multicast(typingctx, dst, tmap, coords, bar, cta_mask):
+    """`load` with `.multicast::cluster`: the box lands at the same shared offset `dst`, and
+    completes on the mbarrier at the same offset `bar`, in every CTA of the cluster whose rank bit
+    is set in the 16-bit `cta_mask`.  Each receiving CTA's barrier must expect the bytes."""
+    nd = _coords(coords)
+
+    def codegen(context, builder, sig, args):
+        c = ", ".join(f"${i + 2}" for i in range(nd))
+        text = (f"cp.async.bulk.tensor.{nd}d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                f".multicast::cluster [$0], [$1, {{{c}}}], [${nd + 2}], ${nd + 3};")
+        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
+               (as_int(context, builder, args[1], sig.args[1], 64), "l")]
+        ins += _coord_values(context, builder, args[2], sig.args[2])
+        ins.append((as_int(context, builder, args[3], sig.args[3], 32), "r"))
+        ins.append((as_int(context, builder, args[4], sig.args[4], 16), "h"))
+        emit(builder, text, [], ins)
+        return context.get_dummy_value()
+    return types.void(dst, tmap, coords, bar, cta_mask), codegen
+
+
+@intrinsic
 def prefetch_l2(typingctx, tmap, coords):
     """`cp.async.bulk.prefetch.tensor.Nd.L2.global.tile` (9.7.9.26, "cp.async.bulk.prefetch.tensor"):
     start bringing the box at `coords` into L2, with no shared memory and no completion to wait

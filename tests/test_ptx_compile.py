@@ -13,7 +13,7 @@ from numba_fa3.tiles import SUPPORTED_HEAD_DIMS
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
 from primitives.gemm import GemmKernel
 from primitives.unroll import static_range, unrolled
-from ptx_inline import barrier, convert, mbarrier, memory, regs, special, tma, wgmma
+from ptx_inline import barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma
 
 pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 
@@ -118,6 +118,8 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
             tma.load(s + 1024, tmap, (0, 0), s)
             tma.load_hint(s + 1024, tmap, (0, 0, 0), s, special.policy_evict_last())
             tma.prefetch_l2(tmap, (0, 1, 2, 3))
+            tma.load_multicast(s + 1024, tmap, (0, 1, 2, 3), s, 3)
+            cluster.arrive_remote(cluster.map_shared(s, cluster.ctarank() ^ 1))
             tma.store(tmap, (1, 2, 3, 4, 5), s + 2048)
             tma.commit_group()
             tma.wait_group_read(0)
@@ -128,6 +130,8 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
         barrier.sync(1, 128)
         barrier.arrive(2, 128)
         barrier.fence_proxy_async()
+        cluster.barrier_arrive()
+        cluster.barrier_wait()
         p = convert.pack_bf16x2(x, x + 1) ^ convert.pack_f16x2(x, x) ^ convert.pack_e4m3x2(x, x)
         memory.st_shared_b32(s + 16, p)
         memory.st_shared_v4(s + 32, (p, p, p, p))
