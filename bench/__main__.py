@@ -1,8 +1,8 @@
-"""`python -m bench gemm|attention|ablation [options]`"""
+"""`python -m bench <command> [options]`, commands in COMMANDS."""
 import importlib
 import sys
 
-COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace")
+COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -76,3 +76,16 @@ def test_trace_analysis_on_a_synthetic_trace():
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     assert steps[1]["period"] == 3000 and steps[1]["wait_k"] == 3000 - 4 * 500 + 0
     assert steps[2]["softmax"] == 500 and steps[2]["wg1_lag"] == 0
+
+
+def test_bench_variants_points_and_knobs():
+    """bench variants parses its points and only accepts real FlashForward knobs."""
+    import argparse
+    from bench.variants import parse_point
+    from numba_fa3.forward import FlashForward
+    assert parse_point("128,causal,4096") == (128, True, 4096)
+    assert parse_point("256,full,2048") == (256, False, 2048)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_point("128,maybe,4096")
+    for knob in ("L2_SECTION_BYTES", "PREFETCH_Q"):
+        assert hasattr(FlashForward, knob)

@@ -1,0 +1,76 @@
+"""A/B of forward-kernel variants in one process, FA3 beside when its library is present: each
+variant is `FlashForward` with some class attributes overridden (the tuning knobs, e.g.
+L2_SECTION_BYTES, PREFETCH_Q), timed round-robin twice per point (best of the two medians).
+
+    python -m bench variants --points 128,causal,4096 256,full,2048 --variant nosec L2_SECTION_BYTES=0
+"""
+import argparse
+import ast
+import functools
+import os
+import sys
+
+from . import common
+
+
+def parse_point(text):
+    d, mask, s = text.split(",")
+    if mask not in ("causal", "full"):
+        raise argparse.ArgumentTypeError(f"mask must be causal or full, got {mask!r}")
+    return int(d), mask == "causal", int(s)
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench variants")
+    p.add_argument("--points", type=parse_point, nargs="+", required=True, help="hdim,causal|full,seqlen")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "ATTR=VALUE"),
+                   help="a name, then FlashForward class attributes to override (Python literals)")
+    p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
+    args = p.parse_args(argv)
+    import torch
+    from triton.testing import do_bench
+    from numba_fa3.api import _forward
+    from numba_fa3.forward import FlashForward
+
+    variants = {"base": {}}
+    for name, *assigns in args.variant:
+        attrs = {}
+        for a in assigns:
+            key, _, value = a.partition("=")
+            if not hasattr(FlashForward, key):
+                sys.exit(f"FlashForward has no attribute {key}")
+            attrs[key] = ast.literal_eval(value)
+        variants[name] = attrs
+    kernels = {}
+    for name, attrs in variants.items():
+        cls = type(f"FlashForward_{name}", (FlashForward,), attrs)
+        kernels[name] = functools.lru_cache(maxsize=None)(
+            lambda dt, d, kind, softcap=False, cls=cls: cls(dt, d, kind, softcap=softcap))
+    fa3 = None
+    if os.path.exists(args.fa3):
+        sys.path.insert(0, os.path.dirname(args.fa3))
+        from fa3_jax import FA3
+        fa3 = FA3(args.fa3)
+    for d, causal, s in args.points:
+        b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
+        out = torch.empty_like(q)
+        best = {}
+        for _ in range(2):
+            for name, kern in kernels.items():
+                fn = functools.partial(_forward, q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kern)
+                out.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err < 2e-2, f"{name}: max error {err}"
+                tflops = flops / do_bench(fn, warmup=30, rep=150) * 1e-9
+                best[name] = max(best.get(name, 0.0), tflops)
+        line = "  ".join(f"{n} {t:.0f}" for n, t in best.items())
+        if fa3 is not None:
+            f3 = flops / fa3.time_forward(q, k, v, causal=causal) * 1e-9
+            line += f"  fa3 {f3:.0f} (" + ", ".join(f"{n} {t / f3:.3f}" for n, t in best.items()) + ")"
+        print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
