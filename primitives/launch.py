@@ -35,17 +35,37 @@ _CTYPES = {"uint64": ctypes.c_uint64, "int64": ctypes.c_int64, "uint32": ctypes.
            "int32": ctypes.c_int32, "float32": ctypes.c_float}
 
 
+def cluster_config(grid, threads, smem_bytes, stream, cluster):
+    """The `CUlaunchConfig` of a 1-D launch in thread-block clusters of `cluster` CTAs (CUDA
+    driver API, cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION).  The grid must be a
+    whole number of clusters: the hardware co-schedules each cluster's CTAs on one GPC."""
+    from cuda.bindings import driver as drv
+    if cluster < 1 or grid % cluster:
+        raise ValueError(f"a grid of {grid} CTAs is not a whole number of clusters of {cluster}")
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = threads, 1, 1
+    cfg.sharedMemBytes = smem_bytes
+    cfg.hStream = stream_handle(stream)
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    return cfg
+
+
 class CompiledKernel:
     """One kernel specialization compiled for sm_90a with launch bounds (threads, 1), allowed
-    `smem_bytes` of dynamic shared memory.
+    `smem_bytes` of dynamic shared memory, launched in clusters of `cluster` CTAs (1: none).
 
     Launches go straight to `cuLaunchKernel` with a parameter block packed by ctypes: Numba's own
     launch path resolves every argument's type on every call (~10 us per argument, ~250 us for
     the attention kernel's 24), which would dominate a short attention call."""
 
-    def __init__(self, fn, signature, threads, smem_bytes):
+    def __init__(self, fn, signature, threads, smem_bytes, cluster=1):
         from cuda.bindings import driver as drv
-        self.threads, self.smem_bytes = threads, smem_bytes
+        self.threads, self.smem_bytes, self.cluster = threads, smem_bytes, cluster
         dispatcher = cuda.jit(signature, launch_bounds=(threads, 1))(fn)
         self._kernel = dispatcher.overloads[signature.args]
         self._context = cuda.current_context()
@@ -85,8 +105,12 @@ class CompiledKernel:
         for slot, a in zip(values, args):
             slot.value = a
         drv = self._drv
-        launch = lambda: drv.cuLaunchKernel(self._function, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
-                                            stream_handle(stream), address, 0)
+        if self.cluster > 1:
+            cfg = cluster_config(grid, self.threads, self.smem_bytes, stream, self.cluster)
+            launch = lambda: drv.cuLaunchKernelEx(cfg, self._function, address, 0)
+        else:
+            launch = lambda: drv.cuLaunchKernel(self._function, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,
+                                                stream_handle(stream), address, 0)
         (err,) = launch()
         if err == drv.CUresult.CUDA_ERROR_INVALID_CONTEXT:
             with self._context:  # a thread that has not touched CUDA yet
@@ -114,6 +138,7 @@ class HopperKernel:
     (a SharedLayout), provides the compile-only PTX (CI) and the lazily compiled launchable."""
 
     _kernel = None
+    cluster = 1  # CTAs per thread-block cluster (kernels that multicast set 2)
 
     def compile_ptx(self):
         """PTX for sm_90a; needs no GPU (CI assembles it with ptxas)."""
@@ -123,5 +148,6 @@ class HopperKernel:
     def kernel(self):
         if self._kernel is None:
             check_hopper()
-            self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes)
+            self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes,
+                                          self.cluster)
         return self._kernel

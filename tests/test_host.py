@@ -89,3 +89,17 @@ def test_bench_variants_points_and_knobs():
         parse_point("128,maybe,4096")
     for knob in ("L2_SECTION_BYTES", "PREFETCH_Q"):
         assert hasattr(FlashForward, knob)
+
+
+def test_cluster_launch_config():
+    """Clustered launches (for TMA multicast) go through cuLaunchKernelEx with the cluster
+    dimension attribute; a grid that is not whole clusters is refused before launch."""
+    from cuda.bindings import driver as drv
+    cfg = launch.cluster_config(132, 384, 200_000, 0x1234, 2)
+    assert (cfg.gridDimX, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (132, 384, 200_000, 1)
+    assert int(cfg.hStream) == 0x1234
+    attr = cfg.attrs[0]
+    assert attr.id == drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    assert (attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z) == (2, 1, 1)
+    with pytest.raises(ValueError, match="whole number of clusters"):
+        launch.cluster_config(133, 384, 0, 0, 2)
