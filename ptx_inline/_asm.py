@@ -51,6 +51,19 @@ def emit(builder, template, outs, ins, clobber_memory=True, side_effect=True):
     return [builder.extract_value(res, i) for i in range(len(outs))]
 
 
+def void_asm(text, *kinds):
+    """The typer of an intrinsic that takes len(kinds) integers (constraint letters in kinds:
+    "r" 32-bit, "l" 64-bit) and runs `text` with them as $0, $1, ..., returning nothing."""
+    def typer(typingctx, *args):
+        def codegen(context, builder, sig, vals):
+            ins = [(as_int(context, builder, v, t, 64 if k == "l" else 32), k)
+                   for v, t, k in zip(vals, sig.args, kinds)]
+            emit(builder, text, [], ins)
+            return context.get_dummy_value()
+        return types.void(*args), codegen
+    return typer
+
+
 def literal_int(ty, what):
     """The compile-time value of an integer-literal argument, or a clear typing error."""
     if isinstance(ty, types.IntegerLiteral):

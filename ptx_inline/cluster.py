@@ -11,7 +11,7 @@ Communication Instructions").
 from numba import types
 from numba.cuda.extending import intrinsic
 
-from ._asm import I32, as_int, emit
+from ._asm import I32, as_int, emit, void_asm
 
 
 @intrinsic
@@ -40,21 +40,14 @@ def arrive_remote(typingctx, bar):
     """`mbarrier.arrive.release.cluster.shared::cluster.b64 _, [bar]`: one arrival on the mbarrier
     at shared::cluster address `bar` (from `map_shared`, possibly another CTA's), with release
     semantics at cluster scope, so the peer sees this CTA's reads of the stage as done."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [$0];", [],
-             [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
-        return context.get_dummy_value()
-    return types.void(bar), codegen
+    return void_asm("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [$0];", "r")(typingctx, bar)
 
 
 @intrinsic
 def barrier_arrive(typingctx):
     """`barrier.cluster.arrive.release.aligned`: this thread has arrived at the cluster barrier
     (every thread of every CTA in the cluster arrives once per phase)."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "barrier.cluster.arrive.release.aligned;", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen
+    return void_asm("barrier.cluster.arrive.release.aligned;")(typingctx)
 
 
 @intrinsic
@@ -62,7 +55,4 @@ def barrier_wait(typingctx):
     """`barrier.cluster.wait.acquire.aligned`: wait until every thread of the cluster arrived.
     Needed after mbarrier init (a peer may arrive on or multicast into this CTA's barriers) and
     before a CTA exits while peers may still write its shared memory."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "barrier.cluster.wait.acquire.aligned;", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen
+    return void_asm("barrier.cluster.wait.acquire.aligned;")(typingctx)

@@ -6,38 +6,26 @@ Barriers are addressed by their 32-bit shared-memory address (see `special.share
 from numba import types
 from numba.cuda.extending import intrinsic
 
-from ._asm import as_int, emit, I32
-
-
-def _void(text, *kinds):
-    """An intrinsic taking len(kinds) integers (constraint letters in kinds) and running text."""
-    def typer(typingctx, *args):
-        def codegen(context, builder, sig, vals):
-            ins = [(as_int(context, builder, v, t, 64 if k == "l" else 32), k)
-                   for v, t, k in zip(vals, sig.args, kinds)]
-            emit(builder, text, [], ins)
-            return context.get_dummy_value()
-        return types.void(*args), codegen
-    return typer
+from ._asm import as_int, emit, void_asm, I32
 
 
 @intrinsic
 def init(typingctx, bar, count):
     """`mbarrier.init.shared::cta.b64 [bar], count` (9.7.13.15.9): expected arrivals per phase."""
-    return _void("mbarrier.init.shared::cta.b64 [$0], $1;", "r", "r")(typingctx, bar, count)
+    return void_asm("mbarrier.init.shared::cta.b64 [$0], $1;", "r", "r")(typingctx, bar, count)
 
 
 @intrinsic
 def arrive(typingctx, bar):
     """`mbarrier.arrive.shared::cta.b64 _, [bar]` (9.7.13.15.13): one arrival, no state kept."""
-    return _void("mbarrier.arrive.shared::cta.b64 _, [$0];", "r")(typingctx, bar)
+    return void_asm("mbarrier.arrive.shared::cta.b64 _, [$0];", "r")(typingctx, bar)
 
 
 @intrinsic
 def arrive_expect_tx(typingctx, bar, tx_bytes):
     """`mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], tx` (9.7.13.15.13): arrive and tell the
     barrier how many bytes the bulk copies completing on it will bring in this phase."""
-    return _void("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r", "r")(
+    return void_asm("mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r", "r")(
         typingctx, bar, tx_bytes)
 
 
@@ -63,11 +51,11 @@ def wait_parity(typingctx, bar, parity):
     text = ("{\n.reg .pred P;\nWAIT_${:uid}:\n"
             "mbarrier.try_wait.parity.shared::cta.b64 P, [$0], $1;\n"
             "@!P bra WAIT_${:uid};\n}")
-    return _void(text, "r", "r")(typingctx, bar, parity)
+    return void_asm(text, "r", "r")(typingctx, bar, parity)
 
 
 @intrinsic
 def fence_init(typingctx):
     """`fence.mbarrier_init.release.cluster` (9.7.13.4): make mbarrier.init visible to the async
     proxy (TMA) and to other threads before they use the barriers."""
-    return _void("fence.mbarrier_init.release.cluster;")(typingctx)
+    return void_asm("fence.mbarrier_init.release.cluster;")(typingctx)

@@ -25,43 +25,41 @@ def _coord_values(context, builder, tup, tupty):
             for i, t in enumerate(tupty)]
 
 
-@intrinsic
-def load(typingctx, dst, tmap, coords, bar):
-    """`cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes`: copy the box
-    at `coords` into shared memory at `dst`; completion is counted on the mbarrier `bar`."""
+def _load(dst, tmap, coords, bar, suffix="", extra=None):
+    """Typing and codegen of `cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::
+    complete_tx::bytes{suffix}` into `dst`, completing on `bar`; `extra` is (type, bits,
+    constraint) of the one trailing operand a suffix takes (cache policy, CTA mask)."""
     nd = _coords(coords)
+    args_ty = (dst, tmap, coords, bar) + ((extra[0],) if extra else ())
 
     def codegen(context, builder, sig, args):
         c = ", ".join(f"${i + 2}" for i in range(nd))
+        tail = f", ${nd + 3}" if extra else ""
         text = (f"cp.async.bulk.tensor.{nd}d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                f" [$0], [$1, {{{c}}}], [${nd + 2}];")
+                f"{suffix} [$0], [$1, {{{c}}}], [${nd + 2}]{tail};")
         ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
                (as_int(context, builder, args[1], sig.args[1], 64), "l")]
         ins += _coord_values(context, builder, args[2], sig.args[2])
         ins.append((as_int(context, builder, args[3], sig.args[3], 32), "r"))
+        if extra:
+            ins.append((as_int(context, builder, args[4], sig.args[4], extra[1]), extra[2]))
         emit(builder, text, [], ins)
         return context.get_dummy_value()
-    return types.void(dst, tmap, coords, bar), codegen
+    return types.void(*args_ty), codegen
+
+
+@intrinsic
+def load(typingctx, dst, tmap, coords, bar):
+    """`cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes`: copy the box
+    at `coords` into shared memory at `dst`; completion is counted on the mbarrier `bar`."""
+    return _load(dst, tmap, coords, bar)
 
 
 @intrinsic
 def load_hint(typingctx, dst, tmap, coords, bar, policy):
     """`load` with `.L2::cache_hint`: `policy` is a 64-bit cache policy (`createpolicy`), e.g.
     evict-last for K/V tiles that several CTAs re-read."""
-    nd = _coords(coords)
-
-    def codegen(context, builder, sig, args):
-        c = ", ".join(f"${i + 2}" for i in range(nd))
-        text = (f"cp.async.bulk.tensor.{nd}d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                f".L2::cache_hint [$0], [$1, {{{c}}}], [${nd + 2}], ${nd + 3};")
-        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
-               (as_int(context, builder, args[1], sig.args[1], 64), "l")]
-        ins += _coord_values(context, builder, args[2], sig.args[2])
-        ins.append((as_int(context, builder, args[3], sig.args[3], 32), "r"))
-        ins.append((as_int(context, builder, args[4], sig.args[4], 64), "l"))
-        emit(builder, text, [], ins)
-        return context.get_dummy_value()
-    return types.void(dst, tmap, coords, bar, policy), codegen
+    return _load(dst, tmap, coords, bar, ".L2::cache_hint", (policy, 64, "l"))
 
 
 @intrinsic
@@ -69,20 +67,7 @@ def load_multicast(typingctx, dst, tmap, coords, bar, cta_mask):
     """`load` with `.multicast::cluster`: the box lands at the same shared offset `dst`, and
     completes on the mbarrier at the same offset `bar`, in every CTA of the cluster whose rank bit
     is set in the 16-bit `cta_mask`.  Each receiving CTA's barrier must expect the bytes."""
-    nd = _coords(coords)
-
-    def codegen(context, builder, sig, args):
-        c = ", ".join(f"${i + 2}" for i in range(nd))
-        text = (f"cp.async.bulk.tensor.{nd}d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                f".multicast::cluster [$0], [$1, {{{c}}}], [${nd + 2}], ${nd + 3};")
-        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
-               (as_int(context, builder, args[1], sig.args[1], 64), "l")]
-        ins += _coord_values(context, builder, args[2], sig.args[2])
-        ins.append((as_int(context, builder, args[3], sig.args[3], 32), "r"))
-        ins.append((as_int(context, builder, args[4], sig.args[4], 16), "h"))
-        emit(builder, text, [], ins)
-        return context.get_dummy_value()
-    return types.void(dst, tmap, coords, bar, cta_mask), codegen
+    return _load(dst, tmap, coords, bar, ".multicast::cluster", (cta_mask, 16, "h"))
 
 
 @intrinsic
