@@ -112,8 +112,8 @@ def run(argv=None):
             super().launch(*a, cu_seqlens=(buf.data_ptr(), loop.data_ptr()), **kw)
 
     @functools.lru_cache(maxsize=None)
-    def kernel(dtype, d, kind, softcap=False):
-        return Traced(dtype, d, kind, softcap=softcap, trace=True)
+    def kernel(dtype, d, kind, softcap=False, long_queries=False):
+        return Traced(dtype, d, kind, softcap=softcap, trace=True, long_queries=long_queries)
 
     rows = []
     for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):

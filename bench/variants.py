@@ -3,6 +3,9 @@ variant is `FlashForward` with some class attributes overridden (the tuning knob
 L2_SECTION_BYTES, PREFETCH_Q), timed round-robin twice per point (best of the two medians).
 
     python -m bench variants --points 128,causal,4096 256,full,2048 --variant nosec L2_SECTION_BYTES=0
+
+TILES=(block_m, block_n, stages, consumers, producer_registers, consumer_registers) replaces the
+table's tiles (numba_fa3.tiles) for every point of that variant.
 """
 import argparse
 import ast
@@ -37,15 +40,21 @@ def run(argv=None):
         attrs = {}
         for a in assigns:
             key, _, value = a.partition("=")
+            if key == "TILES":  # Tiles(block_m, block_n, stages, consumers, producer_regs, consumer_regs)
+                from numba_fa3.tiles import Tiles
+                attrs["tiles"] = Tiles(*ast.literal_eval(value))
+                continue
             if not hasattr(FlashForward, key):
                 sys.exit(f"FlashForward has no attribute {key}")
             attrs[key] = ast.literal_eval(value)
         variants[name] = attrs
     kernels = {}
     for name, attrs in variants.items():
+        tiles = attrs.pop("tiles", None)
         cls = type(f"FlashForward_{name}", (FlashForward,), attrs)
         kernels[name] = functools.lru_cache(maxsize=None)(
-            lambda dt, d, kind, softcap=False, cls=cls: cls(dt, d, kind, softcap=softcap))
+            lambda dt, d, kind, softcap=False, long_queries=False, cls=cls, tiles=tiles:
+            cls(dt, d, kind, softcap=softcap, tiles=tiles, long_queries=long_queries))
     fa3 = None
     if os.path.exists(args.fa3):
         sys.path.insert(0, os.path.dirname(args.fa3))

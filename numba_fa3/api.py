@@ -12,7 +12,7 @@ import numpy as np
 
 from primitives import tensors
 from primitives.tma_desc import descriptor_tables
-from . import mask
+from . import mask, tiles
 from .forward import forward_kernel
 from .tiles import SUPPORTED_HEAD_DIMS
 
@@ -87,8 +87,9 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
 
 
 def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream, make_kernel):
-    """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind, softcap=...):
-    the benchmark's ablation passes kernels with parts of the schedule switched off."""
+    """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind, softcap=...,
+    long_queries=...): the benchmark's ablation passes kernels with parts of the schedule switched
+    off."""
     iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 4, "[batch, seqlen, heads, head_dim]")
     b, sq, h, d = iq.shape
@@ -111,7 +112,8 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream()
-    kern = make_kernel(iq.dtype, d, kind, softcap=cap > 0)
+    kern = make_kernel(iq.dtype, d, kind, softcap=cap > 0,
+                       long_queries=tiles.has_long_tiles(d, kind != mask.MASK_NONE, sq))
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
     kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, cap, stream)
     if host:

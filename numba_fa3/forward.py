@@ -35,6 +35,16 @@ from ptx_inline import barrier, mbarrier, memory, regs, special, tma, wgmma
 from . import mask, softmax
 from .tiles import tiles_for
 
+
+class PinSlot(enum.IntEnum):
+    """8-byte slots after the tile-id slots: the softmax scale (log2 units) that a pinned loop
+    step reads after its K release, and the sink its row sums go to before its P V wait."""
+    SCALE = 0
+    SINK = 1
+
+
+PIN_SLOTS = len(PinSlot)
+
 #: m64 rows per consumer warpgroup; K of one 16-bit wgmma; columns in one 128B swizzle row.
 WGMMA_M, WGMMA_K = 64, 16
 CHUNK_COLS = smem.SWIZZLE_BYTES // 2
@@ -149,10 +159,12 @@ class FlashForward(launch.HopperKernel):
 
     L2_SECTION_BYTES = L2_SECTION_BYTES  # class attributes, so a tuning experiment can override them
     PREFETCH_Q = True
+    PIN_RELEASE = None  # None: the tiles table's choice
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
-                 tiles=None, softcap=False, varlen=False, trace=False):
+                 tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
         """tiles: a `tiles.Tiles` to use instead of the table's (for tuning experiments).
+        long_queries: take `tiles.LONG_TILES`' entry where there is one (`tiles.has_long_tiles`).
         varlen: sequences packed along one token axis, delimited by cu_seqlens (see api).
         trace: record `TraceEvent` timestamps per CTA, role and tile into the buffer passed as
         cu_seqlens_q (dense only; `bench trace` reads it)."""
@@ -160,11 +172,12 @@ class FlashForward(launch.HopperKernel):
             raise ValueError("the trace build is dense-only: it takes cu_seqlens_q's slot")
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
-        t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE)
+        t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE, long_queries)
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
+        self.pin_release = t.pin_release if self.PIN_RELEASE is None else bool(self.PIN_RELEASE)
         if not 1 <= self.consumers <= MAX_CONSUMERS or self.block_m != WGMMA_M * self.consumers:
             raise ValueError(f"{self.consumers} consumer warpgroups with block_m {self.block_m}: each owns "
                              f"{WGMMA_M} rows, at most {MAX_CONSUMERS}")
@@ -195,9 +208,10 @@ class FlashForward(launch.HopperKernel):
         plan.add("q", q_stages * q_bytes)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
         plan.add("v", self.stages * self.chunks * self.kv_chunk)
-        # K, V and Q rings, and per Q buffer the slot that passes the tile id (an 8-byte unit).
+        # K, V and Q rings, per Q buffer the slot that passes the tile id (an 8-byte unit), and
+        # the softmax scale and row-sum sink that pin the release (`make_step`).
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
-                 + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
+                 + (q_stages + PIN_SLOTS) * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
         if with_o:
             plan.add("o", q_bytes)
         return plan
@@ -354,6 +368,7 @@ class FlashForward(launch.HopperKernel):
         GROUPS = D // 8
         Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
+        PIN = self.pin_release
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
 
@@ -435,7 +450,7 @@ class FlashForward(launch.HopperKernel):
             @cuda.jit(device=True, forceinline=True)
             def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
                      v_smem, q_empty, n_min, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg, tracer,
-                     cu_k, n, n_max):
+                     cu_k, n, n_max, pin_slots):
                 """One step of the overlapped main loop (FA3 section 3.2): S_nb = Q K_nb^T is in
                 flight while the softmax of the previous block's S ran; P V of that block is
                 issued right behind it and waited for after this block's softmax."""
@@ -457,11 +472,22 @@ class FlashForward(launch.HopperKernel):
                 pipeline.consumer_release(k_bars, STAGES, index, lane)
                 if nb == n_min:
                     release_q(q_empty, lane)
+                if PIN:
+                    # ptxas moves the K release (an mbarrier arrive) and the P V wait together to
+                    # wherever it likes among the softmax's instructions; in the causal hdim-128
+                    # loop that was after all of them, so K's stage came free a softmax late.  The
+                    # softmax's scale read from shared memory after the arrive holds the arrive
+                    # above the softmax, and the row sums stored before the wait hold the wait
+                    # below it (SASS: the release ~40 instructions after the S wait, all 66
+                    # exponentials under P V).  Measured per head dim and mask: see Tiles.
+                    scale_log2 = memory.ld_shared_f32(pin_slots)
                 if SOFTCAP:
                     s = tanh_rows(s, softcap_scale)
                 if masked:
                     s = mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
                 p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                if PIN and lane == 0:
+                    memory.st_shared_v2_f32(pin_slots + PinSlot.SINK * smem.MBARRIER_BYTES, l0, l1)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
                 o, pk = wgmma.wait_group_keep(0, o, pk)
@@ -481,7 +507,10 @@ class FlashForward(launch.HopperKernel):
         def mma(maps, lse_ptr, o_ptr, tile_slots, k_bars, v_bars, q_bars, cu_q, cu_k, sq_max, sk_max, total_q, total_k,
                 k_smem, v_smem, q_smem, o_smem, heads, batch, m_blocks, section, left, right, scale_log2, softmax_scale,
                 softcap_scale, o_strides, lse_strides, wg, tid):
-            lane = tid % warpgroup.WARP_THREADS
+            # (unsigned 32-bit: Python's floor division and modulo on int64 took two registers
+            # each and a sign fix-up, and spilled at 160 registers)
+            utid = np.uint32(tid)
+            lane = np.int32(utid % np.uint32(warpgroup.WARP_THREADS))
             if TMA_STORE and tid == 0:
                 tma.fence_descriptor_acquire(maps + Maps.O * MAP)
             if PINGPONG and wg == CONSUMERS - 1:
@@ -490,10 +519,11 @@ class FlashForward(launch.HopperKernel):
             qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
             o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
-            r_local = 16 * (tid // 32) + (tid % 32) // 4
-            col0 = 2 * (tid % 4)
+            r_local = np.int32(np.uint32(16) * (utid // np.uint32(32)) + (utid % np.uint32(32)) // np.uint32(4))
+            col0 = np.int32(np.uint32(2) * (utid % np.uint32(4)))
             n = np.int32(0)  # tiles done (trace build)
             tracer = TRACE and tid == 0
+            pin_slots = tile_slots + Q_STAGES * smem.MBARRIER_BYTES
             while True:
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
@@ -550,7 +580,7 @@ class FlashForward(launch.HopperKernel):
                                      v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                                             v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty,
                                                             n_min, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2,
-                                                            lane, wg, tracer, cu_k, n, n_max)
+                                                            lane, wg, tracer, cu_k, n, n_max, pin_slots)
                                     nb = np.int32(nb - 1)
                                 else:
                                     stop = max(n_min, u_min)
@@ -559,7 +589,7 @@ class FlashForward(launch.HopperKernel):
                                          v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                                                v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem,
                                                                q_empty, n_min, col0, lo0, hi0, lo1, hi1, softcap_scale,
-                                                               scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                                               scale_log2, lane, wg, tracer, cu_k, n, n_max, pin_slots)
                                         nb = np.int32(nb - 1)
                         else:
                             # Unmasked kernels have one copy, with no mask (only a tile's first
@@ -569,7 +599,7 @@ class FlashForward(launch.HopperKernel):
                                  v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
                                                        nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
                                                        lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg,
-                                                       tracer, cu_k, n, n_max)
+                                                       tracer, cu_k, n, n_max, pin_slots)
                                 nb = np.int32(nb - 1)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
@@ -629,7 +659,7 @@ class FlashForward(launch.HopperKernel):
                     # this epilogue ~13% of a hdim-256 tile at 2k tokens (bench trace).
                     rs, hs, bs = o_strides
                     # (lane-derived values rebuilt here, not hoisted and held through the main loop)
-                    quad = np.int32(special.recompute_here(np.uint32(tid % 4)))
+                    quad = np.int32(special.recompute_here(utid % np.uint32(4)))
                     head = o_ptr + (b * bs + h * hs + (q_off + row0) * rs + 8 * quad) * ELEMENT_BYTES
                     head = special.recompute_here(head)
                     for half in static_range(2):
@@ -639,7 +669,7 @@ class FlashForward(launch.HopperKernel):
                                                  po[8 * i + 6 + half], quad)
                             if row0 + 8 * half < sq:
                                 memory.st_global_v4_b32(head + (8 * half * rs + 32 * i) * ELEMENT_BYTES, run)
-                if tid % 4 == 0:
+                if utid % np.uint32(4) == np.uint32(0):
                     lbs, lhs = lse_strides
                     lse_row = lse_ptr + (b * lbs + h * lhs + q_off + row0) * 4
                     if row0 < sq:
@@ -665,6 +695,7 @@ class FlashForward(launch.HopperKernel):
         RING = pipeline.barrier_bytes(STAGES)
         Q_STAGES = self.q_stages
         Q_RING = pipeline.barrier_bytes(Q_STAGES)
+        PIN = self.pin_release
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
 
@@ -681,6 +712,8 @@ class FlashForward(launch.HopperKernel):
                 pipeline.init(k_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(v_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(q_bars, Q_STAGES, CONSUMER_WARPS)
+                if PIN:
+                    memory.st_shared_f32(tile_slots + (Q_STAGES + PinSlot.SCALE) * smem.MBARRIER_BYTES, scale_log2)
                 mbarrier.fence_init()
             cuda.syncthreads()
             wg = warpgroup.warpgroup_index()
@@ -795,5 +828,7 @@ def l2_section(seqlen_k, head_dim, head_ratio, budget=L2_SECTION_BYTES):
 
 
 @functools.lru_cache(maxsize=None)
-def forward_kernel(dtype, head_dim, mask_kind, schedule=FULL_SCHEDULE, softcap=False, varlen=False):
-    return FlashForward(dtype, head_dim, mask_kind, schedule, softcap=softcap, varlen=varlen)
+def forward_kernel(dtype, head_dim, mask_kind, schedule=FULL_SCHEDULE, softcap=False, varlen=False,
+                   long_queries=False):
+    return FlashForward(dtype, head_dim, mask_kind, schedule, softcap=softcap, varlen=varlen,
+                        long_queries=long_queries)

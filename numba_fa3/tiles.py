@@ -17,6 +17,7 @@ fills the extra columns with zeros and the GEMMs never read them), within 227 KB
                                                                       Causal/local: 128 x 128, two
                                                                       consumers (short causal tiles:
                                                                       512 tokens 234 vs 204 TFLOPS)
+                                                                      below LONG_QUERIES, three from it
   96   128      2       32 + 64 + 64 = 160 KB       48 + 64 + 32     (chunks padded to 128 columns)
   128  128      2       32 + 64 + 64 = 160 KB       64 + 64 + 32     (FA3's 176 for non-causal was slower
                                                                       here: 582 vs 612 TFLOPS at 16k, and
@@ -43,29 +44,48 @@ class Tiles:
     consumers: int
     producer_registers: int
     consumer_registers: int
+    #: pin the loop step's K release above the softmax and its P V wait below it (forward
+    #: `make_step`): a choice about ptxas's schedule, made per entry by measurement
+    pin_release: bool = False
 
 
-def _tiles(block_n):
-    return Tiles(128, block_n, 2, 2, 24, 240)
+def _tiles(block_n, pin_release=False):
+    return Tiles(128, block_n, 2, 2, 24, 240, pin_release)
 
 
 def _tiles3(block_n):
     return Tiles(192, block_n, 2, 3, 24, 160)
 
 
-#: (head_dim, causal-or-local) -> tiles.
+#: (head_dim, causal-or-local) -> tiles.  The pinned release (H100, same run, pinned vs not):
+#: hdim 128 causal +1-2.5% (4k 606 vs 595, 8k 615 vs 612 / 618 vs 603); elsewhere it lost
+#: (hdim 128 full 8k 635 vs 680, hdim 64 causal 4k 415 vs 436) or moved within noise (hdim 256).
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
-    (128, False): _tiles(128), (128, True): _tiles(128),
+    (128, False): _tiles(128), (128, True): _tiles(128, pin_release=True),
     (192, False): _tiles(112), (192, True): _tiles(112),
     (256, False): _tiles(80), (256, True): _tiles(80),
 }
 
+#: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal
+#: hdim 64 then takes three consumer warpgroups like the full kernel (H100, same run, 3 vs 2:
+#: 4k 426 vs 426, 8k 481 vs 456, 16k 504 vs 484 TFLOPS), while its short tiles keep two (1k:
+#: 274 vs 317).
+LONG_QUERIES = 4096
+LONG_TILES = {(64, True): _tiles3(128)}
+
 SUPPORTED_HEAD_DIMS = tuple(sorted({d for d, _ in TILES}))
 
 
-def tiles_for(head_dim, masked=False):
+def tiles_for(head_dim, masked=False, long_queries=False):
     if (head_dim, bool(masked)) not in TILES:
         raise ValueError(f"head dim {head_dim} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if long_queries and (head_dim, bool(masked)) in LONG_TILES:
+        return LONG_TILES[head_dim, bool(masked)]
     return TILES[head_dim, bool(masked)]
+
+
+def has_long_tiles(head_dim, masked, seqlen_q):
+    """Whether a dense run of seqlen_q query rows takes LONG_TILES' entry (a kernel of its own)."""
+    return seqlen_q >= LONG_QUERIES and (head_dim, bool(masked)) in LONG_TILES

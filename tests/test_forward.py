@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from numba_fa3 import flash_attn, flash_attn_varlen
 from numba_fa3.reference import attention_lowprec, attention_reference, attention_reference_varlen
-from numba_fa3.tiles import SUPPORTED_HEAD_DIMS
+from numba_fa3.tiles import LONG_QUERIES, SUPPORTED_HEAD_DIMS, has_long_tiles
 from primitives.tensors import NUMPY_DTYPES
 
 gpu = pytest.mark.gpu
@@ -142,6 +142,17 @@ def test_forward_edge(case):
     else:
         _, lq, lk, h, hk, d, mask, softcap = case
         run_varlen(rng, lq, lk, h, hk, d, "f16", mask, softcap)
+
+
+@gpu
+@pytest.mark.parametrize("mask,sq,sk", [("causal", LONG_QUERIES + 3, LONG_QUERIES + 3),
+                                        ("causal", LONG_QUERIES, LONG_QUERIES + 900),
+                                        ("local", LONG_QUERIES + 4, LONG_QUERIES - 50)])
+def test_forward_long_queries(mask, sq, sk):
+    """Dense runs from LONG_QUERIES query rows take tiles.LONG_TILES' kernel (causal/local hdim
+    64: three consumer warpgroups instead of two), GQA included."""
+    assert has_long_tiles(64, True, sq) and not has_long_tiles(64, True, sq - 5)
+    run_dense(np.random.default_rng(11), 1, sq, sk, 4, 2, 64, "bf16", mask, 0.0)
 
 
 @gpu

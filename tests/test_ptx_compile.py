@@ -9,7 +9,7 @@ from numba import cuda, types
 
 from primitives import compile as kc
 from numba_fa3.forward import FlashForward, Schedule
-from numba_fa3.tiles import SUPPORTED_HEAD_DIMS
+from numba_fa3.tiles import LONG_TILES, SUPPORTED_HEAD_DIMS
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
 from primitives.gemm import GemmKernel
 from primitives.unroll import static_range, unrolled
@@ -51,6 +51,19 @@ def test_forward_specialization_compiles_clean(dtype, head_dim, mask_kind):
     assert ptx.count("wgmma.mma_async") == copies * (head_dim // 16 + kern.block_n // 16)
     _assert_wgmma_operands_untouched(ptx)
     _assert_clean(kc.ptxas_report(ptx), f"forward {dtype} d{head_dim} mask {mask_kind}")
+
+
+LONG_SPECIALIZATIONS = [(d, kind) for d, masked in LONG_TILES
+                        for kind in ((MASK_CAUSAL, MASK_LOCAL) if masked else (MASK_NONE,))]
+
+
+@pytest.mark.parametrize("head_dim,mask_kind", LONG_SPECIALIZATIONS)
+def test_forward_long_query_specialization_compiles_clean(head_dim, mask_kind):
+    kern = FlashForward("bf16", head_dim, mask_kind, long_queries=True)
+    assert kern.block_m == LONG_TILES[head_dim, mask_kind != MASK_NONE].block_m
+    ptx = kern.compile_ptx()
+    _assert_wgmma_operands_untouched(ptx)
+    _assert_clean(kc.ptxas_report(ptx), f"forward long-query d{head_dim} mask {mask_kind}")
 
 
 @pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False), (False, False)])
