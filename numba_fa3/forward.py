@@ -31,7 +31,7 @@ from primitives.intmath import udivmod32
 from primitives.fragment import mask_cols, pack_bf16, pack_f16, quad_transpose, scale_rows, tanh_rows, zeros
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
-from ptx_inline import barrier, mbarrier, memory, regs, special, tma, wgmma
+from ptx_inline import barrier, cluster, mbarrier, memory, regs, special, tma, wgmma
 from . import mask, softmax
 from .tiles import tiles_for
 
@@ -44,6 +44,10 @@ class PinSlot(enum.IntEnum):
 
 
 PIN_SLOTS = len(PinSlot)
+
+#: CTAs per cluster in the multicast kernel, and the CTA mask its K/V loads go to (both).
+MULTICAST_CTAS = 2
+MULTICAST_MASK = (1 << MULTICAST_CTAS) - 1
 
 #: m64 rows per consumer warpgroup; K of one 16-bit wgmma; columns in one 128B swizzle row.
 WGMMA_M, WGMMA_K = 64, 16
@@ -160,6 +164,7 @@ class FlashForward(launch.HopperKernel):
     L2_SECTION_BYTES = L2_SECTION_BYTES  # class attributes, so a tuning experiment can override them
     PREFETCH_Q = True
     PIN_RELEASE = None  # None: the tiles table's choice
+    MULTICAST = False
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -178,6 +183,11 @@ class FlashForward(launch.HopperKernel):
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
         self.pin_release = t.pin_release if self.PIN_RELEASE is None else bool(self.PIN_RELEASE)
+        self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
+        # K/V multicast in clusters of two CTAs (`multicast_ok`): each CTA loads half of every
+        # K/V stage's column chunks into both CTAs' shared memory, halving L2 -> SM traffic.
+        self.multicast = bool(self.MULTICAST) and self.multicast_ok(mask_kind, varlen, self.chunks)
+        self.cluster = MULTICAST_CTAS if self.multicast else 1
         if not 1 <= self.consumers <= MAX_CONSUMERS or self.block_m != WGMMA_M * self.consumers:
             raise ValueError(f"{self.consumers} consumer warpgroups with block_m {self.block_m}: each owns "
                              f"{WGMMA_M} rows, at most {MAX_CONSUMERS}")
@@ -185,7 +195,6 @@ class FlashForward(launch.HopperKernel):
             raise ValueError("ping-pong needs at least two consumer warpgroups")
         self.threads = warpgroup.block_threads(self.consumers)
         self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
-        self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
         # Q is released as soon as the tile's last S GEMM is done, so O never goes through Q's
@@ -201,6 +210,13 @@ class FlashForward(launch.HopperKernel):
                 break
         self.q_stages, self.tma_store = q_stages, with_o
         self.smem = plan.check()
+
+    @staticmethod
+    def multicast_ok(mask_kind, varlen, chunks):
+        """Multicast needs both CTAs of a cluster on the same keys (no mask: their two m_blocks
+        see every key of one (batch, head)), tiles of equal length for the static schedule that
+        pairs them, dense rows, and a chunk for each CTA to load."""
+        return mask_kind == mask.MASK_NONE and not varlen and chunks >= MULTICAST_CTAS
 
     def _plan(self, q_stages, with_o):
         q_bytes = self.chunks * self.q_chunk
@@ -229,17 +245,38 @@ class FlashForward(launch.HopperKernel):
         tile_coords = _tile_coords(CAUSAL)
         seq_info = _seq_info(VARLEN)
         TRACE = self.trace
+        MULTICAST = self.multicast
+        MC_LOADS = -(-CHUNKS // MULTICAST_CTAS)  # chunks one CTA loads per stage, at most
         mark = _tracer(TRACE)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load_block(tmap, bars, ring, index, phase, hk, row, b):
+        def load_block(tmap, bars, ring, index, phase, hk, row, b, col):
+            # (with multicast the empty barrier counts both CTAs' consumers, and the full one
+            # expects the whole stage: this CTA's chunks and its peer's)
             pipeline.producer_wait(bars, STAGES, index, phase)
             if special.elect_one():
                 pipeline.producer_expect(bars, index, KV_BYTES)
                 full = pipeline.full_barrier(bars, index)
-                for c in static_range(CHUNKS):
-                    tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, row, b), full)
+                if MULTICAST:
+                    # chunks rank, rank + 2, ...: `ring` and `col` already point at chunk `rank`
+                    # (the producer has 24 registers)
+                    for j in static_range(MC_LOADS):
+                        if MC_LOADS * MULTICAST_CTAS == CHUNKS or col + j * MULTICAST_CTAS * CHUNK_COLS < CHUNKS * CHUNK_COLS:
+                            tma.load_multicast(ring + index * KV_STAGE + j * MULTICAST_CTAS * KV_CHUNK, tmap,
+                                               (col + j * MULTICAST_CTAS * CHUNK_COLS, hk, row, b), full,
+                                               MULTICAST_MASK)
+                else:
+                    for c in static_range(CHUNKS):
+                        tma.load(ring + index * KV_STAGE + c * KV_CHUNK, tmap, (c * CHUNK_COLS, hk, row, b), full)
+
+        @cuda.jit(device=True, forceinline=True)
+        def next_tile(counter, tiles, lane, tile):
+            # Multicast pairs tiles 2p and 2p + 1 (neighbouring m_blocks) in one cluster, and a
+            # static schedule keeps them paired; otherwise claim dynamically.
+            if MULTICAST:
+                return scheduler.next_work(tile)
+            return scheduler.claim_next(counter, tiles, lane)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -254,6 +291,10 @@ class FlashForward(launch.HopperKernel):
             qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
             tile = scheduler.initial_work()
+            # This CTA's first chunk of each K/V stage (all of them without multicast).
+            col = np.int32(cluster.ctarank() * CHUNK_COLS) if MULTICAST else np.int32(0)
+            k_smem = k_smem + col * (KV_CHUNK // CHUNK_COLS)
+            v_smem = v_smem + col * (KV_CHUNK // CHUNK_COLS)
             n = np.int32(0)  # tiles done (trace build)
             while True:
                 if tile >= tiles:
@@ -263,12 +304,21 @@ class FlashForward(launch.HopperKernel):
                     if special.elect_one():
                         memory.st_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES, tile)
                         mbarrier.arrive(pipeline.full_barrier(q_bars, qi))
+                    if MULTICAST:
+                        # The peer's consumers arrive on this CTA's empty barriers: the CTA stays
+                        # until every stage's last fill was released by both CTAs (a cluster
+                        # barrier at the end instead kept the other warps alive, and ptxas then
+                        # gave up this warp's uniform registers and spilled).
+                        for _ in static_range(STAGES):
+                            pipeline.producer_wait(k_bars, STAGES, index, phase)
+                            pipeline.producer_wait(v_bars, STAGES, index, phase)
+                            index, phase = pipeline.advance(index, phase, STAGES)
                     break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch, section)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
                 if VARLEN and mb * BM >= sq:
                     # Past this sequence's end (m_blocks counts the longest): nothing to do.
-                    tile = scheduler.claim_next(counter, tiles, lane)
+                    tile = next_tile(counter, tiles, lane, tile)
                     continue
                 bc = 0 if VARLEN else b
                 hk, _ = udivmod32(h, head_ratio)
@@ -278,7 +328,7 @@ class FlashForward(launch.HopperKernel):
                 # freed a step before Q's buffer (the previous tile's second-to-last S GEMM vs its
                 # last).  With two, this tile's Q buffer has been free for a whole tile.
                 if Q_STAGES == 1 and nb >= n_min:
-                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc, col)
                 if TRACE and lane == 0:
                     mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
                 pipeline.producer_wait(q_bars, Q_STAGES, qi, q_phase)
@@ -293,7 +343,7 @@ class FlashForward(launch.HopperKernel):
                                  pipeline.full_barrier(q_bars, qi))
                 qi, q_phase = pipeline.advance(qi, q_phase, Q_STAGES)
                 if Q_STAGES > 1 and nb >= n_min:
-                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                    load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc, col)
                 # K of block j goes out before V of block j + 1 (blocks are walked downwards): the
                 # consumers' S_j GEMM is issued before their P_{j+1} V_{j+1} GEMM.  Block j's K
                 # and V share stage `index`.
@@ -304,16 +354,16 @@ class FlashForward(launch.HopperKernel):
                     index, phase = pipeline.advance(index, phase, STAGES)
                     nb = np.int32(nb - 1)
                     while nb >= n_min:
-                        load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc)
+                        load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc, col)
                         load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk,
-                                   k_off + (nb + 1) * BN, bc)
+                                   k_off + (nb + 1) * BN, bc, col)
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
                     # The next tile is claimed before the last V load: the atomic's round trip hides
                     # under that load, and the claim still comes when this tile is nearly done (a
                     # claim a whole tile ahead unbalanced causal runs: 616 -> 576 TFLOPS at 16k).
-                    upcoming = scheduler.claim_next(counter, tiles, lane)
+                    upcoming = next_tile(counter, tiles, lane, tile)
                     if TRACE and lane == 0:
                         mark(cu_q, 0, n, ProducerEvent.CLAIMED, special.clock64())
                     if Q_STAGES == 1 and PREFETCH_Q and upcoming < tiles:
@@ -327,11 +377,12 @@ class FlashForward(launch.HopperKernel):
                             for c in static_range(CHUNKS):
                                 tma.prefetch_l2(maps + Maps.Q * MAP,
                                                 (c * CHUNK_COLS, nh, nq_off + nmb * BM, 0 if VARLEN else nbb))
-                    load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, k_off + (nb + 1) * BN, bc)
+                    load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk, k_off + (nb + 1) * BN, bc,
+                               col)
                     if TRACE and lane == 0:
                         mark(cu_q, 0, n, ProducerEvent.LAST_V, special.clock64())
                 else:
-                    upcoming = scheduler.claim_next(counter, tiles, lane)
+                    upcoming = next_tile(counter, tiles, lane, tile)
                 tile = upcoming
                 n = np.int32(n + 1)
         return load
@@ -369,8 +420,20 @@ class FlashForward(launch.HopperKernel):
         Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
         PIN = self.pin_release
+        MULTICAST = self.multicast
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def release(bars, index, lane):
+            """This warp is done reading K/V stage `index`.  With multicast both CTAs' producers
+            write the stage in both CTAs, so the release goes to both CTAs' empty barriers
+            (MULTICAST_CTAS = 2: the peer is rank ^ 1)."""
+            pipeline.consumer_release(bars, STAGES, index, lane)
+            if MULTICAST and lane == 0:
+                peer = cluster.ctarank() ^ np.uint32(1)
+                cluster.arrive_remote(cluster.map_shared(pipeline.empty_barrier(bars, STAGES, index), peer))
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -416,7 +479,7 @@ class FlashForward(launch.HopperKernel):
             s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
             scheduler_pass(wg)
             s = wgmma.wait_group_tied(0, s)
-            pipeline.consumer_release(k_bars, STAGES, index, lane)
+            release(k_bars, index, lane)
             return s
 
         @cuda.jit(device=True, forceinline=True)
@@ -426,13 +489,15 @@ class FlashForward(launch.HopperKernel):
                 mbarrier.arrive(q_empty)
 
         @cuda.jit(device=True, forceinline=True)
-        def mask_block(s, nb, col0, lo0, hi0, lo1, hi1):
-            """S of key block nb with the columns outside each row's [lo, hi) key range at -inf."""
+        def mask_block(s, nb, col0, limits):
+            """S of key block nb with the columns outside each row's [lo, hi) key range at -inf;
+            limits: (lo0, hi0, lo1, hi1) of the thread's two rows."""
+            lo0, hi0, lo1, hi1 = limits
             base = nb * BN
             return mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
 
         @cuda.jit(device=True, forceinline=True)
-        def masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale):
+        def masked_scores(s, nb, mb, sq, sk, left, right, col0, limits, softcap_scale):
             """Soft-cap, then the mask where this block needs one.  Without a mask only a tile's
             first block (its last in key order) can be ragged; the overlapped loop's steps (which
             never see that block) apply the mask themselves, see `make_step`."""
@@ -441,15 +506,15 @@ class FlashForward(launch.HopperKernel):
             base = nb * BN
             if MASKED:
                 if mask.needs_mask(nb, mb, BM, BN, sq, sk, left, right):
-                    return mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
+                    return mask_block(s, nb, col0, limits)
             elif base + BN > sk:  # (lo, hi) are (0, sk) here
-                return mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
+                return mask_block(s, nb, col0, limits)
             return s
 
         def make_step(masked):
             @cuda.jit(device=True, forceinline=True)
             def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
-                     v_smem, q_empty, n_min, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg, tracer,
+                     v_smem, q_empty, n_min, col0, limits, softcap_scale, scale_log2, lane, wg, tracer,
                      cu_k, n, n_max, pin_slots):
                 """One step of the overlapped main loop (FA3 section 3.2): S_nb = Q K_nb^T is in
                 flight while the softmax of the previous block's S ran; P V of that block is
@@ -469,7 +534,7 @@ class FlashForward(launch.HopperKernel):
                 s = wgmma.wait_group_tied(1, s)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.S_READY)
-                pipeline.consumer_release(k_bars, STAGES, index, lane)
+                release(k_bars, index, lane)
                 if nb == n_min:
                     release_q(q_empty, lane)
                 if PIN:
@@ -484,7 +549,7 @@ class FlashForward(launch.HopperKernel):
                 if SOFTCAP:
                     s = tanh_rows(s, softcap_scale)
                 if masked:
-                    s = mask_block(s, nb, col0, lo0, hi0, lo1, hi1)
+                    s = mask_block(s, nb, col0, limits)
                 p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                 if PIN and lane == 0:
                     memory.st_shared_v2_f32(pin_slots + PinSlot.SINK * smem.MBARRIER_BYTES, l0, l1)
@@ -493,7 +558,7 @@ class FlashForward(launch.HopperKernel):
                 o, pk = wgmma.wait_group_keep(0, o, pk)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
-                pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                release(v_bars, v_index, lane)
                 pk = PACK(p)
                 v_index, v_phase = index, phase
                 index, phase = pipeline.advance(index, phase, STAGES)
@@ -543,8 +608,9 @@ class FlashForward(launch.HopperKernel):
                 if MASKED:
                     lo0, hi0 = mask.key_limits(row0, offset, left, right, sk)
                     lo1, hi1 = mask.key_limits(row0 + 8, offset, left, right, sk)
+                    limits = (lo0, hi0, lo1, hi1)
                 else:
-                    lo0, hi0, lo1, hi1 = np.int32(0), sk, np.int32(0), sk
+                    limits = (np.int32(0), sk, np.int32(0), sk)
                 o = O_ZERO
                 m0, m1 = softmax.NEG_INF, softmax.NEG_INF
                 l0, l1 = np.float32(0), np.float32(0)
@@ -559,7 +625,7 @@ class FlashForward(launch.HopperKernel):
                             mark(cu_q, 1 + wg, n, TraceEvent.BLOCKS, n_max - n_min)
                         if nb == n_min:  # the tile's last S GEMM is done: Q may be reloaded
                             release_q(q_empty, lane)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, limits, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         pk = PACK(p)
                         v_index, v_phase = index, phase
@@ -579,7 +645,7 @@ class FlashForward(launch.HopperKernel):
                                     (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                      v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                                             v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty,
-                                                            n_min, col0, lo0, hi0, lo1, hi1, softcap_scale, scale_log2,
+                                                            n_min, col0, limits, softcap_scale, scale_log2,
                                                             lane, wg, tracer, cu_k, n, n_max, pin_slots)
                                     nb = np.int32(nb - 1)
                                 else:
@@ -588,7 +654,7 @@ class FlashForward(launch.HopperKernel):
                                         (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                          v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                                                v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem,
-                                                               q_empty, n_min, col0, lo0, hi0, lo1, hi1, softcap_scale,
+                                                               q_empty, n_min, col0, limits, softcap_scale,
                                                                scale_log2, lane, wg, tracer, cu_k, n, n_max, pin_slots)
                                         nb = np.int32(nb - 1)
                         else:
@@ -598,7 +664,7 @@ class FlashForward(launch.HopperKernel):
                                 (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                  v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
                                                        nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
-                                                       lo0, hi0, lo1, hi1, softcap_scale, scale_log2, lane, wg,
+                                                       limits, softcap_scale, scale_log2, lane, wg,
                                                        tracer, cu_k, n, n_max, pin_slots)
                                 nb = np.int32(nb - 1)
                         if tracer:
@@ -607,7 +673,7 @@ class FlashForward(launch.HopperKernel):
                         pipeline.consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
-                        pipeline.consumer_release(v_bars, STAGES, v_index, lane)
+                        release(v_bars, v_index, lane)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LAST_PV, special.clock64())
                     else:
@@ -616,14 +682,14 @@ class FlashForward(launch.HopperKernel):
                     # The ablation without intra-warpgroup overlap: S, softmax, PV in sequence.
                     while nb >= n_min:
                         s = s_now(q_wg, k_bars, k_smem, index, phase, lane, wg)
-                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, lo0, hi0, lo1, hi1, softcap_scale)
+                        s = masked_scores(s, nb, mb, sq, sk, left, right, col0, limits, softcap_scale)
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         o = scale_rows(o, a0, a1)
                         pk = PACK(p)
                         pipeline.consumer_wait(v_bars, index, phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
-                        pipeline.consumer_release(v_bars, STAGES, index, lane)
+                        release(v_bars, index, lane)
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
                     release_q(q_empty, lane)
@@ -698,6 +764,7 @@ class FlashForward(launch.HopperKernel):
         PIN = self.pin_release
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
+        MULTICAST, KV_RELEASES = self.multicast, CONSUMER_WARPS * self.cluster
 
         def flash_fwd_kernel(maps, lse_ptr, counter, o_ptr, cu_q, cu_k, batch, heads, head_ratio, sq_max, sk_max, total_q, total_k,
                              m_blocks, section, left, right, scale_log2, softmax_scale, softcap_scale,
@@ -709,13 +776,19 @@ class FlashForward(launch.HopperKernel):
             q_bars = v_bars + RING
             tile_slots = q_bars + Q_RING
             if cuda.threadIdx.x == 0:
-                pipeline.init(k_bars, STAGES, CONSUMER_WARPS)
-                pipeline.init(v_bars, STAGES, CONSUMER_WARPS)
+                pipeline.init(k_bars, STAGES, KV_RELEASES)
+                pipeline.init(v_bars, STAGES, KV_RELEASES)
                 pipeline.init(q_bars, Q_STAGES, CONSUMER_WARPS)
                 if PIN:
                     memory.st_shared_f32(tile_slots + (Q_STAGES + PinSlot.SCALE) * smem.MBARRIER_BYTES, scale_log2)
                 mbarrier.fence_init()
-            cuda.syncthreads()
+            if MULTICAST:
+                # The peer multicasts into this CTA's stages and arrives on its barriers: both
+                # CTAs' barriers are initialized before either starts.
+                cluster.barrier_arrive()
+                cluster.barrier_wait()
+            else:
+                cuda.syncthreads()
             wg = warpgroup.warpgroup_index()
             tid = cuda.threadIdx.x % WG_THREADS
             if wg == 0:
@@ -753,7 +826,17 @@ class FlashForward(launch.HopperKernel):
             section = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES)
         else:
             section = 1  # pair by pair: each pair's m_blocks in a row
-        grid = scheduler.persistent_grid(tiles, launch.sm_count())
+        if self.multicast:
+            # Clusters take tiles (2p, 2p + 1) on a static schedule, so the grid is whole clusters
+            # and no more than run at once.
+            if m_blocks % MULTICAST_CTAS:
+                # (a pair straddling two (batch, head)s would multicast two different K/V)
+                raise ValueError(f"the multicast kernel pairs neighbouring query blocks of one (batch, head); "
+                                 f"{m_blocks} query blocks do not pair up")
+            clusters = min(tiles // MULTICAST_CTAS, self.kernel().max_active_clusters())
+            grid = MULTICAST_CTAS * max(1, clusters)
+        else:
+            grid = scheduler.persistent_grid(tiles, launch.sm_count())
         left, right = window
         if softcap:
             # s -> softcap * tanh(s * scale / softcap): the kernel takes tanh's argument scale, and

@@ -77,6 +77,29 @@ class CompiledKernel:
         self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._drv = drv
         self._local = threading.local()
+        self._configs = {}
+
+    def max_active_clusters(self):
+        """How many clusters of this kernel the device runs at once (cuOccupancyMaxActiveClusters):
+        a persistent grid of clustered CTAs must not exceed it, or the last clusters wait for a
+        second wave.  Pairs of SMs of one GPC host a cluster of two, so it can be below
+        sm_count / cluster."""
+        n = getattr(self, "_max_clusters", None)
+        if n is None:
+            cfg = cluster_config(self.cluster * sm_count(), self.threads, self.smem_bytes, 0, self.cluster)
+            err, n = self._drv.cuOccupancyMaxActiveClusters(self._function, cfg)
+            if err != self._drv.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuOccupancyMaxActiveClusters failed: {err.name}")
+            self._max_clusters = n = int(n)
+        return n
+
+    def _config(self, grid, stream):
+        """The clustered launch's CUlaunchConfig, built once per (grid, stream)."""
+        key = (grid, stream_handle(stream))
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg = self._configs[key] = cluster_config(grid, self.threads, self.smem_bytes, stream, self.cluster)
+        return cfg
 
     @staticmethod
     def _set_max_dynamic_smem(cufunc, nbytes):
@@ -106,7 +129,7 @@ class CompiledKernel:
             slot.value = a
         drv = self._drv
         if self.cluster > 1:
-            cfg = cluster_config(grid, self.threads, self.smem_bytes, stream, self.cluster)
+            cfg = self._config(grid, stream)
             launch = lambda: drv.cuLaunchKernelEx(cfg, self._function, address, 0)
         else:
             launch = lambda: drv.cuLaunchKernel(self._function, grid, 1, 1, self.threads, 1, 1, self.smem_bytes,

@@ -156,6 +156,35 @@ def test_forward_long_queries(mask, sq, sk):
 
 
 @gpu
+@pytest.mark.parametrize("d,sq,sk,h,hk", [(128, 250, 333, 4, 2), (256, 512, 129, 2, 2), (192, 1000, 1000, 3, 1)])
+def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
+    """The K/V multicast variant (clusters of two on a static schedule; FlashForward.MULTICAST),
+    with more tiles than clusters, a ragged last query block and GQA."""
+    from numba_fa3.api import _forward
+    from numba_fa3.forward import FlashForward
+    kern = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", d, 0)
+    assert kern.multicast
+    rng = np.random.default_rng(5)
+    npdt = NUMPY_DTYPES["bf16"]
+    q = rng.standard_normal((3, sq, h, d)).astype(npdt)
+    k = rng.standard_normal((3, sk, hk, d)).astype(npdt)
+    v = rng.standard_normal((3, sk, hk, d)).astype(npdt)
+    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
+    out = _torch().full_like(tq, float("nan"))
+    make = lambda *a, **kw: kern
+    _, lse = _forward(tq, tk, tv, None, False, (-1, -1), 0.0, True, out, None, make)
+    again = _torch().full_like(tq, float("nan"))
+    _forward(tq, tk, tv, None, False, (-1, -1), 0.0, False, again, None, make)
+    assert _torch().equal(out, again), "two runs on the same inputs differ"
+    ref, ref_lse = attention_reference(q, k, v, return_lse=True)
+    low = attention_lowprec(q, k, v, storage_dtype=npdt).astype(np.float64)
+    _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
+    odd = _to_torch(rng.standard_normal((1, 300, h, d)).astype(npdt))  # 3 query blocks
+    with pytest.raises(ValueError, match="do not pair up"):
+        _forward(odd, tk[:1], tv[:1], None, False, (-1, -1), 0.0, False, None, None, make)
+
+
+@gpu
 def test_forward_numpy_roundtrip_and_gqa_vs_torch():
     torch = _torch()
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -66,6 +66,21 @@ def test_forward_long_query_specialization_compiles_clean(head_dim, mask_kind):
     _assert_clean(kc.ptxas_report(ptx), f"forward long-query d{head_dim} mask {mask_kind}")
 
 
+@pytest.mark.parametrize("head_dim", [d for d in SUPPORTED_HEAD_DIMS if d > 64])
+def test_forward_multicast_specialization_compiles_clean(head_dim):
+    """The K/V multicast variant (FlashForward.MULTICAST; off by default, see bench/NOTES.md):
+    clusters of two, each CTA's share of every stage multicast, releases to both CTAs."""
+    kern = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", head_dim, MASK_NONE)
+    assert kern.multicast and kern.cluster == 2
+    ptx = kern.compile_ptx()
+    assert ".multicast::cluster" in ptx and "mbarrier.arrive.shared::cluster" in ptx
+    assert "barrier.cluster.wait" in ptx
+    _assert_wgmma_operands_untouched(ptx)
+    _assert_clean(kc.ptxas_report(ptx), f"forward multicast d{head_dim}")
+    masked = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", head_dim, MASK_CAUSAL)
+    assert not masked.multicast and masked.cluster == 1  # its two tiles would see different keys
+
+
 @pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False), (False, False)])
 def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     kern = FlashForward("bf16", 128, MASK_CAUSAL, Schedule(pingpong, overlap))
