@@ -164,7 +164,7 @@ class FlashForward(launch.HopperKernel):
     L2_SECTION_BYTES = L2_SECTION_BYTES  # class attributes, so a tuning experiment can override them
     PREFETCH_Q = True
     PIN_RELEASE = None  # None: the tiles table's choice
-    MULTICAST = False
+    MULTICAST = False  # K/V multicast in CTA pairs: measured no faster (bench/NOTES.md, session 5)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -262,7 +262,8 @@ class FlashForward(launch.HopperKernel):
                     # chunks rank, rank + 2, ...: `ring` and `col` already point at chunk `rank`
                     # (the producer has 24 registers)
                     for j in static_range(MC_LOADS):
-                        if MC_LOADS * MULTICAST_CTAS == CHUNKS or col + j * MULTICAST_CTAS * CHUNK_COLS < CHUNKS * CHUNK_COLS:
+                        if (MC_LOADS * MULTICAST_CTAS == CHUNKS
+                                or col + j * MULTICAST_CTAS * CHUNK_COLS < CHUNKS * CHUNK_COLS):
                             tma.load_multicast(ring + index * KV_STAGE + j * MULTICAST_CTAS * KV_CHUNK, tmap,
                                                (col + j * MULTICAST_CTAS * CHUNK_COLS, hk, row, b), full,
                                                MULTICAST_MASK)
@@ -425,7 +426,6 @@ class FlashForward(launch.HopperKernel):
         mark_step = _loop_tracer(TRACE)
 
         @cuda.jit(device=True, forceinline=True)
-        @unrolled
         def release(bars, index, lane):
             """This warp is done reading K/V stage `index`.  With multicast both CTAs' producers
             write the stage in both CTAs, so the release goes to both CTAs' empty barriers
