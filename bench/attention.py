@@ -7,9 +7,9 @@ Each point is timed in `--rounds` interleaved rounds (every implementation once 
 included) and each implementation's figure is the median of its rounds: single samples of FA3
 moved by up to 10% between runs (hdim 256 full 2k: 601-720 TFLOPS), ours by 2-3%.
 """
-import statistics
 import argparse
 import os
+import statistics
 import sys
 
 from . import common

@@ -77,21 +77,21 @@ class CompiledKernel:
         self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._drv = drv
         self._local = threading.local()
-        self._configs = {}
+        self._configs = {}          # clustered launches: CUlaunchConfig per (grid, stream)
+        self._max_clusters = None   # cuOccupancyMaxActiveClusters, asked once
 
     def max_active_clusters(self):
         """How many clusters of this kernel the device runs at once (cuOccupancyMaxActiveClusters):
         a persistent grid of clustered CTAs must not exceed it, or the last clusters wait for a
         second wave.  Pairs of SMs of one GPC host a cluster of two, so it can be below
         sm_count / cluster."""
-        n = getattr(self, "_max_clusters", None)
-        if n is None:
+        if self._max_clusters is None:
             cfg = cluster_config(self.cluster * sm_count(), self.threads, self.smem_bytes, 0, self.cluster)
             err, n = self._drv.cuOccupancyMaxActiveClusters(self._function, cfg)
             if err != self._drv.CUresult.CUDA_SUCCESS:
                 raise RuntimeError(f"cuOccupancyMaxActiveClusters failed: {err.name}")
-            self._max_clusters = n = int(n)
-        return n
+            self._max_clusters = int(n)
+        return self._max_clusters
 
     def _config(self, grid, stream):
         """The clustered launch's CUlaunchConfig, built once per (grid, stream)."""
