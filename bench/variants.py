@@ -1,6 +1,10 @@
 """A/B of forward-kernel variants in one process, FA3 beside when its library is present: each
 variant is `FlashForward` with some class attributes overridden (the tuning knobs, e.g.
-L2_SECTION_BYTES, PREFETCH_Q), timed round-robin twice per point (best of the two medians).
+L2_SECTION_BYTES, LATE_RESCALE).  The variants' launches are interleaved (A B C A B C ...), each
+timed with CUDA events, and each variant's median is compared with the base's: the H100's clock
+drifts under sustained load by more than the effects measured here (the same kernel read 5-7%
+apart within one run when timed in separate blocks), and interleaving makes the drift hit every
+variant alike.  FA3 is timed after them, on its own (its launches go through JAX).
 
     python -m bench variants --points 128,causal,4096 256,full,2048 --variant nosec L2_SECTION_BYTES=0
 
@@ -29,9 +33,9 @@ def run(argv=None):
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "ATTR=VALUE"),
                    help="a name, then FlashForward class attributes to override (Python literals)")
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
+    p.add_argument("--launches", type=int, default=60, help="timed launches per variant and point")
     args = p.parse_args(argv)
     import torch
-    from triton.testing import do_bench
     from numba_fa3.api import _forward
     from numba_fa3.forward import FlashForward
 
@@ -62,23 +66,40 @@ def run(argv=None):
         fa3 = FA3(args.fa3)
     for d, causal, s in args.points:
         b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
-        out = torch.empty_like(q)
-        best = {}
-        for _ in range(2):
-            for name, kern in kernels.items():
-                fn = functools.partial(_forward, q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kern)
-                out.fill_(float("nan"))
-                fn()
-                torch.cuda.synchronize()
-                err = (out.float() - ref.float()).abs().max().item()
-                assert err < 2e-2, f"{name}: max error {err}"
-                tflops = flops / do_bench(fn, warmup=30, rep=150) * 1e-9
-                best[name] = max(best.get(name, 0.0), tflops)
-        line = "  ".join(f"{n} {t:.0f}" for n, t in best.items())
+        fns = {}
+        for name, kern in kernels.items():
+            out = torch.empty_like(q)
+            fns[name] = functools.partial(_forward, q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kern)
+            out.fill_(float("nan"))
+            fns[name]()
+            torch.cuda.synchronize()
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err < 2e-2, f"{name}: max error {err}"
+        ms = interleaved_ms(fns, args.launches)
+        tf = {n: flops / t * 1e-9 for n, t in ms.items()}
+        line = "  ".join(f"{n} {t:.0f} ({t / tf['base']:.3f})" for n, t in tf.items())
         if fa3 is not None:
             f3 = flops / fa3.time_forward(q, k, v, causal=causal) * 1e-9
-            line += f"  fa3 {f3:.0f} (" + ", ".join(f"{n} {t / f3:.3f}" for n, t in best.items()) + ")"
+            line += f"  | fa3 {f3:.0f} (" + ", ".join(f"{n} {t / f3:.3f}" for n, t in tf.items()) + ")"
         print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {line}", flush=True)
+
+
+def interleaved_ms(fns, launches, warmup=5):
+    """Median milliseconds per function, their launches interleaved round-robin."""
+    import statistics
+    import torch
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(launches)] for n in fns}
+    for i in range(launches):
+        for n, f in fns.items():
+            events[n][i][0].record()
+            f()
+            events[n][i][1].record()
+    torch.cuda.synchronize()
+    return {n: statistics.median(a.elapsed_time(z) for a, z in ev) for n, ev in events.items()}
 
 
 if __name__ == "__main__":

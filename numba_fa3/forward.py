@@ -36,15 +36,6 @@ from . import mask, softmax
 from .tiles import tiles_for
 
 
-class PinSlot(enum.IntEnum):
-    """8-byte slots after the tile-id slots: the softmax scale (log2 units) that a pinned loop
-    step reads after its K release, and the sink its row sums go to before its P V wait."""
-    SCALE = 0
-    SINK = 1
-
-
-PIN_SLOTS = len(PinSlot)
-
 #: CTAs per cluster in the multicast kernel, and the CTA mask its K/V loads go to (both).
 MULTICAST_CTAS = 2
 MULTICAST_MASK = (1 << MULTICAST_CTAS) - 1
@@ -163,7 +154,7 @@ class FlashForward(launch.HopperKernel):
 
     L2_SECTION_BYTES = L2_SECTION_BYTES  # class attributes, so a tuning experiment can override them
     PREFETCH_Q = True
-    PIN_RELEASE = None  # None: the tiles table's choice
+    LATE_RESCALE = None  # None: the tiles table's choice (Tiles.late_rescale)
     MULTICAST = False  # K/V multicast in CTA pairs: measured no faster (bench/NOTES.md, session 5)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
@@ -182,7 +173,7 @@ class FlashForward(launch.HopperKernel):
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
-        self.pin_release = t.pin_release if self.PIN_RELEASE is None else bool(self.PIN_RELEASE)
+        self.late_rescale = t.late_rescale if self.LATE_RESCALE is None else bool(self.LATE_RESCALE)
         self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         # K/V multicast in clusters of two CTAs (`multicast_ok`): each CTA loads half of every
         # K/V stage's column chunks into both CTAs' shared memory, halving L2 -> SM traffic.
@@ -224,10 +215,9 @@ class FlashForward(launch.HopperKernel):
         plan.add("q", q_stages * q_bytes)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
         plan.add("v", self.stages * self.chunks * self.kv_chunk)
-        # K, V and Q rings, per Q buffer the slot that passes the tile id (an 8-byte unit), and
-        # the softmax scale and row-sum sink that pin the release (`make_step`).
+        # K, V and Q rings, and per Q buffer the slot that passes the tile id (an 8-byte unit).
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
-                 + (q_stages + PIN_SLOTS) * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
+                 + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
         if with_o:
             plan.add("o", q_bytes)
         return plan
@@ -420,7 +410,7 @@ class FlashForward(launch.HopperKernel):
         GROUPS = D // 8
         Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
-        PIN = self.pin_release
+        LATE_RESCALE = self.late_rescale
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
@@ -515,10 +505,13 @@ class FlashForward(launch.HopperKernel):
             @cuda.jit(device=True, forceinline=True)
             def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
                      v_smem, q_empty, n_min, col0, limits, softcap_scale, scale_log2, lane, wg, tracer,
-                     cu_k, n, n_max, pin_slots):
+                     cu_k, n, n_max):
                 """One step of the overlapped main loop (FA3 section 3.2): S_nb = Q K_nb^T is in
                 flight while the softmax of the previous block's S ran; P V of that block is
-                issued right behind it and waited for after this block's softmax."""
+                issued right behind it and waited for after this block's softmax.  O is rescaled
+                to the running max either before that P V (its factors a0, a1 from the previous
+                block's softmax) or, with LATE_RESCALE, after its wait (with this block's), which
+                keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale."""
                 t = np.int32(n_max - 2 - nb)
                 pipeline.consumer_wait(k_bars, index, phase)
                 if tracer:
@@ -527,7 +520,8 @@ class FlashForward(launch.HopperKernel):
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.TURN)
                 s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
-                o = scale_rows(o, a0, a1)
+                if not LATE_RESCALE:
+                    o = scale_rows(o, a0, a1)
                 pipeline.consumer_wait(v_bars, v_index, v_phase)
                 o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                 scheduler_pass(wg)
@@ -537,28 +531,19 @@ class FlashForward(launch.HopperKernel):
                 release(k_bars, index, lane)
                 if nb == n_min:
                     release_q(q_empty, lane)
-                if PIN:
-                    # ptxas moves the K release (an mbarrier arrive) and the P V wait together to
-                    # wherever it likes among the softmax's instructions; in the causal hdim-128
-                    # loop that was after all of them, so K's stage came free a softmax late.  The
-                    # softmax's scale read from shared memory after the arrive holds the arrive
-                    # above the softmax, and the row sums stored before the wait hold the wait
-                    # below it (SASS: the release ~40 instructions after the S wait, all 66
-                    # exponentials under P V).  Measured per head dim and mask: see Tiles.
-                    scale_log2 = memory.ld_shared_f32(pin_slots)
                 if SOFTCAP:
                     s = tanh_rows(s, softcap_scale)
                 if masked:
                     s = mask_block(s, nb, col0, limits)
                 p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
-                if PIN and lane == 0:
-                    memory.st_shared_v2_f32(pin_slots + PinSlot.SINK * smem.MBARRIER_BYTES, l0, l1)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
                 o, pk = wgmma.wait_group_keep(0, o, pk)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
                 release(v_bars, v_index, lane)
+                if LATE_RESCALE:
+                    o = scale_rows(o, a0, a1)
                 pk = PACK(p)
                 v_index, v_phase = index, phase
                 index, phase = pipeline.advance(index, phase, STAGES)
@@ -588,7 +573,6 @@ class FlashForward(launch.HopperKernel):
             col0 = np.int32(np.uint32(2) * (utid % np.uint32(4)))
             n = np.int32(0)  # tiles done (trace build)
             tracer = TRACE and tid == 0
-            pin_slots = tile_slots + Q_STAGES * smem.MBARRIER_BYTES
             while True:
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
@@ -643,19 +627,20 @@ class FlashForward(launch.HopperKernel):
                             while nb >= n_min:
                                 if nb >= u_max or nb < u_min:
                                     (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                                            v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty,
-                                                            n_min, col0, limits, softcap_scale, scale_log2,
-                                                            lane, wg, tracer, cu_k, n, n_max, pin_slots)
+                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                            v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
+                                                            v_smem, q_empty, n_min, col0, limits, softcap_scale,
+                                                            scale_log2, lane, wg, tracer, cu_k, n, n_max)
                                     nb = np.int32(nb - 1)
                                 else:
                                     stop = max(n_min, u_min)
                                     while nb >= stop:
                                         (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                         v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                                               v_phase, nb, q_wg, k_bars, v_bars, k_smem, v_smem,
-                                                               q_empty, n_min, col0, limits, softcap_scale,
-                                                               scale_log2, lane, wg, tracer, cu_k, n, n_max, pin_slots)
+                                         v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                               v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
+                                                               v_smem, q_empty, n_min, col0, limits,
+                                                               softcap_scale, scale_log2, lane, wg, tracer, cu_k,
+                                                               n, n_max)
                                         nb = np.int32(nb - 1)
                         else:
                             # Unmasked kernels have one copy, with no mask (only a tile's first
@@ -665,11 +650,12 @@ class FlashForward(launch.HopperKernel):
                                  v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
                                                        nb, q_wg, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
                                                        limits, softcap_scale, scale_log2, lane, wg,
-                                                       tracer, cu_k, n, n_max, pin_slots)
+                                                       tracer, cu_k, n, n_max)
                                 nb = np.int32(nb - 1)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
-                        o = scale_rows(o, a0, a1)
+                        if not LATE_RESCALE:
+                            o = scale_rows(o, a0, a1)
                         pipeline.consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
@@ -761,7 +747,6 @@ class FlashForward(launch.HopperKernel):
         RING = pipeline.barrier_bytes(STAGES)
         Q_STAGES = self.q_stages
         Q_RING = pipeline.barrier_bytes(Q_STAGES)
-        PIN = self.pin_release
         REG_PRODUCER, REG_CONSUMER = self.registers
         WG_THREADS = warpgroup.WARPGROUP_THREADS
         MULTICAST, KV_RELEASES = self.multicast, CONSUMER_WARPS * self.cluster
@@ -779,8 +764,6 @@ class FlashForward(launch.HopperKernel):
                 pipeline.init(k_bars, STAGES, KV_RELEASES)
                 pipeline.init(v_bars, STAGES, KV_RELEASES)
                 pipeline.init(q_bars, Q_STAGES, CONSUMER_WARPS)
-                if PIN:
-                    memory.st_shared_f32(tile_slots + (Q_STAGES + PinSlot.SCALE) * smem.MBARRIER_BYTES, scale_log2)
                 mbarrier.fence_init()
             if MULTICAST:
                 # The peer multicasts into this CTA's stages and arrives on its barriers: both

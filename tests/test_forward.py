@@ -185,6 +185,35 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
 
 
 @gpu
+@pytest.mark.parametrize("d,causal,window,late,sq,sk", [(128, True, (-1, -1), True, 700, 901),
+                                                        (256, True, (-1, -1), False, 901, 700),
+                                                        (256, False, (300, 40), False, 901, 700),
+                                                        (64, False, (-1, -1), True, 700, 901)])
+def test_forward_rescale_placement_matches_reference(d, causal, window, late, sq, sk):
+    """Both places of the O rescale (FlashForward.LATE_RESCALE), each where the tiles table does
+    not choose it: before the step's P V issue, or after its wait.  Causal, a local window and
+    unmasked; with sq > sk the first rows see no key (0 and LSE -inf)."""
+    from numba_fa3 import mask
+    from numba_fa3.api import _forward
+    from numba_fa3.forward import FlashForward
+    kind = mask.MASK_CAUSAL if causal else (mask.MASK_LOCAL if window != (-1, -1) else mask.MASK_NONE)
+    kern = type("Rescale", (FlashForward,), {"LATE_RESCALE": late})("bf16", d, kind)
+    assert kern.late_rescale == late
+    rng = np.random.default_rng(7)
+    npdt = NUMPY_DTYPES["bf16"]
+    q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
+    k = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
+    out = _torch().full_like(tq, float("nan"))
+    make = lambda *a, **kw: kern
+    _, lse = _forward(tq, tk, tv, None, causal, window, 0.0, True, out, None, make)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, return_lse=True)
+    low = attention_lowprec(q, k, v, causal=causal, window_size=window, storage_dtype=npdt).astype(np.float64)
+    _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
+
+
+@gpu
 def test_forward_numpy_roundtrip_and_gqa_vs_torch():
     torch = _torch()
     g = torch.Generator(device="cuda").manual_seed(0)
