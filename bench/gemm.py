@@ -3,7 +3,6 @@
     python -m bench gemm [--sizes 8192 4096 ...] [--out bench/results/gemm-<date>.json]
 """
 import argparse
-import json
 import os
 import sys
 

@@ -3,7 +3,7 @@ records %clock64 at the tile's landmarks in every CTA, and this prints, per conf
 cycles of each phase summed over all tiles, and the per-tile overhead in units of one steady
 key-block iteration.
 
-    python -m bench trace [--seqlens 2048 16384] [--hdims 128] [--causal false true] [--out F]
+    python -m bench trace [--seqlens 2048 16384] [--hdims 128] [--causal false true] [--same-work] [--out F]
 """
 import argparse
 import functools
@@ -89,11 +89,33 @@ def analyse_loop(buf, ctas):
     return steps
 
 
+def same_work(args):
+    """Like common.grid, over `maskcost.PROBLEMS` (seqlen reported as seqlen_k): the full and
+    causal kernels doing the same work on the same data (see bench/maskcost.py)."""
+    import torch
+    from .maskcost import PROBLEMS
+    for d in args.hdims:
+        for causal in [c == "true" for c in args.causal]:
+            for sq, sk, b, h in PROBLEMS:
+                g = torch.Generator(device="cuda").manual_seed(0)
+                q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                k, v = (torch.randn(b, sk, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+                allowed = torch.ones(sq, sk, device="cuda", dtype=torch.bool)
+                if causal:
+                    allowed = allowed.tril(sk - sq)
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.expand(b, sk, h, d).transpose(1, 2), v.expand(b, sk, h, d).transpose(1, 2),
+                    attn_mask=allowed).transpose(1, 2)
+                yield d, causal, sk, (b, h, q, k, v, 4.0 * b * h * sq * sk * d, ref)
+
+
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench trace")
     p.add_argument("--seqlens", type=int, nargs="*", default=[2048, 4096, 16384])
     p.add_argument("--hdims", type=int, nargs="*", default=[128])
     p.add_argument("--causal", nargs="*", default=["false", "true"])
+    p.add_argument("--same-work", action="store_true",
+                   help="the maskcost problems (one query block per head, long keys) instead of the grid's")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -116,7 +138,7 @@ def run(argv=None):
         return Traced(dtype, d, kind, softcap=softcap, trace=True, long_queries=long_queries)
 
     rows = []
-    for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
+    for d, causal, s, (b, h, q, k, v, flops, ref) in (same_work(args) if args.same_work else common.grid(args)):
         out = torch.empty_like(q)
         for _ in range(3):  # warm: the last run's trace is read
             buf.zero_()

@@ -27,20 +27,18 @@ def parse_point(text):
     return int(d), mask == "causal", int(s)
 
 
-def run(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench variants")
-    p.add_argument("--points", type=parse_point, nargs="+", required=True, help="hdim,causal|full,seqlen")
+def add_variant_args(p):
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "ATTR=VALUE"),
                    help="a name, then FlashForward class attributes to override (Python literals)")
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
     p.add_argument("--launches", type=int, default=60, help="timed launches per variant and point")
-    args = p.parse_args(argv)
-    import torch
-    from numba_fa3.api import _forward
-    from numba_fa3.forward import FlashForward
 
+
+def kernel_makers(variant_args):
+    """{name: make_kernel} for the base and each --variant (NAME ATTR=VALUE ...)."""
+    from numba_fa3.forward import FlashForward
     variants = {"base": {}}
-    for name, *assigns in args.variant:
+    for name, *assigns in variant_args:
         attrs = {}
         for a in assigns:
             key, _, value = a.partition("=")
@@ -59,11 +57,28 @@ def run(argv=None):
         kernels[name] = functools.lru_cache(maxsize=None)(
             lambda dt, d, kind, softcap=False, long_queries=False, cls=cls, tiles=tiles:
             cls(dt, d, kind, softcap=softcap, tiles=tiles, long_queries=long_queries))
-    fa3 = None
-    if os.path.exists(args.fa3):
-        sys.path.insert(0, os.path.dirname(args.fa3))
-        from fa3_jax import FA3
-        fa3 = FA3(args.fa3)
+    return kernels
+
+
+def load_fa3(path):
+    """FA3's JAX wrapper where its library is present, else None."""
+    if not os.path.exists(path):
+        return None
+    sys.path.insert(0, os.path.dirname(path))
+    from fa3_jax import FA3
+    return FA3(path)
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench variants")
+    p.add_argument("--points", type=parse_point, nargs="+", required=True, help="hdim,causal|full,seqlen")
+    add_variant_args(p)
+    args = p.parse_args(argv)
+    import torch
+    from numba_fa3.api import _forward
+
+    kernels = kernel_makers(args.variant)
+    fa3 = load_fa3(args.fa3)
     for d, causal, s in args.points:
         b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)
         fns = {}

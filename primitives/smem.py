@@ -6,7 +6,6 @@ mode a tile is stored as rows of 128 bytes in which the 16-byte unit u of row r 
 u ^ (r % 8).  TMA writes this pattern, wgmma reads it, and eight rows (1024 bytes) form one atom,
 so every swizzled tile must start at a 1024-byte boundary.
 """
-import numpy as np
 from llvmlite import ir
 from numba import cuda, types
 from numba.core.errors import TypingError

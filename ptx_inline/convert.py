@@ -6,7 +6,7 @@ for consecutive elements of a row.
 from numba import types
 from numba.cuda.extending import intrinsic
 
-from ._asm import F32, I16, I32, emit
+from ._asm import I16, I32, emit
 
 
 def _pack(text, out_llty, out_ty):

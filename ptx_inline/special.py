@@ -2,7 +2,6 @@
 warp-uniform indices.
 """
 from numba import types
-from numba.cuda import cgutils
 from numba.core.errors import TypingError
 from numba.cuda.extending import intrinsic
 

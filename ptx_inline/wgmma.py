@@ -11,7 +11,6 @@ import functools
 
 from numba import types
 from numba.core.errors import TypingError
-from numba.cuda import cgutils
 from numba.cuda.extending import intrinsic
 
 from ._asm import F32, I32, as_int, emit, literal_int, literal_intrinsic

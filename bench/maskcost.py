@@ -1,0 +1,56 @@
+"""What the mask costs beyond its work: the causal and the unmasked kernel on one problem where
+both do the same work, timed with their launches interleaved, FA3's two kernels beside.
+
+With one query block per (batch, head) (seqlen_q <= block_m) and seqlen_k >> seqlen_q, causal
+(aligned bottom-right) masks only the last key block of each tile, the tile order is the same for
+both kernels, and all heads share one K/V head (GQA) so K/V stay in L2: the causal/full time ratio
+is then the masked kernel's own cost per step.  A ratio, both sides timed in the same stream of
+launches, so it does not drift with the clock (bench/NOTES.md, session 6).  FA3's ratio is ~1.0.
+
+    python -m bench maskcost [--hdims 128 256] [--variant NAME ATTR=VALUE ...]
+"""
+import argparse
+import functools
+import sys
+
+from .variants import add_variant_args, interleaved_ms, kernel_makers, load_fa3
+
+#: (seqlen_q, seqlen_k, batch, heads): 264 tiles of 128 key blocks (two per CTA on 132 SMs)
+PROBLEMS = ((128, 16384, 4, 66), (256, 8192, 4, 66))
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench maskcost")
+    p.add_argument("--hdims", type=int, nargs="+", default=[128, 256])
+    add_variant_args(p)
+    args = p.parse_args(argv)
+    import torch
+    from numba_fa3.api import _forward
+
+    kernels = kernel_makers(args.variant)
+    fa3 = load_fa3(args.fa3)
+    for d in args.hdims:
+        for sq, sk, b, h in PROBLEMS:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(b, sk, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            flops = 4.0 * b * h * sq * sk * d  # the same for both kernels (one masked block of 128)
+            fns = {}
+            for name, kern in kernels.items():
+                for causal in (False, True):
+                    out = torch.empty_like(q)
+                    fns[name, causal] = functools.partial(_forward, q, k, v, None, causal, (-1, -1), 0.0, False,
+                                                          out, None, kern)
+            ms = interleaved_ms(fns, args.launches)
+            parts = []
+            for name in kernels:
+                full, causal = (flops / ms[name, c] * 1e-9 for c in (False, True))
+                parts.append(f"{name} full {full:.0f} causal {causal:.0f} ({causal / full:.3f})")
+            if fa3 is not None:
+                full, causal = (flops / fa3.time_forward(q, k, v, causal=c) * 1e-9 for c in (False, True))
+                parts.append(f"fa3 full {full:.0f} causal {causal:.0f} ({causal / full:.3f})")
+            print(f"d{d} sq {sq} sk {sk}: " + "  ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
