@@ -15,8 +15,10 @@ import sys
 
 from .variants import add_variant_args, interleaved_ms, kernel_makers, load_fa3
 
-#: (seqlen_q, seqlen_k, batch, heads): 264 tiles of 128 key blocks (two per CTA on 132 SMs)
-PROBLEMS = ((128, 16384, 4, 66), (256, 8192, 4, 66))
+#: (seqlen_q, seqlen_k, batch, heads): 264 tiles of 128 key blocks (two per CTA on 132 SMs), and
+#: short tiles, where the per-tile costs and the masked block weigh more: 528 tiles of 16 blocks,
+#: 1056 of 8 (the lengths of causal tiles at 2k-4k tokens, here all equal)
+PROBLEMS = ((128, 16384, 4, 66), (256, 8192, 4, 66), (128, 2048, 8, 66), (128, 1024, 16, 66))
 
 
 def run(argv=None):
@@ -47,8 +49,10 @@ def run(argv=None):
                 full, causal = (flops / ms[name, c] * 1e-9 for c in (False, True))
                 parts.append(f"{name} full {full:.0f} causal {causal:.0f} ({causal / full:.3f})")
             if fa3 is not None:
-                full, causal = (flops / fa3.time_forward(q, k, v, causal=c) * 1e-9 for c in (False, True))
-                parts.append(f"fa3 full {full:.0f} causal {causal:.0f} ({causal / full:.3f})")
+                f3 = {c: flops / fa3.time_forward(q, k, v, causal=c) * 1e-9 for c in (False, True)}
+                parts.append(f"fa3 full {f3[False]:.0f} causal {f3[True]:.0f} ({f3[True] / f3[False]:.3f}); base/fa3 "
+                             f"full {flops / ms['base', False] * 1e-9 / f3[False]:.3f} "
+                             f"causal {flops / ms['base', True] * 1e-9 / f3[True]:.3f}")
             print(f"d{d} sq {sq} sk {sk}: " + "  ".join(parts), flush=True)
 
 
