@@ -62,12 +62,14 @@ def analyse(buf, ctas):
                 producer_q_to_first_k=float(p_first[pdone].mean()), q_free_to_tile=float(np.median(q_land)))
 
 
-def analyse_loop(buf, ctas):
+def analyse_loop(buf, ctas, tail=False):
     """Per main-loop step (averaged over CTAs and tiles): cycles from the last P V to K landing,
     K to its turn, turn to S landed, the softmax, softmax to P V landed; the step's period; and how
     far warpgroup 1's turn trails warpgroup 0's."""
     from numba_fa3.forward import MAX_CONSUMERS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
     ev = buf.reshape(ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
+    if tail:  # recorded last step first: put them in time order (row k: the tile's 64th-last step + k)
+        ev = ev[:, :, :, ::-1, :]
     ok = (ev != 0).all(-1)
     steps = []
     for k in range(0, TRACE_LOOP_STEPS):
@@ -114,6 +116,8 @@ def run(argv=None):
     p.add_argument("--seqlens", type=int, nargs="*", default=[2048, 4096, 16384])
     p.add_argument("--hdims", type=int, nargs="*", default=[128])
     p.add_argument("--causal", nargs="*", default=["false", "true"])
+    p.add_argument("--tail", action="store_true",
+                   help="per-step table of each tile's last steps (tiles of >= 66 key blocks) instead of its first")
     p.add_argument("--same-work", action="store_true",
                    help="the maskcost problems (one query block per head, long keys) instead of the grid's")
     p.add_argument("--out", default=None)
@@ -130,6 +134,8 @@ def run(argv=None):
                        device="cuda")
 
     class Traced(FlashForward):
+        TRACE_LOOP_TAIL = args.tail
+
         def launch(self, *a, **kw):
             super().launch(*a, cu_seqlens=(buf.data_ptr(), loop.data_ptr()), **kw)
 
@@ -148,7 +154,7 @@ def run(argv=None):
         err = (out.float() - ref.float()).abs().max().item()
         assert err < 2e-2, f"trace build wrong: max error {err}"
         r = analyse(buf.cpu().numpy(), ctas)
-        r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas))
+        r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas, args.tail))
         rows.append(r)
         sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
         print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "

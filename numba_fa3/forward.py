@@ -107,8 +107,9 @@ class ProducerEvent(enum.IntEnum):
 
 class LoopEvent(enum.IntEnum):
     """A consumer warpgroup's timestamps in each of the first `TRACE_LOOP_STEPS` steps of the
-    overlapped main loop (into the buffer passed as cu_seqlens_k): K landed, its turn on the
-    tensor cores came, S landed, the softmax is done, P V landed."""
+    overlapped main loop (or, with FlashForward.TRACE_LOOP_TAIL, the last ones, step 0 last), into
+    the buffer passed as cu_seqlens_k: K landed, its turn on the tensor cores came, S landed, the
+    softmax is done, P V landed."""
     K_READY = 0
     TURN = 1
     S_READY = 2
@@ -156,6 +157,7 @@ class FlashForward(launch.HopperKernel):
     PREFETCH_Q = True
     LATE_RESCALE = None  # None: the tiles table's choice (Tiles.late_rescale)
     MULTICAST = False  # K/V multicast in CTA pairs: measured no faster (bench/NOTES.md, session 5)
+    TRACE_LOOP_TAIL = False  # trace build: record each tile's last loop steps, not its first
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -411,6 +413,7 @@ class FlashForward(launch.HopperKernel):
         Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
         LATE_RESCALE = self.late_rescale
+        TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
@@ -512,7 +515,7 @@ class FlashForward(launch.HopperKernel):
                 to the running max either before that P V (its factors a0, a1 from the previous
                 block's softmax) or, with LATE_RESCALE, after its wait (with this block's), which
                 keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale."""
-                t = np.int32(n_max - 2 - nb)
+                t = np.int32(nb - n_min) if TRACE_TAIL else np.int32(n_max - 2 - nb)
                 pipeline.consumer_wait(k_bars, index, phase)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.K_READY)

@@ -76,7 +76,22 @@ def test_trace_analysis_on_a_synthetic_trace():
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     assert steps[1]["period"] == 3000 and steps[1]["wait_k"] == 3000 - 4 * 500 + 0
     assert steps[2]["softmax"] == 500 and steps[2]["wg1_lag"] == 0
+    # --tail: a tile's last steps, recorded last one first (row 0 = the tile's last step)
+    tail = np.zeros_like(loop)
+    n = TRACE_LOOP_STEPS
+    for k in range(n):
+        tail[:, :2, :4, n - 1 - k, :] = 1 + 3000 * k + 500 * np.arange(TRACE_LOOP_EVENTS)
+    steps = analyse_loop(tail.ravel(), ctas, tail=True)
+    assert len(steps) == n and all(s["period"] == 3000 for s in steps[1:])
 
+
+def test_maskcost_problems_mask_little():
+    """maskcost's problems leave the causal kernel a tile's diagonal to mask and nothing else:
+    at most two query blocks per (batch, head), whole key blocks, keys >= 8x queries, and at
+    least one tile per SM."""
+    from bench.maskcost import PROBLEMS
+    for sq, sk, b, h in PROBLEMS:
+        assert sq <= 256 and sk % 128 == 0 and sk >= 8 * sq and b * h >= 132
 
 def test_bench_variants_points_and_knobs():
     """bench variants parses its points and only accepts real FlashForward knobs."""
