@@ -27,11 +27,12 @@ def run(argv=None):
     from triton.testing import do_bench
     from numba_fa3.api import _forward
     from numba_fa3.forward import FlashForward, Schedule
-    from numba_fa3.tiles import LONG_QUERIES, tiles_for
+    from numba_fa3 import mask
+    from numba_fa3.tiles import has_long_tiles, tiles_for
 
     @functools.lru_cache(maxsize=None)
     def kernel(schedule, block_n, dtype, d, kind, softcap=False, long_queries=False):
-        tiles = tiles_for(d, kind != 0, long_queries)
+        tiles = tiles_for(d, kind != mask.MASK_NONE, long_queries)
         if block_n:
             tiles = type(tiles)(**{**tiles.__dict__, "block_n": block_n})
         return FlashForward(dtype, d, kind, Schedule(*SCHEDULES[schedule]), tiles, softcap=softcap)
@@ -46,7 +47,8 @@ def run(argv=None):
                 fn()
                 err = (out.float() - ref.float()).abs().max().item()
                 ms = do_bench(fn, warmup=50, rep=200, return_mode="median")
-                bn_used = make("bf16", d, 1 if causal else 0, long_queries=s >= LONG_QUERIES).block_n
+                kind = mask.MASK_CAUSAL if causal else mask.MASK_NONE
+                bn_used = make("bf16", d, kind, long_queries=has_long_tiles(d, causal, s)).block_n
                 rows.append(dict(impl=f"numba_fa3[{sched}]", mode="fwd", dtype="bf16", hdim=d,
                                  causal=causal, seqlen=s, batch=b, heads=h, block_n=bn_used, ms=ms,
                                  tflops=flops / ms / 1e9, max_abs_err=err))

@@ -21,6 +21,15 @@ from .variants import add_variant_args, interleaved_ms, kernel_makers, load_fa3
 PROBLEMS = ((128, 16384, 4, 66), (256, 8192, 4, 66), (128, 2048, 8, 66), (128, 1024, 16, 66))
 
 
+def problem(d, sq, sk, b, h):
+    """Random bf16 q [b, sq, h, d] and k, v [b, sk, 1, d] (every query head on one K/V head)."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b, sk, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    return q, k, v
+
+
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench maskcost")
     p.add_argument("--hdims", type=int, nargs="+", default=[128, 256])
@@ -33,9 +42,7 @@ def run(argv=None):
     fa3 = load_fa3(args.fa3)
     for d in args.hdims:
         for sq, sk, b, h in PROBLEMS:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            k, v = (torch.randn(b, sk, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            q, k, v = problem(d, sq, sk, b, h)
             flops = 4.0 * b * h * sq * sk * d  # the same for both kernels (one masked block of 128)
             fns = {}
             for name, kern in kernels.items():

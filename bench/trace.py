@@ -95,13 +95,11 @@ def same_work(args):
     """Like common.grid, over `maskcost.PROBLEMS` (seqlen reported as seqlen_k): the full and
     causal kernels doing the same work on the same data (see bench/maskcost.py)."""
     import torch
-    from .maskcost import PROBLEMS
+    from .maskcost import PROBLEMS, problem
     for d in args.hdims:
         for causal in [c == "true" for c in args.causal]:
             for sq, sk, b, h in PROBLEMS:
-                g = torch.Generator(device="cuda").manual_seed(0)
-                q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
-                k, v = (torch.randn(b, sk, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+                q, k, v = problem(d, sq, sk, b, h)
                 allowed = torch.ones(sq, sk, device="cuda", dtype=torch.bool)
                 if causal:
                     allowed = allowed.tril(sk - sq)
