@@ -3,16 +3,23 @@ FLASH (FA2) and CUDNN backends, same process, same inputs.  16k tokens per batch
 
     python -m bench attention [--seqlens 512 1024 ...] [--hdims 64 128] [--rounds 3] [--fa3 .fa3/libdew_flash_attn3.so]
 
-Each point is timed in `--rounds` interleaved rounds (every implementation once per round, FA3
-included) and each implementation's figure is the median of its rounds: single samples of FA3
-moved by up to 10% between runs (hdim 256 full 2k: 601-720 TFLOPS), ours by 2-3%.
+Every point is timed three ways, each a row `timing` of the JSON (see bench/timing.py):
+- "do_bench": `triton.testing.do_bench` medians (L2 flushed before each launch, CUDA events) for
+  the torch-side implementations, the median of `--rounds` rounds that take each in turn.  FA3
+  cannot be timed so: it launches on XLA's stream, which torch's events do not bracket.
+- "cold" and "warm": every implementation, FA3 included, by one host clock over blocks of
+  launches that alternate between implementations round by round; cold flushes L2 before each
+  launch (do_bench's condition) and subtracts the flushes, warm launches back to back (FA3's own
+  `time_forward`).  Ratios to FA3 are taken within one of these, never across methods: until
+  session 7 the grid set our do_bench figure against FA3's warm one (bench/NOTES.md).
 """
 import argparse
 import os
 import statistics
 import sys
 
-from . import common
+from . import common, timing
+from .variants import load_fa3
 
 
 def run(argv=None):
@@ -21,7 +28,8 @@ def run(argv=None):
     p.add_argument("--hdims", type=int, nargs="*", default=[64, 128])
     p.add_argument("--causal", nargs="*", default=["false", "true"])
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per point (median)")
+    p.add_argument("--rounds", type=int, default=3, help="do_bench rounds per point (median)")
+    p.add_argument("--host-rounds", type=int, default=10, help="rounds of the host-clocked cold and warm timings")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -32,9 +40,7 @@ def run(argv=None):
     fa3 = None
     if os.path.exists(args.fa3):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        sys.path.insert(0, os.path.dirname(args.fa3))
-        from fa3_jax import FA3
-        fa3 = FA3(args.fa3)
+        fa3 = load_fa3(args.fa3)
     rows = []
     for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
         out = torch.empty_like(q)
@@ -50,26 +56,32 @@ def run(argv=None):
         impls = {"numba_fa3": lambda: flash_attn(q, k, v, causal=causal, out=out),
                  "fa2-sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
                  "cudnn-sdpa": sdpa(SDPBackend.CUDNN_ATTENTION)}
-        if fa3 is not None:
-            impls["fa3"] = None
         samples = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, fn in impls.items():
-                if name == "fa3":
-                    samples[name].append(fa3.time_forward(q, k, v, causal=causal))
-                else:
-                    samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        for name, ms_rounds in samples.items():
-            ms = statistics.median(ms_rounds)
-            rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
-                             batch=b, heads=h, ms=ms, tflops=flops / ms / 1e9, ms_rounds=ms_rounds,
-                             max_abs_err=err if name == "numba_fa3" else None))
-        print("  ".join(f"{r['impl']}={r['tflops']:.0f}" for r in rows if r["hdim"] == d
-                        and r["causal"] == causal and r["seqlen"] == s), f"d={d} causal={causal} s={s} err={err:.3g}", flush=True)
+                samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        timed = {"do_bench": {n: statistics.median(v) for n, v in samples.items()}}
+        host_fns = dict(impls)
+        streams = {n: timing.torch_stream() for n in impls}
+        if fa3 is not None:
+            host_fns["fa3"], streams["fa3"] = timing.fa3_forward(fa3, q, k, v, causal), timing.jax_stream()
+        for method in ("cold", "warm"):
+            timed[method] = timing.host_interleaved_ms(host_fns, streams, cold=method == "cold",
+                                                       rounds=args.host_rounds)
+        for method, ms_of in timed.items():
+            for name, ms in ms_of.items():
+                rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,
+                                 batch=b, heads=h, timing=method, ms=ms, tflops=flops / ms / 1e9,
+                                 ms_rounds=samples[name] if method == "do_bench" else None,
+                                 max_abs_err=err if name == "numba_fa3" else None))
+            tf = {r["impl"]: r["tflops"] for r in rows[-len(ms_of):]}
+            ratios = "  ".join(f"/{p}={tf['numba_fa3'] / tf[p]:.3f}" for p in ("cudnn-sdpa", "fa3") if p in tf)
+            print(f"d={d} causal={causal} s={s} {method:8}", "  ".join(f"{n}={t:.0f}" for n, t in tf.items()),
+                  ratios, f"err={err:.3g}", flush=True)
     result = dict(meta=common.meta(), rows=rows)
     path = args.out or os.path.join(common.RESULTS, f"attention-fwd-{result['meta']['date']}.json")
     common.write_json(path, result)
-    print(common.table(rows, ["impl", "hdim", "causal", "seqlen", "ms", "tflops"]))
+    print(common.table(rows, ["impl", "timing", "hdim", "causal", "seqlen", "ms", "tflops"]))
 
 
 if __name__ == "__main__":

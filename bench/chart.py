@@ -1,7 +1,11 @@
 """A bar chart of an attention results file, laid out like FA3's Figure 5: one panel per
 (head dim, causal), sequence length on the x axis, one bar per implementation.
 
-    python -m bench chart bench/results/attention-fwd-grid-....json [--out file.png]
+    python -m bench chart bench/results/attention-fwd-grid-....json [--timing cold] [--out file.png]
+
+All bars of a chart come from one timing method (a row's `timing`; files from before session 7
+have one method per implementation and no such key): by default "cold", the one that times FA3
+and the torch-side implementations alike, with L2 flushed as do_bench does.
 """
 import argparse
 import json
@@ -15,6 +19,7 @@ COLORS = {"fa2-sdpa": "#9e9e9e", "cudnn-sdpa": "#4c72b0", "fa3": "#dd8452", "num
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench chart")
     p.add_argument("results")
+    p.add_argument("--timing", default="cold", help="which rows' timing to plot, where rows have one")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import matplotlib
@@ -23,6 +28,10 @@ def run(argv=None):
 
     data = json.load(open(args.results))
     rows, meta = data["rows"], data["meta"]
+    if any("timing" in r for r in rows):
+        rows = [r for r in rows if r.get("timing") == args.timing]
+        if not rows:
+            sys.exit(f"no rows timed by {args.timing!r} in {args.results}")
     panels = sorted({(r["hdim"], r["causal"]) for r in rows})
     seqlens = sorted({r["seqlen"] for r in rows})
     impls = [i for i in ORDER if any(r["impl"] == i for r in rows)]
@@ -47,7 +56,8 @@ def run(argv=None):
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, ncol=len(impls), loc="upper left")
     fig.suptitle(f"Attention forward, bf16, 16k tokens, hidden 2048 — {meta.get('device')} "
-                 f"{meta.get('date')} commit {meta.get('commit')}", fontsize=11)
+                 f"{meta.get('date')} commit {meta.get('commit')}"
+                 + (f", timing {args.timing}" if rows and "timing" in rows[0] else ""), fontsize=11)
     fig.tight_layout()
     out = args.out or os.path.splitext(args.results)[0] + ".png"
     fig.savefig(out, dpi=120)

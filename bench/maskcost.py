@@ -13,7 +13,8 @@ import argparse
 import functools
 import sys
 
-from .variants import add_variant_args, interleaved_ms, kernel_makers, load_fa3
+from .timing import interleaved_ms
+from .variants import add_variant_args, kernel_makers, load_fa3
 
 #: (seqlen_q, seqlen_k, batch, heads): 264 tiles of 128 key blocks (two per CTA on 132 SMs), and
 #: short tiles, where the per-tile costs and the masked block weigh more: 528 tiles of 16 blocks,

@@ -4,7 +4,9 @@ L2_SECTION_BYTES, LATE_RESCALE).  The variants' launches are interleaved (A B C 
 timed with CUDA events, and each variant's median is compared with the base's: the H100's clock
 drifts under sustained load by more than the effects measured here (the same kernel read 5-7%
 apart within one run when timed in separate blocks), and interleaving makes the drift hit every
-variant alike.  FA3 is timed after them, on its own (its launches go through JAX).
+variant alike.  FA3 runs through JAX, on another stream: it is timed against the base by one host
+clock in alternating blocks (`timing.host_interleaved_ms`), and the other variants through their
+ratio to the base.
 
     python -m bench variants --points 128,causal,4096 256,full,2048 --variant nosec L2_SECTION_BYTES=0
 
@@ -18,6 +20,7 @@ import os
 import sys
 
 from . import common
+from .timing import interleaved_ms
 
 
 def parse_point(text):
@@ -69,6 +72,17 @@ def load_fa3(path):
     return FA3(path)
 
 
+def fa3_column(fa3, base, q, k, v, causal, flops, tf):
+    """FA3 against the base on one clock (`timing.host_interleaved_ms`, back to back: FA3's own
+    method), the other variants through their event-timed ratio to the base."""
+    from .timing import fa3_forward, host_interleaved_ms, jax_stream, torch_stream
+    ms = host_interleaved_ms({"base": base, "fa3": fa3_forward(fa3, q, k, v, causal)},
+                             {"base": torch_stream(), "fa3": jax_stream()}, cold=False)
+    f3, base_host = flops / ms["fa3"] * 1e-9, flops / ms["base"] * 1e-9
+    return f"fa3 {f3:.0f} vs base {base_host:.0f} (" + ", ".join(
+        f"{n} {t / tf['base'] * base_host / f3:.3f}" for n, t in tf.items()) + ")"
+
+
 def run(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench variants")
     p.add_argument("--points", type=parse_point, nargs="+", required=True, help="hdim,causal|full,seqlen")
@@ -94,27 +108,8 @@ def run(argv=None):
         tf = {n: flops / t * 1e-9 for n, t in ms.items()}
         line = "  ".join(f"{n} {t:.0f} ({t / tf['base']:.3f})" for n, t in tf.items())
         if fa3 is not None:
-            f3 = flops / fa3.time_forward(q, k, v, causal=causal) * 1e-9
-            line += f"  | fa3 {f3:.0f} (" + ", ".join(f"{n} {t / f3:.3f}" for n, t in tf.items()) + ")"
+            line += "  | " + fa3_column(fa3, fns["base"], q, k, v, causal, flops, tf)
         print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {line}", flush=True)
-
-
-def interleaved_ms(fns, launches, warmup=5):
-    """Median milliseconds per function, their launches interleaved round-robin."""
-    import statistics
-    import torch
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(launches)] for n in fns}
-    for i in range(launches):
-        for n, f in fns.items():
-            events[n][i][0].record()
-            f()
-            events[n][i][1].record()
-    torch.cuda.synchronize()
-    return {n: statistics.median(a.elapsed_time(z) for a, z in ev) for n, ev in events.items()}
 
 
 if __name__ == "__main__":

@@ -93,6 +93,42 @@ def test_maskcost_problems_mask_little():
     for sq, sk, b, h in PROBLEMS:
         assert sq <= 256 and sk % 128 == 0 and sk >= 8 * sq and b * h >= 132
 
+
+def test_host_timing_subtracts_flushes_and_interleaves(monkeypatch):
+    """bench's host-clocked timing on a fake clock: two implementations on two streams whose
+    flushes cost differently.  Cold subtracts each stream's own flushes; warm times launches
+    alone; the blocks alternate between implementations in every round."""
+    from bench import timing
+    clock = [0.0]
+    order = []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0] / 1e3)
+
+    class FakeStream:
+        def __init__(self, flush_ms):
+            self.flush_ms = flush_ms
+
+        def flush(self):
+            clock[0] += self.flush_ms
+
+        def sync(self, result=None):
+            clock[0] += 0.0
+
+    def launch(name, ms):
+        def fn():
+            order.append(name)
+            clock[0] += ms
+            return name
+        return fn
+    fns = {"a": launch("a", 5.0), "b": launch("b", 7.0)}
+    streams = {"a": FakeStream(2.0), "b": FakeStream(3.0)}
+    for cold in (True, False):
+        order.clear()
+        ms = timing.host_interleaved_ms(fns, streams, cold=cold, rounds=4, per_block=3, warmup=1)
+        assert ms == pytest.approx({"a": 5.0, "b": 7.0})
+        timed = order[2:]  # after one warm-up launch each
+        assert timed == (["a"] * 3 + ["b"] * 3) * 4
+
+
 def test_bench_variants_points_and_knobs():
     """bench variants parses its points and only accepts real FlashForward knobs."""
     import argparse

@@ -1,0 +1,129 @@
+"""How the benchmarks time a kernel, in one place.
+
+Two ways, because the peers do not all launch on one stream:
+- `interleaved_ms`: CUDA events around each launch, the launches of several functions on torch's
+  stream alternated (A B C A B C ...).  For A/B tests of our own kernels.
+- `host_interleaved_ms`: wall clock over blocks of launches, the blocks of the functions
+  alternated round by round; each function waits on its own stream.  FA3 runs through JAX, on
+  XLA's stream, which torch's events cannot bracket; this is how it is timed beside the torch-side
+  implementations, by the same clock and in the same rounds.
+  - `cold=True` runs an L2 flush on the function's stream before every launch (as
+    `triton.testing.do_bench` does) and subtracts the same round's block of flushes alone.
+  - `cold=False` launches back to back (FA3's own `time_forward`): the next launch finds L2 as the
+    last one left it, and the GPU never idles between launches.
+
+The H100's clock drifts under sustained load by more than the differences measured here (one
+kernel read 5-7% apart within one run when timed in separate blocks), so every comparison in
+`bench` interleaves what it compares.
+"""
+import functools
+import statistics
+import time
+
+#: Bytes each L2 flush reads and writes: five times the H100's 50 MB L2 (triton's do_bench uses
+#: the same 256 MB).
+FLUSH_BYTES = 256 << 20
+
+
+def interleaved_ms(fns, launches, warmup=5):
+    """Median milliseconds per function (torch stream, CUDA events), launches interleaved."""
+    import torch
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    events = {n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(launches)] for n in fns}
+    for i in range(launches):
+        for n, f in fns.items():
+            events[n][i][0].record()
+            f()
+            events[n][i][1].record()
+    torch.cuda.synchronize()
+    return {n: statistics.median(a.elapsed_time(z) for a, z in ev) for n, ev in events.items()}
+
+
+class TorchStream:
+    """torch's current stream: flush = an in-place add over FLUSH_BYTES; sync = synchronize."""
+
+    def __init__(self):
+        import torch
+        self._torch = torch
+        self._buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+
+    def flush(self):
+        self._buf.add_(1)
+
+    def sync(self, result=None):
+        self._torch.cuda.synchronize()
+
+
+class JaxStream:
+    """XLA's stream: flush = the same add on a donated JAX buffer; sync = wait for the last
+    result and the flush buffer."""
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+        self._jax = jax
+        self._buf = jnp.zeros(FLUSH_BYTES // 4, dtype=jnp.int32)
+        self._add = jax.jit(lambda x: x + 1, donate_argnums=0)
+
+    def flush(self):
+        self._buf = self._add(self._buf)
+
+    def sync(self, result=None):
+        if result is not None:
+            self._jax.block_until_ready(result)
+        self._jax.block_until_ready(self._buf)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_stream():
+    return TorchStream()
+
+
+@functools.lru_cache(maxsize=None)
+def jax_stream():
+    return JaxStream()
+
+
+def _block_ms(fn, stream, n, flush):
+    result = None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if flush:
+            stream.flush()
+        result = fn()
+    stream.sync(result)
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def host_interleaved_ms(fns, streams, cold, rounds=10, per_block=10, warmup=3):
+    """Median milliseconds of one launch per function: fns {name: fn returning its output},
+    streams {name: TorchStream | JaxStream}.  Each round times a block of `per_block` launches
+    of every function in turn (and, cold, a block of flushes alone per stream, subtracted from
+    that round's blocks)."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            streams[name].flush()
+            fn()
+        streams[name].sync()
+    samples = {n: [] for n in fns}
+    for _ in range(rounds):
+        flush_ms = {}
+        for name, fn in fns.items():
+            st = streams[name]
+            ms = _block_ms(fn, st, per_block, cold)
+            if cold:
+                if id(st) not in flush_ms:
+                    flush_ms[id(st)] = _block_ms(lambda: None, st, per_block, True)
+                ms -= flush_ms[id(st)]
+            samples[name].append(ms)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def fa3_forward(fa3, q, k, v, causal):
+    """A zero-argument FA3 forward on fixed inputs (FA3's JAX loader), returning its output."""
+    f = fa3._fwd_fn(*fa3._args(q, None, causal, (-1, -1)))
+    args = [fa3._j(x) for x in (q, k, v)]
+    return lambda: f(*args)
