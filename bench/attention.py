@@ -7,11 +7,12 @@ Every point is timed three ways, each a row `timing` of the JSON (see bench/timi
 - "do_bench": `triton.testing.do_bench` medians (L2 flushed before each launch, CUDA events) for
   the torch-side implementations, the median of `--rounds` rounds that take each in turn.  FA3
   cannot be timed so: it launches on XLA's stream, which torch's events do not bracket.
-- "cold" and "warm": every implementation, FA3 included, by one host clock over blocks of
-  launches that alternate between implementations round by round; cold flushes L2 before each
-  launch (do_bench's condition) and subtracts the flushes, warm launches back to back (FA3's own
-  `time_forward`).  Ratios to FA3 are taken within one of these, never across methods: until
-  session 7 the grid set our do_bench figure against FA3's warm one (bench/NOTES.md).
+- "cold" and "steady": every implementation, FA3 included, by one host clock.  Cold alternates
+  blocks of launches between implementations round by round and flushes L2 before each launch
+  (do_bench's condition), subtracting the flushes; steady runs each back to back on its own until
+  the power-capped clock settles (FA3's own `time_forward`, made longer).  Ratios to FA3 are
+  taken within one of these, never across methods: until session 7 the grid set our do_bench
+  figure against FA3's back-to-back one (bench/NOTES.md).
 """
 import argparse
 import os
@@ -29,7 +30,7 @@ def run(argv=None):
     p.add_argument("--causal", nargs="*", default=["false", "true"])
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
     p.add_argument("--rounds", type=int, default=3, help="do_bench rounds per point (median)")
-    p.add_argument("--host-rounds", type=int, default=10, help="rounds of the host-clocked cold and warm timings")
+    p.add_argument("--host-rounds", type=int, default=10, help="rounds of the host-clocked cold timing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -65,9 +66,8 @@ def run(argv=None):
         streams = {n: timing.torch_stream() for n in impls}
         if fa3 is not None:
             host_fns["fa3"], streams["fa3"] = timing.fa3_forward(fa3, q, k, v, causal), timing.jax_stream()
-        for method in ("cold", "warm"):
-            timed[method] = timing.host_interleaved_ms(host_fns, streams, cold=method == "cold",
-                                                       rounds=args.host_rounds)
+        timed["cold"] = timing.host_interleaved_ms(host_fns, streams, cold=True, rounds=args.host_rounds)
+        timed["steady"] = timing.steady_ms(host_fns, streams)
         for method, ms_of in timed.items():
             for name, ms in ms_of.items():
                 rows.append(dict(impl=name, mode="fwd", dtype="bf16", hdim=d, causal=causal, seqlen=s,

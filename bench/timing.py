@@ -1,20 +1,25 @@
 """How the benchmarks time a kernel, in one place.
 
-Two ways, because the peers do not all launch on one stream:
 - `interleaved_ms`: CUDA events around each launch, the launches of several functions on torch's
   stream alternated (A B C A B C ...).  For A/B tests of our own kernels.
-- `host_interleaved_ms`: wall clock over blocks of launches, the blocks of the functions
-  alternated round by round; each function waits on its own stream.  FA3 runs through JAX, on
-  XLA's stream, which torch's events cannot bracket; this is how it is timed beside the torch-side
-  implementations, by the same clock and in the same rounds.
-  - `cold=True` runs an L2 flush on the function's stream before every launch (as
-    `triton.testing.do_bench` does) and subtracts the same round's block of flushes alone.
-  - `cold=False` launches back to back (FA3's own `time_forward`): the next launch finds L2 as the
-    last one left it, and the GPU never idles between launches.
+- Host-clocked, for comparisons with FA3: FA3 runs through JAX, on XLA's stream, which torch's
+  events cannot bracket, so every implementation is timed by one wall clock, each waiting on its
+  own stream:
+  - `host_interleaved_ms(cold=True)`: blocks of launches, the blocks of the functions alternated
+    round by round, with an L2 flush on the function's stream before every launch (as
+    `triton.testing.do_bench` does) and the same round's block of flushes alone subtracted.
+  - `steady_ms`: each function back to back for a while on its own (FA3's own `time_forward`,
+    made long enough to settle): the throughput of a loop that keeps the GPU busy.
 
-The H100's clock drifts under sustained load by more than the differences measured here (one
+Why steady is separate: the H100 here runs these kernels at its 700 W power cap (nvidia-smi:
+throttle reason SW power cap, SM clock 1.47-1.72 GHz, a different one per kernel; bench/NOTES.md,
+session 7), and the flushes of the cold method lower the average power.  Interleaved blocks can
+also run under a clock set by the kernel before them.  In one session, ours/FA3 at hdim 128 full
+16k read 0.91 interleaved (cold and back to back) and 0.97 steady.
+
+The clock also drifts under sustained load by more than the differences measured here (one
 kernel read 5-7% apart within one run when timed in separate blocks), so every comparison in
-`bench` interleaves what it compares.
+`bench` alternates what it compares: launch by launch, block by block, or turn by turn.
 """
 import functools
 import statistics
@@ -119,6 +124,29 @@ def host_interleaved_ms(fns, streams, cold, rounds=10, per_block=10, warmup=3):
                     flush_ms[id(st)] = _block_ms(lambda: None, st, per_block, True)
                 ms -= flush_ms[id(st)]
             samples[name].append(ms)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def steady_ms(fns, streams, seconds=0.3, settle=0.15, rounds=2, per_block=10):
+    """Median milliseconds of one launch per function, launched back to back: each function in
+    turn runs `settle` seconds untimed (the power controller settles on its clock), then
+    `seconds` timed; `rounds` such turns each."""
+    samples = {n: [] for n in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            st = streams[name]
+            for limit, timed in ((settle, False), (seconds, True)):
+                n, t0 = 0, time.perf_counter()
+                while True:
+                    result = None
+                    for _ in range(per_block):
+                        result = fn()
+                    st.sync(result)
+                    n += per_block
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= limit:
+                        break
+            samples[name].append(elapsed * 1e3 / n)
     return {n: statistics.median(v) for n, v in samples.items()}
 
 

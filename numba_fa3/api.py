@@ -111,7 +111,7 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
     o, io = _output(out, iq, (b, sq, h, d))
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
-        stream = tensors.torch_stream()
+        stream = tensors.torch_stream(iq.obj)
     kern = make_kernel(iq.dtype, d, kind, softcap=cap > 0,
                        long_queries=tiles.has_long_tiles(d, kind != mask.MASK_NONE, sq))
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
@@ -184,7 +184,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     o, io = _output(out, iq, (tq, h, d))
     lse = tensors.empty_like_kind(iq, (h, tq), "f32")
     if stream is None and iq.kind == "torch":
-        stream = tensors.torch_stream()
+        stream = tensors.torch_stream(iq.obj)
     if tq and not tk:
         # No keys at all: every row sees none (output 0, LSE -inf), and there is nothing to map.
         tensors.fill(o, 0)

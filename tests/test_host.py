@@ -129,6 +129,31 @@ def test_host_timing_subtracts_flushes_and_interleaves(monkeypatch):
         assert timed == (["a"] * 3 + ["b"] * 3) * 4
 
 
+def test_steady_timing_settles_then_times_each_in_turn(monkeypatch):
+    """bench's steady timing on a fake clock: each function runs untimed for the settle time,
+    then timed; functions take turns; the result is milliseconds per launch."""
+    from bench import timing
+    clock = [0.0]
+    order = []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0] / 1e3)
+
+    class FakeStream:
+        def sync(self, result=None):
+            pass
+
+    def launch(name, ms):
+        def fn():
+            order.append(name)
+            clock[0] += ms
+        return fn
+    fns = {"a": launch("a", 2.0), "b": launch("b", 5.0)}
+    ms = timing.steady_ms(fns, {"a": FakeStream(), "b": FakeStream()}, seconds=0.104, settle=0.052, rounds=2,
+                          per_block=5)
+    assert ms == pytest.approx({"a": 2.0, "b": 5.0})
+    # whole blocks of 5 until the time is up: a (10 ms blocks) 6 untimed + 11 timed, b (25 ms) 3 + 5
+    assert order == (["a"] * 85 + ["b"] * 40) * 2
+
+
 def test_bench_variants_points_and_knobs():
     """bench variants parses its points and only accepts real FlashForward knobs."""
     import argparse
