@@ -106,18 +106,21 @@ def _block_ms(fn, stream, n, flush):
 def host_interleaved_ms(fns, streams, cold, rounds=10, per_block=10, warmup=3):
     """Median milliseconds of one launch per function: fns {name: fn returning its output},
     streams {name: TorchStream | JaxStream}.  Each round times a block of `per_block` launches
-    of every function in turn (and, cold, a block of flushes alone per stream, subtracted from
-    that round's blocks)."""
+    of every function in turn, the order rotated by one each round (and, cold, a block of
+    flushes alone per stream, subtracted from that round's blocks)."""
     for name, fn in fns.items():
         for _ in range(warmup):
             streams[name].flush()
             fn()
         streams[name].sync()
     samples = {n: [] for n in fns}
-    for _ in range(rounds):
+    names = list(fns)
+    for r in range(rounds):
         flush_ms = {}
-        for name, fn in fns.items():
-            st = streams[name]
+        # Each round starts one further along, so every function follows every other equally
+        # often (under the power cap a block can inherit the clock the block before it left).
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, st = fns[name], streams[name]
             ms = _block_ms(fn, st, per_block, cold)
             if cold:
                 if id(st) not in flush_ms:
@@ -130,11 +133,12 @@ def host_interleaved_ms(fns, streams, cold, rounds=10, per_block=10, warmup=3):
 def steady_ms(fns, streams, seconds=0.3, settle=0.15, rounds=2, per_block=10):
     """Median milliseconds of one launch per function, launched back to back: each function in
     turn runs `settle` seconds untimed (the power controller settles on its clock), then
-    `seconds` timed; `rounds` such turns each."""
+    `seconds` timed; `rounds` such turns each, the order rotated by one each round."""
     samples = {n: [] for n in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            st = streams[name]
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, st = fns[name], streams[name]
             for limit, timed in ((settle, False), (seconds, True)):
                 n, t0 = 0, time.perf_counter()
                 while True:

@@ -96,8 +96,8 @@ def test_maskcost_problems_mask_little():
 
 def test_host_timing_subtracts_flushes_and_interleaves(monkeypatch):
     """bench's host-clocked timing on a fake clock: two implementations on two streams whose
-    flushes cost differently.  Cold subtracts each stream's own flushes; warm times launches
-    alone; the blocks alternate between implementations in every round."""
+    flushes cost differently.  Cold subtracts each stream's own flushes; without flushes it times launches
+    alone; the blocks alternate between implementations, in an order rotated each round."""
     from bench import timing
     clock = [0.0]
     order = []
@@ -126,12 +126,12 @@ def test_host_timing_subtracts_flushes_and_interleaves(monkeypatch):
         ms = timing.host_interleaved_ms(fns, streams, cold=cold, rounds=4, per_block=3, warmup=1)
         assert ms == pytest.approx({"a": 5.0, "b": 7.0})
         timed = order[2:]  # after one warm-up launch each
-        assert timed == (["a"] * 3 + ["b"] * 3) * 4
+        assert timed == (["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3) * 2  # the order rotates
 
 
 def test_steady_timing_settles_then_times_each_in_turn(monkeypatch):
     """bench's steady timing on a fake clock: each function runs untimed for the settle time,
-    then timed; functions take turns; the result is milliseconds per launch."""
+    then timed; functions take turns, in an order rotated each round; the result is milliseconds per launch."""
     from bench import timing
     clock = [0.0]
     order = []
@@ -151,7 +151,7 @@ def test_steady_timing_settles_then_times_each_in_turn(monkeypatch):
                           per_block=5)
     assert ms == pytest.approx({"a": 2.0, "b": 5.0})
     # whole blocks of 5 until the time is up: a (10 ms blocks) 6 untimed + 11 timed, b (25 ms) 3 + 5
-    assert order == (["a"] * 85 + ["b"] * 40) * 2
+    assert order == ["a"] * 85 + ["b"] * 40 + ["b"] * 40 + ["a"] * 85
 
 
 def test_bench_variants_points_and_knobs():
