@@ -158,6 +158,7 @@ class FlashForward(launch.HopperKernel):
     LATE_RESCALE = None  # None: the tiles table's choice (Tiles.late_rescale)
     MULTICAST = False  # K/V multicast in CTA pairs: measured no faster (bench/NOTES.md, session 5)
     TRACE_LOOP_TAIL = False  # trace build: record each tile's last loop steps, not its first
+    WAIT_SUSPEND_NS = 0  # >0: mbarrier waits pass try_wait this suspend-time hint (0: none)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -240,13 +241,14 @@ class FlashForward(launch.HopperKernel):
         MULTICAST = self.multicast
         MC_LOADS = -(-CHUNKS // MULTICAST_CTAS)  # chunks one CTA loads per stage, at most
         mark = _tracer(TRACE)
+        _, producer_wait = _waits(self.WAIT_SUSPEND_NS)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def load_block(tmap, bars, ring, index, phase, hk, row, b, col):
             # (with multicast the empty barrier counts both CTAs' consumers, and the full one
             # expects the whole stage: this CTA's chunks and its peer's)
-            pipeline.producer_wait(bars, STAGES, index, phase)
+            producer_wait(bars, STAGES, index, phase)
             if special.elect_one():
                 pipeline.producer_expect(bars, index, KV_BYTES)
                 full = pipeline.full_barrier(bars, index)
@@ -293,7 +295,7 @@ class FlashForward(launch.HopperKernel):
                 if tile >= tiles:
                     # The end: an id past the last tile (with no Q) tells the consumers to stop; it
                     # travels like a tile id, through the shared slot the Q barriers guard.
-                    pipeline.producer_wait(q_bars, Q_STAGES, qi, q_phase)
+                    producer_wait(q_bars, Q_STAGES, qi, q_phase)
                     if special.elect_one():
                         memory.st_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES, tile)
                         mbarrier.arrive(pipeline.full_barrier(q_bars, qi))
@@ -303,8 +305,8 @@ class FlashForward(launch.HopperKernel):
                         # barrier at the end instead kept the other warps alive, and ptxas then
                         # gave up this warp's uniform registers and spilled).
                         for _ in static_range(STAGES):
-                            pipeline.producer_wait(k_bars, STAGES, index, phase)
-                            pipeline.producer_wait(v_bars, STAGES, index, phase)
+                            producer_wait(k_bars, STAGES, index, phase)
+                            producer_wait(v_bars, STAGES, index, phase)
                             index, phase = pipeline.advance(index, phase, STAGES)
                     break
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch, section)
@@ -324,7 +326,7 @@ class FlashForward(launch.HopperKernel):
                     load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc, col)
                 if TRACE and lane == 0:
                     mark(cu_q, 0, n, ProducerEvent.WAIT_Q, special.clock64())
-                pipeline.producer_wait(q_bars, Q_STAGES, qi, q_phase)
+                producer_wait(q_bars, Q_STAGES, qi, q_phase)
                 if TRACE and lane == 0:
                     mark(cu_q, 0, n, ProducerEvent.Q_FREE, special.clock64())
                 if special.elect_one():
@@ -417,6 +419,7 @@ class FlashForward(launch.HopperKernel):
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
+        consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
 
         @cuda.jit(device=True, forceinline=True)
         def release(bars, index, lane):
@@ -467,7 +470,7 @@ class FlashForward(launch.HopperKernel):
         def s_now(q_wg, k_bars, k_smem, index, phase, lane, wg):
             """S for the key block in stage `index`, waited for at once: a tile's first block (no
             P V to overlap yet), and every block of the no-overlap ablation."""
-            pipeline.consumer_wait(k_bars, index, phase)
+            consumer_wait(k_bars, index, phase)
             scheduler_sync(wg)
             s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
             scheduler_pass(wg)
@@ -516,7 +519,7 @@ class FlashForward(launch.HopperKernel):
                 block's softmax) or, with LATE_RESCALE, after its wait (with this block's), which
                 keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale."""
                 t = np.int32(nb - n_min) if TRACE_TAIL else np.int32(n_max - 2 - nb)
-                pipeline.consumer_wait(k_bars, index, phase)
+                consumer_wait(k_bars, index, phase)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.K_READY)
                 scheduler_sync(wg)
@@ -525,7 +528,7 @@ class FlashForward(launch.HopperKernel):
                 s = issue_qk(q_wg, special.uniform_u32(k_smem + index * KV_STAGE))
                 if not LATE_RESCALE:
                     o = scale_rows(o, a0, a1)
-                pipeline.consumer_wait(v_bars, v_index, v_phase)
+                consumer_wait(v_bars, v_index, v_phase)
                 o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                 scheduler_pass(wg)
                 s = wgmma.wait_group_tied(1, s)
@@ -579,7 +582,7 @@ class FlashForward(launch.HopperKernel):
             while True:
                 if tracer:
                     mark(cu_q, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
-                pipeline.consumer_wait(q_bars, qi, q_phase)
+                consumer_wait(q_bars, qi, q_phase)
                 tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slots + qi * smem.MBARRIER_BYTES)))
                 if tile >= tiles:
                     break
@@ -659,7 +662,7 @@ class FlashForward(launch.HopperKernel):
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
                         if not LATE_RESCALE:
                             o = scale_rows(o, a0, a1)
-                        pipeline.consumer_wait(v_bars, v_index, v_phase)
+                        consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
                         release(v_bars, v_index, lane)
@@ -675,7 +678,7 @@ class FlashForward(launch.HopperKernel):
                         p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                         o = scale_rows(o, a0, a1)
                         pk = PACK(p)
-                        pipeline.consumer_wait(v_bars, index, phase)
+                        consumer_wait(v_bars, index, phase)
                         o = issue_pv(o, pk, special.uniform_u32(v_smem + index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
                         release(v_bars, index, lane)
@@ -856,6 +859,23 @@ def _seq_info(varlen):
             return np.int32(q0), np.int32(q1 - q0), np.int32(k0), np.int32(k1 - k0)
         return np.int32(0), np.int32(sq_max), np.int32(0), np.int32(sk_max)
     return seq_info
+
+
+def _waits(suspend_ns):
+    """(consumer_wait, producer_wait) of the pipeline, with try_wait's suspend-time hint where
+    suspend_ns > 0."""
+    if not suspend_ns:
+        return pipeline.consumer_wait, pipeline.producer_wait
+    ns = np.uint32(suspend_ns)
+
+    @cuda.jit(device=True, forceinline=True)
+    def consumer_wait(bars, index, phase):
+        pipeline.consumer_wait_suspend(bars, index, phase, ns)
+
+    @cuda.jit(device=True, forceinline=True)
+    def producer_wait(bars, stages, index, phase):
+        pipeline.producer_wait_suspend(bars, stages, index, phase, ns)
+    return consumer_wait, producer_wait
 
 
 def _tile_coords(longest_first):

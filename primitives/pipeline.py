@@ -54,6 +54,12 @@ def producer_wait(bars, stages, index, phase):
 
 
 @cuda.jit(device=True, forceinline=True)
+def producer_wait_suspend(bars, stages, index, phase, suspend_ns):
+    """`producer_wait` with a try_wait suspend-time hint (`mbarrier.wait_parity_suspend`)."""
+    mbarrier.wait_parity_suspend(empty_barrier(bars, stages, index), phase ^ 1, suspend_ns)
+
+
+@cuda.jit(device=True, forceinline=True)
 def producer_expect(bars, index, tx_bytes):
     """Announce the bytes the TMA loads into stage `index` will bring (one thread)."""
     mbarrier.arrive_expect_tx(full_barrier(bars, index), tx_bytes)
@@ -69,6 +75,12 @@ def producer_acquire(bars, stages, index, phase, tx_bytes):
 @cuda.jit(device=True, forceinline=True)
 def consumer_wait(bars, index, phase):
     mbarrier.wait_parity(full_barrier(bars, index), phase)
+
+
+@cuda.jit(device=True, forceinline=True)
+def consumer_wait_suspend(bars, index, phase, suspend_ns):
+    """`consumer_wait` with a try_wait suspend-time hint (`mbarrier.wait_parity_suspend`)."""
+    mbarrier.wait_parity_suspend(full_barrier(bars, index), phase, suspend_ns)
 
 
 @cuda.jit(device=True, forceinline=True)

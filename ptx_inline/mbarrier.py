@@ -55,6 +55,19 @@ def wait_parity(typingctx, bar, parity):
 
 
 @intrinsic
+def wait_parity_suspend(typingctx, bar, parity, suspend_ns):
+    """`wait_parity` with try_wait's suspendTimeHint operand (9.7.13.15.16): the thread may stay
+    suspended in the instruction until the phase completes or `suspend_ns` nanoseconds pass,
+    instead of the system-dependent limit, so a waiting warp neither re-issues its try_wait nor
+    takes issue slots from the warps that share its scheduler (CUTLASS's ClusterBarrier::wait
+    passes 0x989680, i.e. 10 ms)."""
+    text = ("{\n.reg .pred P;\nWAIT_${:uid}:\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 P, [$0], $1, $2;\n"
+            "@!P bra WAIT_${:uid};\n}")
+    return void_asm(text, "r", "r", "r")(typingctx, bar, parity, suspend_ns)
+
+
+@intrinsic
 def fence_init(typingctx):
     """`fence.mbarrier_init.release.cluster` (9.7.13.4): make mbarrier.init visible to the async
     proxy (TMA) and to other threads before they use the barriers."""

@@ -81,6 +81,16 @@ def test_forward_multicast_specialization_compiles_clean(head_dim):
     assert not masked.multicast and masked.cluster == 1  # its two tiles would see different keys
 
 
+def test_forward_wait_suspend_knob_compiles_clean():
+    """FlashForward.WAIT_SUSPEND_NS (off by default; measured in bench/NOTES.md, session 7):
+    every mbarrier wait of the kernel passes try_wait the suspend-time hint."""
+    kern = type("Suspend", (FlashForward,), {"WAIT_SUSPEND_NS": 10_000_000})("bf16", 128, MASK_NONE)
+    ptx = kern.compile_ptx()
+    waits = [line for line in ptx.split("\n") if "mbarrier.try_wait.parity" in line]
+    assert waits and all(w.count(",") == 3 for w in waits), waits  # P, [bar], parity, hint
+    _assert_clean(kc.ptxas_report(ptx), "forward wait-suspend d128")
+
+
 @pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False), (False, False)])
 def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     kern = FlashForward("bf16", 128, MASK_CAUSAL, Schedule(pingpong, overlap))
