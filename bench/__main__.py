@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants", "maskcost")
+COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants", "maskcost", "power")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
