@@ -28,7 +28,8 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import mask_cols, pack_bf16, pack_f16, quad_transpose, scale_rows, tanh_rows, zeros
+from primitives.fragment import (after, exp2_regs, mask_cols, pack_bf16, pack_f16, quad_transpose, row_sum,
+                                 scale_regs, scale_rows, tanh_rows, zeros)
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
 from ptx_inline import barrier, cluster, mbarrier, memory, regs, special, tma, wgmma
@@ -159,6 +160,7 @@ class FlashForward(launch.HopperKernel):
     MULTICAST = False  # K/V multicast in CTA pairs: measured no faster (bench/NOTES.md, session 5)
     TRACE_LOOP_TAIL = False  # trace build: record each tile's last loop steps, not its first
     WAIT_SUSPEND_NS = 0  # >0: mbarrier waits pass try_wait this suspend-time hint (0: none)
+    INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -176,7 +178,16 @@ class FlashForward(launch.HopperKernel):
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
-        self.late_rescale = t.late_rescale if self.LATE_RESCALE is None else bool(self.LATE_RESCALE)
+        # Where O is rescaled (Tiles.late_rescale, .interleaved_rescale); an override of either
+        # knob wins over the table, and interleaved implies late.
+        late, interleaved = t.late_rescale or t.interleaved_rescale, t.interleaved_rescale
+        if self.LATE_RESCALE is not None:
+            late = bool(self.LATE_RESCALE)
+            interleaved = interleaved and late
+        if self.INTERLEAVED_RESCALE is not None:
+            interleaved = bool(self.INTERLEAVED_RESCALE)
+            late = late or interleaved
+        self.late_rescale, self.interleaved_rescale = late, interleaved
         self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         # K/V multicast in clusters of two CTAs (`multicast_ok`): each CTA loads half of every
         # K/V stage's column chunks into both CTAs' shared memory, halving L2 -> SM traffic.
@@ -415,6 +426,12 @@ class FlashForward(launch.HopperKernel):
         Q_STAGES, Q_BYTES = self.q_stages, CHUNKS * Q_CHUNK
         TRACE = self.trace
         LATE_RESCALE = self.late_rescale
+        INTERLEAVE = self.interleaved_rescale
+        # quarters of S's (P's) and O's registers: the exponentials of quarter k + 1 are made to
+        # follow the multiplies of O's quarter k (`fragment.after`), so ptxas interleaves them
+        S1, S2, S3, S4 = (k * (BN // 2) // 4 for k in range(1, 5))
+        O1, O2, O3, O4 = (k * (D // 2) // 4 for k in range(1, 5))
+        O1B, O2B = O1 + 2, O2 + 2  # a register of the second row in quarters 1 and 2
         TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
@@ -517,7 +534,9 @@ class FlashForward(launch.HopperKernel):
                 issued right behind it and waited for after this block's softmax.  O is rescaled
                 to the running max either before that P V (its factors a0, a1 from the previous
                 block's softmax) or, with LATE_RESCALE, after its wait (with this block's), which
-                keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale."""
+                keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale.  With
+                INTERLEAVED_RESCALE the wait comes a quarter into the exponentials and the
+                multiplies are spread among the rest (Tiles.interleaved_rescale)."""
                 t = np.int32(nb - n_min) if TRACE_TAIL else np.int32(n_max - 2 - nb)
                 consumer_wait(k_bars, index, phase)
                 if tracer:
@@ -541,15 +560,35 @@ class FlashForward(launch.HopperKernel):
                     s = tanh_rows(s, softcap_scale)
                 if masked:
                     s = mask_block(s, nb, col0, limits)
-                p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
-                if tracer:
-                    mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
-                o, pk = wgmma.wait_group_keep(0, o, pk)
-                if tracer:
-                    mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
-                release(v_bars, v_index, lane)
-                if LATE_RESCALE:
-                    o = scale_rows(o, a0, a1)
+                if INTERLEAVE:
+                    # (the trace's softmax segment ends at the P V wait, a quarter into it)
+                    m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2)
+                    p = exp2_regs(s, scale_log2, b0, b1, 0, S1)
+                    if tracer:
+                        mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
+                    o, pk = wgmma.wait_group_keep(0, o, pk)
+                    if tracer:
+                        mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
+                    release(v_bars, v_index, lane)
+                    o = scale_regs(o, a0, a1, 0, O1)
+                    p = exp2_regs(p, scale_log2, after(b0, o[0]), after(b1, o[2]), S1, S2)
+                    o = scale_regs(o, a0, a1, O1, O2)
+                    p = exp2_regs(p, scale_log2, after(b0, o[O1]), after(b1, o[O1B]), S2, S3)
+                    o = scale_regs(o, a0, a1, O2, O3)
+                    p = exp2_regs(p, scale_log2, after(b0, o[O2]), after(b1, o[O2B]), S3, S4)
+                    o = scale_regs(o, a0, a1, O3, O4)
+                    s0, s1 = row_sum(p)
+                    l0, l1 = l0 * a0 + s0, l1 * a1 + s1
+                else:
+                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
+                    if tracer:
+                        mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
+                    o, pk = wgmma.wait_group_keep(0, o, pk)
+                    if tracer:
+                        mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
+                    release(v_bars, v_index, lane)
+                    if LATE_RESCALE:
+                        o = scale_rows(o, a0, a1)
                 pk = PACK(p)
                 v_index, v_phase = index, phase
                 index, phase = pipeline.advance(index, phase, STAGES)

@@ -40,8 +40,9 @@ def exponent_base(m, scale_log2):
 
 
 @cuda.jit(device=True, forceinline=True)
-def online_step(s, m0, m1, l0, l1, scale_log2):
-    """Consume one S tile: returns (P, m0, m1, l0, l1, alpha0, alpha1) where alpha rescales O."""
+def online_max(s, m0, m1, scale_log2):
+    """The first part of `online_step`: the new row maxima, their exponent bases and O's
+    rescale factors (n0, n1, b0, b1, alpha0, alpha1)."""
     mx0, mx1 = fragment.row_max(s)
     n0 = max(m0, quad_max(mx0))
     n1 = max(m1, quad_max(mx1))
@@ -49,6 +50,13 @@ def online_step(s, m0, m1, l0, l1, scale_log2):
     b1 = exponent_base(n1, scale_log2)
     a0 = special.ex2(m0 * scale_log2 - b0)
     a1 = special.ex2(m1 * scale_log2 - b1)
+    return n0, n1, b0, b1, a0, a1
+
+
+@cuda.jit(device=True, forceinline=True)
+def online_step(s, m0, m1, l0, l1, scale_log2):
+    """Consume one S tile: returns (P, m0, m1, l0, l1, alpha0, alpha1) where alpha rescales O."""
+    n0, n1, b0, b1, a0, a1 = online_max(s, m0, m1, scale_log2)
     p = fragment.exp2_rows(s, scale_log2, b0, b1)
     s0, s1 = fragment.row_sum(p)
     return p, n0, n1, l0 * a0 + s0, l1 * a1 + s1, a0, a1

@@ -48,25 +48,33 @@ class Tiles:
     #: interleaved measurement (bench/NOTES.md, session 6): O is rescaled after the loop step's
     #: P V wait (FA3's order) instead of between its two GEMM issues.
     late_rescale: bool = False
+    #: The late rescale in four parts, each ordered (by a data dependency, `fragment.after`)
+    #: before a quarter of the step's exponentials: ptxas otherwise put all of it after the last
+    #: one, on the step's serial tail; so placed it shares cycles with the MUFUs, as in FA3's SASS
+    #: (bench/NOTES.md, session 7).  Implies late_rescale.
+    interleaved_rescale: bool = False
 
 
-def _tiles(block_n, late_rescale=False):
-    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale)
+def _tiles(block_n, late_rescale=False, interleaved_rescale=False):
+    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale)
 
 
 def _tiles3(block_n):
-    return Tiles(192, block_n, 2, 3, 24, 160)
+    return Tiles(192, block_n, 2, 3, 24, 160, interleaved_rescale=True)
 
 
-#: (head_dim, causal-or-local) -> tiles.  late_rescale, H100, launches of both builds interleaved,
-#: on vs off: hdim 256 causal 2k +1.3% / +1.0%, 4k +1.8%, 8k +1.6% / +0.9% (two runs); elsewhere
-#: -0.1% to -5% (hdim 128 causal 8k -5%).
+#: (head_dim, causal-or-local) -> tiles.  H100, launches of both builds interleaved, on vs off:
+#: - late_rescale: hdim 256 causal 2k +1.3% / +1.0%, 4k +1.8%, 8k +1.6% / +0.9% (two runs);
+#:   elsewhere -0.1% to -5% (hdim 128 causal 8k -5%).
+#: - interleaved_rescale: hdim 64 three consumers, full 2k/4k/8k +2.3%, 16k +2.3% / +2.7%,
+#:   causal 8k +1.8%, 16k +2.8%; hdim 256 full 2k-16k +0.4% to +0.7%; elsewhere -3% to +0.2%
+#:   (hdim 128 full 16k -2.7%, hdim 256 causal -0.9% / -1.4% against its late rescale).
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
     (128, False): _tiles(128), (128, True): _tiles(128),
     (192, False): _tiles(112), (192, True): _tiles(112),
-    (256, False): _tiles(80), (256, True): _tiles(80, late_rescale=True),
+    (256, False): _tiles(80, interleaved_rescale=True), (256, True): _tiles(80, late_rescale=True),
 }
 
 #: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal

@@ -136,6 +136,63 @@ def exp2_rows(typingctx, acc, scale, b0, b1):
     return acc(acc, scale, b0, b1), codegen
 
 
+def _bounds(n, first, last, what):
+    lo, hi = (t.literal_value if isinstance(t, _types.IntegerLiteral) else None for t in (first, last))
+    if lo is None or hi is None or not 0 <= lo <= hi <= n:
+        raise _TypingError(f"{what}: bounds must be compile-time integers within 0..{n}, got {first}, {last}")
+    return lo, hi
+
+
+_EXP2 = "{\n.reg .f32 t;\nfma.rn.ftz.f32 t, $1, $2, $3;\nex2.approx.ftz.f32 $0, t;\n}"
+
+
+@_intrinsic
+def exp2_regs(typingctx, acc, scale, b0, b1, first, last):
+    """`exp2_rows` on registers first..last-1 only (compile-time bounds), the others passed
+    through: the softmax's exponentials in parts, with other work placed between them."""
+    n = _f32_tuple(acc, "exp2_regs")
+    lo, hi = _bounds(n, first, last, "exp2_regs")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        sc = _f32(context, builder, args[1], sig.args[1])
+        b = (_f32(context, builder, args[2], sig.args[2]), _f32(context, builder, args[3], sig.args[3]))
+        out = list(v)
+        for i in range(lo, hi):
+            out[i] = _emit(builder, _EXP2, [_F32], [(v[i], "f"), (sc, "f"),
+                                                    (builder.fsub(_ir.Constant(_F32, -0.0), b[int(_second_row(i))]), "f")],
+                           clobber_memory=False, side_effect=False)
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, scale, b0, b1, first, last), codegen
+
+
+@_intrinsic
+def scale_regs(typingctx, acc, s0, s1, first, last):
+    """`scale_rows` on registers first..last-1 only (compile-time bounds)."""
+    n = _f32_tuple(acc, "scale_regs")
+    lo, hi = _bounds(n, first, last, "scale_regs")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        f = (_f32(context, builder, args[1], sig.args[1]), _f32(context, builder, args[2], sig.args[2]))
+        out = list(v)
+        for i in range(lo, hi):
+            out[i] = builder.fmul(v[i], f[int(_second_row(i))])
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, s0, s1, first, last), codegen
+
+
+@_intrinsic
+def after(typingctx, x, dep):
+    """x, computed as fma(dep, 0, x): the same value for any finite dep, but ptxas must now
+    schedule whatever produces dep first (an order dependency, one FFMA)."""
+    def codegen(context, builder, sig, args):
+        return _emit(builder, "fma.rn.f32 $0, $1, 0f00000000, $2;", [_F32],
+                     [(_f32(context, builder, args[1], sig.args[1]), "f"), (_f32(context, builder, args[0], sig.args[0]), "f")],
+                     clobber_memory=False, side_effect=False)
+    return _types.float32(x, dep), codegen
+
+
 @_intrinsic
 def tanh_rows(typingctx, acc, scale):
     """tanh.approx(x * scale) for every register (PTX ISA 9.7.4.12 "tanh"): the logit soft-cap

@@ -185,20 +185,26 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
 
 
 @gpu
-@pytest.mark.parametrize("d,causal,window,late,sq,sk", [(128, True, (-1, -1), True, 700, 901),
-                                                        (256, True, (-1, -1), False, 901, 700),
-                                                        (256, False, (300, 40), False, 901, 700),
-                                                        (64, False, (-1, -1), True, 700, 901)])
-def test_forward_rescale_placement_matches_reference(d, causal, window, late, sq, sk):
-    """Both places of the O rescale (FlashForward.LATE_RESCALE), each where the tiles table does
-    not choose it: before the step's P V issue, or after its wait.  Causal, a local window and
-    unmasked; with sq > sk the first rows see no key (0 and LSE -inf)."""
+@pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
+    (128, True, (-1, -1), True, False, 700, 901),
+    (128, True, (-1, -1), None, True, 901, 700),
+    (256, True, (-1, -1), False, False, 901, 700),
+    (256, False, (300, 40), False, False, 901, 700),
+    (256, False, (-1, -1), False, None, 700, 901),
+    (64, False, (-1, -1), True, False, 700, 901),
+])
+def test_forward_rescale_placement_matches_reference(d, causal, window, late, interleaved, sq, sk):
+    """Every place of the O rescale (FlashForward.LATE_RESCALE, INTERLEAVED_RESCALE), each where
+    the tiles table does not choose it: before the step's P V issue, after its wait, or after it
+    in parts among the exponentials.  Causal, a local window and unmasked; with sq > sk the first
+    rows see no key (0 and LSE -inf)."""
     from numba_fa3 import mask
     from numba_fa3.api import _forward
     from numba_fa3.forward import FlashForward
     kind = mask.MASK_CAUSAL if causal else (mask.MASK_LOCAL if window != (-1, -1) else mask.MASK_NONE)
-    kern = type("Rescale", (FlashForward,), {"LATE_RESCALE": late})("bf16", d, kind)
-    assert kern.late_rescale == late
+    kern = type("Rescale", (FlashForward,), {"LATE_RESCALE": late, "INTERLEAVED_RESCALE": interleaved})("bf16", d, kind)
+    assert kern.interleaved_rescale == bool(interleaved)
+    assert kern.late_rescale == bool(late or interleaved)
     rng = np.random.default_rng(7)
     npdt = NUMPY_DTYPES["bf16"]
     q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
