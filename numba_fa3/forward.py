@@ -524,6 +524,18 @@ class FlashForward(launch.HopperKernel):
                 return mask_block(s, nb, col0, limits)
             return s
 
+        @cuda.jit(device=True, forceinline=True)
+        def pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t):
+            """End of the step's softmax (as far as the trace is concerned): wait for the P V
+            GEMM, then release its V stage."""
+            if tracer:
+                mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
+            o, pk = wgmma.wait_group_keep(0, o, pk)
+            if tracer:
+                mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
+            release(v_bars, v_index, lane)
+            return o, pk
+
         def make_step(masked):
             @cuda.jit(device=True, forceinline=True)
             def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_wg, k_bars, v_bars, k_smem,
@@ -564,12 +576,7 @@ class FlashForward(launch.HopperKernel):
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
                     m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, S1)
-                    if tracer:
-                        mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
-                    o, pk = wgmma.wait_group_keep(0, o, pk)
-                    if tracer:
-                        mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
-                    release(v_bars, v_index, lane)
+                    o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     o = scale_regs(o, a0, a1, 0, O1)
                     p = exp2_regs(p, scale_log2, after(b0, o[0]), after(b1, o[2]), S1, S2)
                     o = scale_regs(o, a0, a1, O1, O2)
@@ -581,12 +588,7 @@ class FlashForward(launch.HopperKernel):
                     l0, l1 = l0 * a0 + s0, l1 * a1 + s1
                 else:
                     p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
-                    if tracer:
-                        mark_step(cu_k, wg, n, t, LoopEvent.SOFTMAX)
-                    o, pk = wgmma.wait_group_keep(0, o, pk)
-                    if tracer:
-                        mark_step(cu_k, wg, n, t, LoopEvent.PV_DONE)
-                    release(v_bars, v_index, lane)
+                    o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     if LATE_RESCALE:
                         o = scale_rows(o, a0, a1)
                 pk = PACK(p)

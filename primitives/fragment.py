@@ -105,37 +105,6 @@ def row_sum(typingctx, acc):
     return _row_reduce("row_sum", lambda b, x, y: b.fadd(x, y))(typingctx, acc)
 
 
-@_intrinsic
-def scale_rows(typingctx, acc, s0, s1):
-    """acc with row r multiplied by s0 and row r + 8 by s1 (the online-softmax rescale of O)."""
-    n = _f32_tuple(acc, "scale_rows")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        f = (_f32(context, builder, args[1], sig.args[1]), _f32(context, builder, args[2], sig.args[2]))
-        out = [builder.fmul(x, f[int(_second_row(i))]) for i, x in enumerate(v)]
-        return context.make_tuple(builder, sig.return_type, out)
-    return acc(acc, s0, s1), codegen
-
-
-@_intrinsic
-def exp2_rows(typingctx, acc, scale, b0, b1):
-    """ex2(x * scale - b_row) for every register: one FFMA and one MUFU.EX2 each, the softmax."""
-    n = _f32_tuple(acc, "exp2_rows")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        sc = _f32(context, builder, args[1], sig.args[1])
-        b = (_f32(context, builder, args[2], sig.args[2]), _f32(context, builder, args[3], sig.args[3]))
-        out = []
-        for i, x in enumerate(v):
-            out.append(_emit(builder, "{\n.reg .f32 t;\nfma.rn.ftz.f32 t, $1, $2, $3;\nex2.approx.ftz.f32 $0, t;\n}",
-                             [_F32], [(x, "f"), (sc, "f"), (builder.fsub(_ir.Constant(_F32, -0.0), b[int(_second_row(i))]), "f")],
-                             clobber_memory=False, side_effect=False))
-        return context.make_tuple(builder, sig.return_type, out)
-    return acc(acc, scale, b0, b1), codegen
-
-
 def _bounds(n, first, last, what):
     lo, hi = (t.literal_value if isinstance(t, _types.IntegerLiteral) else None for t in (first, last))
     if lo is None or hi is None or not 0 <= lo <= hi <= n:
@@ -143,7 +112,54 @@ def _bounds(n, first, last, what):
     return lo, hi
 
 
+def _scale_codegen(n, lo, hi):
+    """acc (args: acc, s0, s1) with registers lo..hi-1 multiplied by their row's factor."""
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        f = (_f32(context, builder, args[1], sig.args[1]), _f32(context, builder, args[2], sig.args[2]))
+        out = [builder.fmul(x, f[int(_second_row(i))]) if lo <= i < hi else x for i, x in enumerate(v)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return codegen
+
+
 _EXP2 = "{\n.reg .f32 t;\nfma.rn.ftz.f32 t, $1, $2, $3;\nex2.approx.ftz.f32 $0, t;\n}"
+
+
+def _exp2_codegen(n, lo, hi):
+    """acc (args: acc, scale, b0, b1) with registers lo..hi-1 replaced by ex2(x * scale - b_row):
+    one FFMA and one MUFU.EX2 each."""
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        sc = _f32(context, builder, args[1], sig.args[1])
+        b = (_f32(context, builder, args[2], sig.args[2]), _f32(context, builder, args[3], sig.args[3]))
+        out = list(v)
+        for i in range(lo, hi):
+            out[i] = _emit(builder, _EXP2, [_F32],
+                           [(v[i], "f"), (sc, "f"), (builder.fsub(_ir.Constant(_F32, -0.0), b[int(_second_row(i))]), "f")],
+                           clobber_memory=False, side_effect=False)
+        return context.make_tuple(builder, sig.return_type, out)
+    return codegen
+
+
+@_intrinsic
+def scale_rows(typingctx, acc, s0, s1):
+    """acc with row r multiplied by s0 and row r + 8 by s1 (the online-softmax rescale of O)."""
+    n = _f32_tuple(acc, "scale_rows")
+    return acc(acc, s0, s1), _scale_codegen(n, 0, n)
+
+
+@_intrinsic
+def scale_regs(typingctx, acc, s0, s1, first, last):
+    """`scale_rows` on registers first..last-1 only (compile-time bounds)."""
+    n = _f32_tuple(acc, "scale_regs")
+    return acc(acc, s0, s1, first, last), _scale_codegen(n, *_bounds(n, first, last, "scale_regs"))
+
+
+@_intrinsic
+def exp2_rows(typingctx, acc, scale, b0, b1):
+    """ex2(x * scale - b_row) for every register: the softmax's exponentials."""
+    n = _f32_tuple(acc, "exp2_rows")
+    return acc(acc, scale, b0, b1), _exp2_codegen(n, 0, n)
 
 
 @_intrinsic
@@ -151,35 +167,7 @@ def exp2_regs(typingctx, acc, scale, b0, b1, first, last):
     """`exp2_rows` on registers first..last-1 only (compile-time bounds), the others passed
     through: the softmax's exponentials in parts, with other work placed between them."""
     n = _f32_tuple(acc, "exp2_regs")
-    lo, hi = _bounds(n, first, last, "exp2_regs")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        sc = _f32(context, builder, args[1], sig.args[1])
-        b = (_f32(context, builder, args[2], sig.args[2]), _f32(context, builder, args[3], sig.args[3]))
-        out = list(v)
-        for i in range(lo, hi):
-            out[i] = _emit(builder, _EXP2, [_F32], [(v[i], "f"), (sc, "f"),
-                                                    (builder.fsub(_ir.Constant(_F32, -0.0), b[int(_second_row(i))]), "f")],
-                           clobber_memory=False, side_effect=False)
-        return context.make_tuple(builder, sig.return_type, out)
-    return acc(acc, scale, b0, b1, first, last), codegen
-
-
-@_intrinsic
-def scale_regs(typingctx, acc, s0, s1, first, last):
-    """`scale_rows` on registers first..last-1 only (compile-time bounds)."""
-    n = _f32_tuple(acc, "scale_regs")
-    lo, hi = _bounds(n, first, last, "scale_regs")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        f = (_f32(context, builder, args[1], sig.args[1]), _f32(context, builder, args[2], sig.args[2]))
-        out = list(v)
-        for i in range(lo, hi):
-            out[i] = builder.fmul(v[i], f[int(_second_row(i))])
-        return context.make_tuple(builder, sig.return_type, out)
-    return acc(acc, s0, s1, first, last), codegen
+    return acc(acc, scale, b0, b1, first, last), _exp2_codegen(n, *_bounds(n, first, last, "exp2_regs"))
 
 
 @_intrinsic
