@@ -186,6 +186,35 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
     _assert_clean(rep, "intrinsics")
 
 
+def test_partial_fragment_intrinsics_compile():
+    """exp2_regs / scale_regs touch only their compile-time register range (the interleaved
+    rescale's parts), `after` is one fma by zero, and bounds outside the tuple or not
+    constant are typing errors."""
+    from primitives.fragment import after, exp2_regs, scale_regs
+
+    def k(out, a, x):
+        acc = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
+               a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15])
+        p = exp2_regs(acc, x, x, x, 4, 12)
+        o = scale_regs(acc, x, x, 0, 8)
+        b = after(x, o[0])
+        s = np.float32(0)
+        for i in static_range(16):
+            s += p[i] + o[i]
+        out[0] = s + b
+
+    ptx = kc.compile_ptx(unrolled(k), (types.float32[:], types.float32[:], types.float32), 128)
+    assert ptx.count("ex2.approx.ftz.f32") == 8
+    assert len(re.findall(r"fma\.rn\.f32\s+%f\d+, %f\d+, 0f00000000, %f\d+", ptx)) == 1
+    _assert_clean(kc.ptxas_report(ptx), "partial fragment intrinsics")
+
+    def bad(out, x):
+        acc = (x, x, x, x)
+        out[0] = exp2_regs(acc, x, x, x, 2, 5)[0]
+    with pytest.raises(Exception, match="bounds"):
+        kc.compile_ptx(bad, (types.float32[:], types.float32), 128)
+
+
 def test_setmaxnreg_rejects_bad_counts():
     def k(out):
         regs.setmaxnreg_inc(100)
