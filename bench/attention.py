@@ -38,10 +38,7 @@ def run(argv=None):
     from triton.testing import do_bench
     from numba_fa3 import flash_attn
 
-    fa3 = None
-    if os.path.exists(args.fa3):
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        fa3 = load_fa3(args.fa3)
+    fa3 = load_fa3(args.fa3)
     rows = []
     for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
         out = torch.empty_like(q)

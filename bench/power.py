@@ -65,7 +65,6 @@ def run(argv=None):
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from numba_fa3 import flash_attn

@@ -64,9 +64,11 @@ def kernel_makers(variant_args):
 
 
 def load_fa3(path):
-    """FA3's JAX wrapper where its library is present, else None."""
+    """FA3's JAX wrapper where its library is present, else None.  JAX is told not to take most
+    of the GPU's memory up front (torch shares the device)."""
     if not os.path.exists(path):
         return None
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, os.path.dirname(path))
     from fa3_jax import FA3
     return FA3(path)

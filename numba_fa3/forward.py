@@ -28,7 +28,7 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import (after, exp2_regs, mask_cols, pack_bf16, pack_f16, quad_transpose, row_sum,
+from primitives.fragment import (after, exp2_regs, mask_cols, pack_bf16, pack_f16, quad_transpose,
                                  scale_regs, scale_rows, tanh_rows, zeros)
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import static_range, unrolled
@@ -584,8 +584,7 @@ class FlashForward(launch.HopperKernel):
                     o = scale_regs(o, a0, a1, O2, O3)
                     p = exp2_regs(p, scale_log2, after(b0, o[O2]), after(b1, o[O2B]), S3, S4)
                     o = scale_regs(o, a0, a1, O3, O4)
-                    s0, s1 = row_sum(p)
-                    l0, l1 = l0 * a0 + s0, l1 * a1 + s1
+                    l0, l1 = softmax.online_sum(p, l0, l1, a0, a1)
                 else:
                     p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)

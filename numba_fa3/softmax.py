@@ -58,8 +58,15 @@ def online_step(s, m0, m1, l0, l1, scale_log2):
     """Consume one S tile: returns (P, m0, m1, l0, l1, alpha0, alpha1) where alpha rescales O."""
     n0, n1, b0, b1, a0, a1 = online_max(s, m0, m1, scale_log2)
     p = fragment.exp2_rows(s, scale_log2, b0, b1)
+    l0, l1 = online_sum(p, l0, l1, a0, a1)
+    return p, n0, n1, l0, l1, a0, a1
+
+
+@cuda.jit(device=True, forceinline=True)
+def online_sum(p, l0, l1, a0, a1):
+    """The last part of `online_step`: the running row sums, rescaled, plus P's."""
     s0, s1 = fragment.row_sum(p)
-    return p, n0, n1, l0 * a0 + s0, l1 * a1 + s1, a0, a1
+    return l0 * a0 + s0, l1 * a1 + s1
 
 
 @cuda.jit(device=True, forceinline=True)
