@@ -41,10 +41,11 @@ def init(bars, stages, consumer_arrivals):
 def advance(index, phase, stages):
     """Next (index, phase): the phase flips when the index wraps.  Kept int32 (Numba would widen
     them to int64, two registers each, in every consumer thread)."""
-    index += 1
-    if index == stages:
+    # (compared before the increment: `index + 1` is int64 in Numba, and the compare of it was
+    # left 64-bit in the consumers' loop, a sign extension and two compares per step)
+    if index == stages - 1:
         return np.int32(0), np.int32(phase ^ 1)
-    return np.int32(index), np.int32(phase)
+    return np.int32(index + 1), np.int32(phase)
 
 
 @cuda.jit(device=True, forceinline=True)
