@@ -53,10 +53,15 @@ class Tiles:
     #: one, on the step's serial tail; so placed it shares cycles with the MUFUs, as in FA3's SASS
     #: (bench/NOTES.md, session 7).  Implies late_rescale.
     interleaved_rescale: bool = False
+    #: Q's wgmma descriptors built once per tile and kept by ptxas in a uniform-register quad per
+    #: K step for the whole loop (`smem.descriptors`), instead of the quad rebuilt before each
+    #: S wgmma: 27 fewer instructions per step at hdim 128.  Off where the loop then spills
+    #: (hdim 256 causal: 16 quads; 72 bytes of spill).
+    hoist_q_descriptors: bool = True
 
 
-def _tiles(block_n, late_rescale=False, interleaved_rescale=False):
-    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale)
+def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True):
+    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors)
 
 
 def _tiles3(block_n):
@@ -69,12 +74,15 @@ def _tiles3(block_n):
 #: - interleaved_rescale: hdim 64 three consumers, full 2k/4k/8k +2.3%, 16k +2.3% / +2.7%,
 #:   causal 8k +1.8%, 16k +2.8%; hdim 256 full 2k-16k +0.4% to +0.7%; elsewhere -3% to +0.2%
 #:   (hdim 128 full 16k -2.7%, hdim 256 causal -0.9% / -1.4% against its late rescale).
+#: - hoist_q_descriptors: hdim 256 full 4k / 16k +2.1% / +2.1%; hdim 128 full 2k / 16k +0.6% /
+#:   +0.3%, hdim 64 full 16k +0.4%, causal hdim 64 / 128 -0.4% to +0.1%; hdim 256 causal (with
+#:   its spill) -1.1%.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
     (128, False): _tiles(128), (128, True): _tiles(128),
     (192, False): _tiles(112), (192, True): _tiles(112),
-    (256, False): _tiles(80, interleaved_rescale=True), (256, True): _tiles(80, late_rescale=True),
+    (256, False): _tiles(80, interleaved_rescale=True), (256, True): _tiles(80, late_rescale=True, hoist_q_descriptors=False),
 }
 
 #: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal

@@ -6,6 +6,8 @@ mode a tile is stored as rows of 128 bytes in which the 16-byte unit u of row r 
 u ^ (r % 8).  TMA writes this pattern, wgmma reads it, and eight rows (1024 bytes) form one atom,
 so every swizzled tile must start at a 1024-byte boundary.
 """
+import functools
+
 from llvmlite import ir
 from numba import cuda, types
 from numba.core.errors import TypingError
@@ -42,6 +44,26 @@ def descriptor_base(leading_byte_offset, stride_byte_offset):
         _DESC_SWIZZLE_128B << 62)
 
 
+def _split_base(base, who):
+    if not isinstance(base, types.IntegerLiteral):
+        raise TypingError(f"{who} base must be a compile-time constant, got {base}")
+    value = base.literal_value
+    return value & 0xFFFFFFFF, value >> 32
+
+
+def _address_field(context, builder, addr, addr_type, lo_const):
+    """The descriptor's low word without its K offset: the 14-bit start-address field of
+    `addr` (16-byte units) or-ed with the constant low bits of the base."""
+    a = context.cast(builder, addr, addr_type, types.uint32)
+    field = builder.and_(builder.lshr(a, ir.Constant(I32, 4)), ir.Constant(I32, (1 << 14) - 1))
+    return builder.or_(field, ir.Constant(I32, lo_const))
+
+
+def _pair(builder, lo, hi):
+    return emit(builder, "mov.b64 $0, {$1, $2};", [I64], [(lo, "r"), (ir.Constant(I32, hi), "r")],
+                clobber_memory=False, side_effect=False)
+
+
 @intrinsic
 def descriptor(typingctx, base, smem_addr, offset):
     """Full descriptor for a tile at shared address `smem_addr + offset` (1024-byte aligned atoms;
@@ -54,19 +76,44 @@ def descriptor(typingctx, base, smem_addr, offset):
     offset is added after the field is extracted, so the steps of one K loop share the
     extraction and cost one add each (shared addresses stay below 256 KB, so the 14-bit field
     never carries into the LBO bits)."""
-    if not isinstance(base, types.IntegerLiteral):
-        raise TypingError(f"descriptor base must be a compile-time constant, got {base}")
-    value = base.literal_value
-    lo_const, hi = value & 0xFFFFFFFF, value >> 32
+    lo_const, hi = _split_base(base, "descriptor")
 
     def codegen(context, builder, sig, args):
-        addr = context.cast(builder, args[1], sig.args[1], types.uint32)
+        field = _address_field(context, builder, args[1], sig.args[1], lo_const)
         off = context.cast(builder, args[2], sig.args[2], types.uint32)
-        field = builder.and_(builder.lshr(addr, ir.Constant(I32, 4)), ir.Constant(I32, (1 << 14) - 1))
-        lo = builder.add(builder.or_(field, ir.Constant(I32, lo_const)), builder.lshr(off, ir.Constant(I32, 4)))
-        return emit(builder, "mov.b64 $0, {$1, $2};", [I64], [(lo, "r"), (ir.Constant(I32, hi), "r")],
-                    clobber_memory=False, side_effect=False)
+        return _pair(builder, builder.add(field, builder.lshr(off, ir.Constant(I32, 4))), hi)
     return types.uint64(base, smem_addr, offset), codegen
+
+
+@functools.lru_cache(maxsize=None)
+def descriptors(offsets):
+    """An intrinsic `f(base, smem_addr)` giving one descriptor per entry of `offsets` (byte
+    offsets, Python ints) for the tile at `smem_addr`, as a tuple: the K loop of an operand that
+    stays in place for many GEMMs (FlashForward's Q), built once, outside the loop that issues
+    them.
+
+    Why not `descriptor` inside that loop: ptxas then rebuilt all four words of each wgmma's
+    uniform-register quad before every wgmma (the A pair copied in, both high words rewritten).
+    Given loop-invariant 64-bit values it keeps each A pair in its own quad for the whole loop
+    and writes only B's two words: 483 instead of 510 instructions per step at hdim 128.  The
+    quads are uniform registers that stay taken for the loop, and a kernel short of them spills
+    (FlashForward's hdim 256 causal)."""
+    offs = tuple(int(o) for o in offsets)
+    for o in offs:
+        if o % DESC_UNIT or not 0 <= o >> 4 < 1 << 14:
+            raise ValueError(f"descriptor offset {o} is not a 16-byte multiple below 256 KB")
+    result = types.UniTuple(types.uint64, len(offs))
+
+    @intrinsic
+    def descriptor_tuple(typingctx, base, smem_addr):
+        lo_const, hi = _split_base(base, "descriptors")
+
+        def codegen(context, builder, sig, args):
+            field = _address_field(context, builder, args[1], sig.args[1], lo_const)
+            vals = [_pair(builder, builder.add(field, ir.Constant(I32, o >> 4)), hi) for o in offs]
+            return context.make_tuple(builder, sig.return_type, vals)
+        return result(base, smem_addr), codegen
+    return descriptor_tuple
 
 
 @cuda.jit(device=True, forceinline=True)
