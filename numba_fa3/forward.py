@@ -161,7 +161,7 @@ class FlashForward(launch.HopperKernel):
     TRACE_LOOP_TAIL = False  # trace build: record each tile's last loop steps, not its first
     WAIT_SUSPEND_NS = 0  # >0: mbarrier waits pass try_wait this suspend-time hint (0: none)
     INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
-    HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors)
+    HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -189,8 +189,10 @@ class FlashForward(launch.HopperKernel):
             interleaved = bool(self.INTERLEAVED_RESCALE)
             late = late or interleaved
         self.late_rescale, self.interleaved_rescale = late, interleaved
-        self.hoist_q = bool(t.hoist_q_descriptors if self.HOIST_Q_DESCRIPTORS is None
-                            else self.HOIST_Q_DESCRIPTORS)
+        hoist = t.hoist_q_descriptors if self.HOIST_Q_DESCRIPTORS is None else self.HOIST_Q_DESCRIPTORS
+        steps = head_dim // WGMMA_K
+        # Q's K steps whose descriptors are built once per tile (True: all; an int: the first n)
+        self.hoisted_q_steps = steps if hoist is True else max(0, min(int(hoist), steps))
         self.chunks = -(-head_dim // CHUNK_COLS)        # 128-byte column chunks of a row
         # K/V multicast in clusters of two CTAs (`multicast_ok`): each CTA loads half of every
         # K/V stage's column chunks into both CTAs' shared memory, halving L2 -> SM traffic.
@@ -408,9 +410,9 @@ class FlashForward(launch.HopperKernel):
         DESC_Q = smem.descriptor_base(0, smem.ATOM_BYTES)
         DESC_K = smem.descriptor_base(0, smem.ATOM_BYTES)
         DESC_V = smem.descriptor_base(KV_CHUNK, smem.ATOM_BYTES)
-        HOIST_Q = self.hoist_q
+        HOISTED = self.hoisted_q_steps
         Q_DESCRIPTORS = smem.descriptors(tuple((kk // STEPS_PER_CHUNK) * Q_CHUNK + (kk % STEPS_PER_CHUNK) * K_STEP_BYTES
-                                               for kk in range(QK_STEPS)))
+                                               for kk in range(HOISTED)))
         QK = wgmma.mma_ss(BN, self.dtype, 0)
         PV = wgmma.mma_rs(D, self.dtype, 1)
         S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
@@ -456,25 +458,25 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         def q_descriptors(q_wg):
-            """What issue_qk takes for this warpgroup's Q rows at shared address `q_wg`: all of
-            its descriptors, or the address where they are built per wgmma
+            """What issue_qk takes for this warpgroup's Q rows at shared address `q_wg`: the
+            address, for the descriptors built per wgmma, and the hoisted ones
             (Tiles.hoist_q_descriptors)."""
-            if HOIST_Q:
-                return Q_DESCRIPTORS(DESC_Q, q_wg)
-            return q_wg
+            if HOISTED:
+                return q_wg, Q_DESCRIPTORS(DESC_Q, q_wg)
+            return q_wg, ()
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def issue_qk(q_desc, kst):
             """S = Q K^T for this warpgroup's 64 rows, issued as one wgmma group (not waited).
-            `q_desc`: Q's descriptors, one per K step, built once per tile (`q_descriptors`)."""
+            `q_desc`: Q's address and its hoisted descriptors, built once per tile (`q_descriptors`)."""
             s = wgmma.fence_tied(S_ZERO)
             for kk in static_range(QK_STEPS):
                 c, w = kk // STEPS_PER_CHUNK, kk % STEPS_PER_CHUNK
-                if HOIST_Q:
-                    qd = q_desc[kk]
+                if kk < HOISTED:
+                    qd = q_desc[1][kk]
                 else:
-                    qd = smem.descriptor(DESC_Q, q_desc, c * Q_CHUNK + w * K_STEP_BYTES)
+                    qd = smem.descriptor(DESC_Q, q_desc[0], c * Q_CHUNK + w * K_STEP_BYTES)
                 s = QK(s, qd,
                        smem.descriptor(DESC_K, kst, c * KV_CHUNK + w * K_STEP_BYTES), 0 if kk == 0 else 1)
             wgmma.commit_group()

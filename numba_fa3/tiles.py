@@ -55,9 +55,10 @@ class Tiles:
     interleaved_rescale: bool = False
     #: Q's wgmma descriptors built once per tile and kept by ptxas in a uniform-register quad per
     #: K step for the whole loop (`smem.descriptors`), instead of the quad rebuilt before each
-    #: S wgmma: 27 fewer instructions per step at hdim 128.  Off where the loop then spills
-    #: (hdim 256 causal: 16 quads; 72 bytes of spill).
-    hoist_q_descriptors: bool = True
+    #: S wgmma: 33 fewer instructions per step at hdim 128.  True: every K step's; an int: the
+    #: first that many, the rest built per wgmma.  hdim 256 has 16 K steps, more quads than the
+    #: uniform file holds: 12 there (full), none in the causal kernel, which spilled with 12 or 16.
+    hoist_q_descriptors: bool | int = True
 
 
 def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True):
@@ -74,15 +75,15 @@ def _tiles3(block_n):
 #: - interleaved_rescale: hdim 64 three consumers, full 2k/4k/8k +2.3%, 16k +2.3% / +2.7%,
 #:   causal 8k +1.8%, 16k +2.8%; hdim 256 full 2k-16k +0.4% to +0.7%; elsewhere -3% to +0.2%
 #:   (hdim 128 full 16k -2.7%, hdim 256 causal -0.9% / -1.4% against its late rescale).
-#: - hoist_q_descriptors: hdim 256 full 4k / 16k +2.1% / +2.1%; hdim 128 full 2k / 16k +0.6% /
-#:   +0.3%, hdim 64 full 16k +0.4%, causal hdim 64 / 128 -0.4% to +0.1%; hdim 256 causal (with
-#:   its spill) -1.1%.
+#: - hoist_q_descriptors: hdim 128 full 2k / 16k +0.6% / +0.3%, hdim 64 full 16k +0.4%, causal
+#:   hdim 64 / 128 -0.4% to +0.1%; hdim 256 full, 16 vs none 4k / 16k +2.1% / +2.1% and 12 vs
+#:   16 +1.2% / +1.6%; hdim 256 causal vs none: 16 -1.1%, 12 -3.2% / -5.8%, 8 -0.6% / -0.7%.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128), (96, True): _tiles(128),
     (128, False): _tiles(128), (128, True): _tiles(128),
     (192, False): _tiles(112), (192, True): _tiles(112),
-    (256, False): _tiles(80, interleaved_rescale=True), (256, True): _tiles(80, late_rescale=True, hoist_q_descriptors=False),
+    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12), (256, True): _tiles(80, late_rescale=True, hoist_q_descriptors=False),
 }
 
 #: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal
