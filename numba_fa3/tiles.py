@@ -73,17 +73,21 @@ def _tiles3(block_n):
 #: - late_rescale: hdim 256 causal 2k +1.3% / +1.0%, 4k +1.8%, 8k +1.6% / +0.9% (two runs);
 #:   elsewhere -0.1% to -5% (hdim 128 causal 8k -5%).
 #: - interleaved_rescale: hdim 64 three consumers, full 2k/4k/8k +2.3%, 16k +2.3% / +2.7%,
-#:   causal 8k +1.8%, 16k +2.8%; hdim 256 full 2k-16k +0.4% to +0.7%; elsewhere -3% to +0.2%
-#:   (hdim 128 full 16k -2.7%, hdim 256 causal -0.9% / -1.4% against its late rescale).
+#:   causal 8k +1.8%, 16k +2.8%; hdim 256 full 2k-16k +0.4% to +0.7%.  Before the hoisted Q
+#:   descriptors it lost elsewhere (hdim 128 full 16k -2.7%); with them (session 8): hdim 128
+#:   full 2k/4k/8k/16k +3.0% / +3.3% / +3.6% / +3.5%, causal 8k / 16k +0.4% / +0.2%; hdim 256
+#:   causal 4k / 16k +0.5% / +0.8% against its late rescale; hdim 96 causal 8k +1.6%, full +0.2%
+#:   / +0.3%; hdim 192 causal 8k +0.5%, full -2.3% (8k) / -1.5% (2k), so off there.
 #: - hoist_q_descriptors: hdim 128 full 2k / 16k +0.6% / +0.3%, hdim 64 full 16k +0.4%, causal
 #:   hdim 64 / 128 -0.4% to +0.1%; hdim 256 full, 16 vs none 4k / 16k +2.1% / +2.1% and 12 vs
 #:   16 +1.2% / +1.6%; hdim 256 causal vs none: 16 -1.1%, 12 -3.2% / -5.8%, 8 -0.6% / -0.7%.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
-    (96, False): _tiles(128), (96, True): _tiles(128),
-    (128, False): _tiles(128), (128, True): _tiles(128),
-    (192, False): _tiles(112), (192, True): _tiles(112),
-    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12), (256, True): _tiles(80, late_rescale=True, hoist_q_descriptors=False),
+    (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
+    (128, False): _tiles(128, interleaved_rescale=True), (128, True): _tiles(128, interleaved_rescale=True),
+    (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
+    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12),
+    (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False),
 }
 
 #: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal
