@@ -2,7 +2,8 @@
 import importlib
 import sys
 
-COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants", "maskcost", "power")
+COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants", "maskcost", "power",
+            "sass")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -68,14 +68,15 @@ _STATS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _REGS = re.compile(r"Used (\d+) registers")
 
 
-def ptxas_report(ptx):
+def ptxas_report(ptx, cubin=None):
     """Assemble PTX for sm_90a; return dict(registers, stack, spill_stores, spill_loads,
-    warnings=[lines], log=str).  Raises if ptxas rejects the PTX."""
+    warnings=[lines], log=str).  Raises if ptxas rejects the PTX.  `cubin`: a path to keep the
+    assembled cubin at (for `bench sass`)."""
     exe = find_ptxas()
     if exe is None:
         raise RuntimeError("ptxas not found: install nvidia-cuda-nvcc==13.0.* (see README)")
     with tempfile.TemporaryDirectory() as d:
-        src, out = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        src, out = os.path.join(d, "k.ptx"), cubin or os.path.join(d, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         r = subprocess.run([exe, "-arch=sm_90a", "-v", src, "-o", out], capture_output=True, text=True)
