@@ -91,6 +91,24 @@ def test_forward_wait_suspend_knob_compiles_clean():
     _assert_clean(kc.ptxas_report(ptx), "forward wait-suspend d128")
 
 
+@pytest.mark.parametrize("head_dim,mask_kind,override,hoisted", [
+    (128, MASK_NONE, None, 8), (128, MASK_CAUSAL, None, 8), (64, MASK_NONE, None, 4),
+    (256, MASK_NONE, None, 12), (256, MASK_CAUSAL, None, 0),
+    (256, MASK_NONE, True, 16), (128, MASK_NONE, False, 0), (128, MASK_NONE, 99, 8), (256, MASK_CAUSAL, 8, 8),
+])
+def test_forward_hoisted_q_descriptor_count(head_dim, mask_kind, override, hoisted):
+    """Tiles.hoist_q_descriptors (True: every K step, an int: that many) and its override knob."""
+    kern = type("Hoist", (FlashForward,), {"HOIST_Q_DESCRIPTORS": override})("bf16", head_dim, mask_kind)
+    assert kern.hoisted_q_steps == hoisted
+
+
+def test_forward_partly_hoisted_q_descriptors_compile_clean():
+    """Part of Q's descriptors hoisted, the rest built per wgmma (hdim 256 full takes 12 of 16):
+    the mixed path compiles clean where the table does not choose it."""
+    kern = type("Hoist8", (FlashForward,), {"HOIST_Q_DESCRIPTORS": 4})("bf16", 128, MASK_CAUSAL)
+    _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 causal, 4 Q descriptors hoisted")
+
+
 @pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False), (False, False)])
 def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     kern = FlashForward("bf16", 128, MASK_CAUSAL, Schedule(pingpong, overlap))
