@@ -161,6 +161,7 @@ class FlashForward(launch.HopperKernel):
     TRACE_LOOP_TAIL = False  # trace build: record each tile's last loop steps, not its first
     WAIT_SUSPEND_NS = 0  # >0: mbarrier waits pass try_wait this suspend-time hint (0: none)
     INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
+    SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
@@ -563,6 +564,7 @@ class FlashForward(launch.HopperKernel):
             # (interleaved, with the -inf guard against without: hdim 64 causal 16k -1.4%, other
             # points within +-0.4%)
             UNMASKED_STEP = not masked
+            SPLIT_MAX = bool(self.SPLIT_ROW_MAX)
 
             @cuda.jit(device=True, forceinline=True)
             def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
@@ -601,7 +603,7 @@ class FlashForward(launch.HopperKernel):
                     s = mask_block(s, nb, col0, limits)
                 if INTERLEAVE:
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
-                    m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP)
+                    m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, S1)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     o = scale_regs(o, a0, a1, 0, O1)
@@ -613,7 +615,7 @@ class FlashForward(launch.HopperKernel):
                     o = scale_regs(o, a0, a1, O3, O4)
                     l0, l1 = softmax.online_sum(p, l0, l1, a0, a1)
                 else:
-                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2, UNMASKED_STEP)
+                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     if LATE_RESCALE:
                         o = scale_rows(o, a0, a1)

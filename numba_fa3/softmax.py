@@ -40,29 +40,38 @@ def exponent_base(m, scale_log2):
 
 
 @cuda.jit(device=True, forceinline=True)
-def online_max(s, m0, m1, scale_log2, unmasked=False):
+def online_max(s, m0, m1, scale_log2, unmasked=False, split_rows=False):
     """The first part of `online_step`: the new row maxima, their exponent bases and O's
     rescale factors (n0, n1, b0, b1, alpha0, alpha1).  `unmasked` (a constant): S has no -inf,
     so the new maxima are finite and the -inf guard of `exponent_base` is left out of the
-    critical path (max -> base -> exponentials)."""
-    mx0, mx1 = fragment.row_max(s)
-    n0 = max(m0, quad_max(mx0))
-    n1 = max(m1, quad_max(mx1))
-    if unmasked:
-        b0, b1 = n0 * scale_log2, n1 * scale_log2
+    critical path (max -> base -> exponentials).  `split_rows` (a constant): the second row's
+    max waits for the first row's base (`fragment.row_max_after`), FA3's order (an A/B knob,
+    FlashForward.SPLIT_ROW_MAX)."""
+    if split_rows:
+        mx0 = fragment.row_max_after(s, 0, scale_log2)
+        n0 = max(m0, quad_max(mx0))
+        b0 = n0 * scale_log2 if unmasked else exponent_base(n0, scale_log2)
+        n1 = max(m1, quad_max(fragment.row_max_after(s, 1, b0)))
+        b1 = n1 * scale_log2 if unmasked else exponent_base(n1, scale_log2)
     else:
-        b0 = exponent_base(n0, scale_log2)
-        b1 = exponent_base(n1, scale_log2)
+        mx0, mx1 = fragment.row_max(s)
+        n0 = max(m0, quad_max(mx0))
+        n1 = max(m1, quad_max(mx1))
+        if unmasked:
+            b0, b1 = n0 * scale_log2, n1 * scale_log2
+        else:
+            b0 = exponent_base(n0, scale_log2)
+            b1 = exponent_base(n1, scale_log2)
     a0 = special.ex2(m0 * scale_log2 - b0)
     a1 = special.ex2(m1 * scale_log2 - b1)
     return n0, n1, b0, b1, a0, a1
 
 
 @cuda.jit(device=True, forceinline=True)
-def online_step(s, m0, m1, l0, l1, scale_log2, unmasked=False):
+def online_step(s, m0, m1, l0, l1, scale_log2, unmasked=False, split_rows=False):
     """Consume one S tile: returns (P, m0, m1, l0, l1, alpha0, alpha1) where alpha rescales O
     (`unmasked`: see online_max)."""
-    n0, n1, b0, b1, a0, a1 = online_max(s, m0, m1, scale_log2, unmasked)
+    n0, n1, b0, b1, a0, a1 = online_max(s, m0, m1, scale_log2, unmasked, split_rows)
     p = fragment.exp2_rows(s, scale_log2, b0, b1)
     l0, l1 = online_sum(p, l0, l1, a0, a1)
     return p, n0, n1, l0, l1, a0, a1

@@ -185,6 +185,29 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
 
 
 @gpu
+@pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 901, 700), (256, False, 700, 901), (64, False, 1000, 333)])
+def test_forward_split_row_max_matches_reference(d, causal, sq, sk):
+    """FlashForward.SPLIT_ROW_MAX (an A/B knob, off by default): the same results; with sq > sk
+    causal, rows that see no key give 0 and LSE -inf."""
+    from numba_fa3.api import _forward
+    from numba_fa3.forward import FlashForward
+    from numba_fa3 import mask
+    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})(
+        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
+    rng = np.random.default_rng(11)
+    npdt = NUMPY_DTYPES["bf16"]
+    q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
+    k = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
+    out = _torch().full_like(tq, float("nan"))
+    _, lse = _forward(tq, tk, tv, None, causal, (-1, -1), 0.0, True, out, None, lambda *a, **kw: kern)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, return_lse=True)
+    low = attention_lowprec(q, k, v, causal=causal, storage_dtype=npdt).astype(np.float64)
+    _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
+
+
+@gpu
 @pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
     (128, True, (-1, -1), True, False, 700, 901),
     (192, False, (-1, -1), None, True, 901, 700),

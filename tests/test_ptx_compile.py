@@ -102,6 +102,18 @@ def test_forward_hoisted_q_descriptor_count(head_dim, mask_kind, override, hoist
     assert kern.hoisted_q_steps == hoisted
 
 
+@pytest.mark.parametrize("head_dim,mask_kind", [(128, MASK_NONE), (256, MASK_CAUSAL)])
+def test_forward_split_row_max_knob_compiles_clean(head_dim, mask_kind):
+    """FlashForward.SPLIT_ROW_MAX (off by default, not yet measured): the second row's max
+    reduction takes the first row's exponent base as an order dependency."""
+    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})("bf16", head_dim, mask_kind)
+    base = FlashForward("bf16", head_dim, mask_kind).compile_ptx()
+    ptx = kern.compile_ptx()
+    # one order-dependency FMA per softmax of the loop steps (plain, and masked where there is one)
+    assert ptx.count("fma.rn.f32") > base.count("fma.rn.f32")
+    _assert_clean(kc.ptxas_report(ptx), f"forward split row max d{head_dim}")
+
+
 def test_forward_partly_hoisted_q_descriptors_compile_clean():
     """Part of Q's descriptors hoisted, the rest built per wgmma (hdim 256 full takes 12 of 16):
     the mixed path compiles clean where the table does not choose it."""
