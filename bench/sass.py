@@ -20,7 +20,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from .variants import kernel_makers
+from .variants import add_variant_args, kernel_makers
 
 #: A step loop issues both GEMMs and the softmax's exponentials: at least one HGMMA and this many
 #: MUFU (the smallest step, hdim 256's 80 keys, has 42).
@@ -143,7 +143,6 @@ def _mix_line(mix, base=None, top=12):
 
 def run(argv=None):
     from numba_fa3 import mask
-    from .variants import add_variant_args
     p = argparse.ArgumentParser(prog="python -m bench sass")
     p.add_argument("--hdim", type=int, required=True)
     p.add_argument("--mask", choices=("full", "causal", "local"), default="full")

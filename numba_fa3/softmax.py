@@ -33,8 +33,10 @@ def quad_sum(x):
 
 
 @cuda.jit(device=True, forceinline=True)
-def exponent_base(m, scale_log2):
-    if m == NEG_INF:
+def exponent_base(m, scale_log2, finite=False):
+    """m * scale_log2, or 0 for a row with no score yet (m = -inf); `finite` (a constant): m is
+    known finite, so the guard is left out."""
+    if not finite and m == NEG_INF:
         return np.float32(0)
     return m * scale_log2
 
@@ -48,20 +50,15 @@ def online_max(s, m0, m1, scale_log2, unmasked=False, split_rows=False):
     max waits for the first row's base (`fragment.row_max_after`), FA3's order (an A/B knob,
     FlashForward.SPLIT_ROW_MAX)."""
     if split_rows:
-        mx0 = fragment.row_max_after(s, 0, scale_log2)
-        n0 = max(m0, quad_max(mx0))
-        b0 = n0 * scale_log2 if unmasked else exponent_base(n0, scale_log2)
+        n0 = max(m0, quad_max(fragment.row_max_after(s, 0, scale_log2)))
+        b0 = exponent_base(n0, scale_log2, unmasked)
         n1 = max(m1, quad_max(fragment.row_max_after(s, 1, b0)))
-        b1 = n1 * scale_log2 if unmasked else exponent_base(n1, scale_log2)
     else:
         mx0, mx1 = fragment.row_max(s)
         n0 = max(m0, quad_max(mx0))
         n1 = max(m1, quad_max(mx1))
-        if unmasked:
-            b0, b1 = n0 * scale_log2, n1 * scale_log2
-        else:
-            b0 = exponent_base(n0, scale_log2)
-            b1 = exponent_base(n1, scale_log2)
+        b0 = exponent_base(n0, scale_log2, unmasked)
+    b1 = exponent_base(n1, scale_log2, unmasked)
     a0 = special.ex2(m0 * scale_log2 - b0)
     a1 = special.ex2(m1 * scale_log2 - b1)
     return n0, n1, b0, b1, a0, a1

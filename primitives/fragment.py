@@ -69,6 +69,12 @@ def _fmax(builder, a, b):
                  clobber_memory=False, side_effect=False)
 
 
+def _after(builder, x, dep):
+    """fma(dep, 0, x) in inline PTX (which LLVM cannot fold away): x, ordered after dep."""
+    return _emit(builder, "fma.rn.f32 $0, $1, 0f00000000, $2;", [_F32], [(dep, "f"), (x, "f")],
+                 clobber_memory=False, side_effect=False)
+
+
 def _tree(builder, vals, op):
     """Pairwise reduction: depth log2(n) instead of a chain of n dependent instructions, which
     matters because the softmax of one warpgroup runs alone on its SM sub-partitions while the
@@ -113,8 +119,7 @@ def row_max_after(typingctx, acc, row, dep):
     def codegen(context, builder, sig, args):
         v = [x for i, x in enumerate(_vals(builder, args[0], n)) if int(_second_row(i)) == k]
         d = _f32(context, builder, args[2], sig.args[2])
-        v[0] = _emit(builder, "fma.rn.f32 $0, $1, 0f00000000, $2;", [_F32], [(d, "f"), (v[0], "f")],
-                     clobber_memory=False, side_effect=False)
+        v[0] = _after(builder, v[0], d)
         return _tree(builder, v, _fmax)
     return _types.float32(acc, row, dep), codegen
 
@@ -195,9 +200,8 @@ def after(typingctx, x, dep):
     """x, computed as fma(dep, 0, x): the same value for any finite dep, but ptxas must now
     schedule whatever produces dep first (an order dependency, one FFMA)."""
     def codegen(context, builder, sig, args):
-        return _emit(builder, "fma.rn.f32 $0, $1, 0f00000000, $2;", [_F32],
-                     [(_f32(context, builder, args[1], sig.args[1]), "f"), (_f32(context, builder, args[0], sig.args[0]), "f")],
-                     clobber_memory=False, side_effect=False)
+        return _after(builder, _f32(context, builder, args[0], sig.args[0]),
+                      _f32(context, builder, args[1], sig.args[1]))
     return _types.float32(x, dep), codegen
 
 

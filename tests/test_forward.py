@@ -184,27 +184,33 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
         _forward(odd, tk[:1], tv[:1], None, False, (-1, -1), 0.0, False, None, None, make)
 
 
-@gpu
-@pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 901, 700), (256, False, 700, 901), (64, False, 1000, 333)])
-def test_forward_split_row_max_matches_reference(d, causal, sq, sk):
-    """FlashForward.SPLIT_ROW_MAX (an A/B knob, off by default): the same results; with sq > sk
-    causal, rows that see no key give 0 and LSE -inf."""
+def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed):
+    """A FlashForward built with tuning knobs set, on B=2, 4 query heads over 2 K/V heads, its
+    poisoned output and LSE checked against the reference (FA3's tolerance rule)."""
     from numba_fa3.api import _forward
-    from numba_fa3.forward import FlashForward
-    from numba_fa3 import mask
-    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})(
-        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     npdt = NUMPY_DTYPES["bf16"]
     q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
     k = rng.standard_normal((2, sk, 2, d)).astype(npdt)
     v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
     tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
     out = _torch().full_like(tq, float("nan"))
-    _, lse = _forward(tq, tk, tv, None, causal, (-1, -1), 0.0, True, out, None, lambda *a, **kw: kern)
-    ref, ref_lse = attention_reference(q, k, v, causal=causal, return_lse=True)
-    low = attention_lowprec(q, k, v, causal=causal, storage_dtype=npdt).astype(np.float64)
+    _, lse = _forward(tq, tk, tv, None, causal, window, 0.0, True, out, None, lambda *a, **kw: kern)
+    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, return_lse=True)
+    low = attention_lowprec(q, k, v, causal=causal, window_size=window, storage_dtype=npdt).astype(np.float64)
     _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
+
+
+@gpu
+@pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 901, 700), (256, False, 700, 901), (64, False, 1000, 333)])
+def test_forward_split_row_max_matches_reference(d, causal, sq, sk):
+    """FlashForward.SPLIT_ROW_MAX (an A/B knob, off by default): the same results; with sq > sk
+    causal, rows that see no key give 0 and LSE -inf."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})(
+        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
+    _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=11)
 
 
 @gpu
@@ -222,24 +228,12 @@ def test_forward_rescale_placement_matches_reference(d, causal, window, late, in
     in parts among the exponentials.  Causal, a local window and unmasked; with sq > sk the first
     rows see no key (0 and LSE -inf)."""
     from numba_fa3 import mask
-    from numba_fa3.api import _forward
     from numba_fa3.forward import FlashForward
     kind = mask.MASK_CAUSAL if causal else (mask.MASK_LOCAL if window != (-1, -1) else mask.MASK_NONE)
     kern = type("Rescale", (FlashForward,), {"LATE_RESCALE": late, "INTERLEAVED_RESCALE": interleaved})("bf16", d, kind)
     assert kern.interleaved_rescale == bool(interleaved)
     assert kern.late_rescale == bool(late or interleaved)
-    rng = np.random.default_rng(7)
-    npdt = NUMPY_DTYPES["bf16"]
-    q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
-    k = rng.standard_normal((2, sk, 2, d)).astype(npdt)
-    v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
-    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
-    out = _torch().full_like(tq, float("nan"))
-    make = lambda *a, **kw: kern
-    _, lse = _forward(tq, tk, tv, None, causal, window, 0.0, True, out, None, make)
-    ref, ref_lse = attention_reference(q, k, v, causal=causal, window_size=window, return_lse=True)
-    low = attention_lowprec(q, k, v, causal=causal, window_size=window, storage_dtype=npdt).astype(np.float64)
-    _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
+    _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed=7)
 
 
 @gpu
