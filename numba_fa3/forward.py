@@ -28,10 +28,10 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import (after, exp2_regs, mask_cols, pack_bf16, pack_f16, quad_transpose,
-                                 scale_regs, scale_rows, tanh_rows, zeros)
+from primitives.fragment import (REGS_PER_GROUP, after, exp2_regs, mask_cols, pack_bf16, pack_f16,
+                                 quad_transpose, scale_regs, scale_rows, tanh_rows, zeros)
 from primitives.tma_desc import TENSOR_MAP_BYTES
-from primitives.unroll import static_range, unrolled
+from primitives.unroll import constexpr, static_range, unrolled
 from ptx_inline import barrier, cluster, mbarrier, memory, regs, special, tma, wgmma
 from . import mask, softmax
 from .tiles import tiles_for
@@ -163,6 +163,8 @@ class FlashForward(launch.HopperKernel):
     INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
     SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
+    RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
+    EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -221,6 +223,23 @@ class FlashForward(launch.HopperKernel):
                 break
         self.q_stages, self.tma_store = q_stages, with_o
         self.smem = plan.check()
+
+    def rescale_rounds(self):
+        """(P's register edges, O's) of the interleaved rescale: P's first part (registers
+        0..EXP2_BEFORE_PV_WAIT-1) is exponentiated before the P V wait, then round k multiplies
+        O's part k and exponentiates P's part k + 1.  O's parts start on 8-column groups, so each
+        holds a register of both of the thread's rows for `after`."""
+        p_regs, o_regs, rounds = self.block_n // 2, self.head_dim // 2, int(self.RESCALE_ROUNDS)
+        if rounds < 2 or o_regs % (rounds * REGS_PER_GROUP):
+            raise ValueError(f"RESCALE_ROUNDS={rounds}: O's {o_regs} registers per thread do not split "
+                             f"into that many (at least 2) parts of whole {REGS_PER_GROUP}-register groups")
+        head = p_regs // rounds if self.EXP2_BEFORE_PV_WAIT is None else int(self.EXP2_BEFORE_PV_WAIT)
+        if not 0 <= head <= p_regs:
+            raise ValueError(f"EXP2_BEFORE_PV_WAIT={head}: P has {p_regs} registers per thread")
+        rest = p_regs - head
+        p_edges = (0, head) + tuple(head + k * rest // (rounds - 1) for k in range(1, rounds))
+        o_edges = tuple(k * o_regs // rounds for k in range(rounds + 1))
+        return p_edges, o_edges
 
     @staticmethod
     def multicast_ok(mask_kind, varlen, chunks):
@@ -436,11 +455,9 @@ class FlashForward(launch.HopperKernel):
         TRACE = self.trace
         LATE_RESCALE = self.late_rescale
         INTERLEAVE = self.interleaved_rescale
-        # quarters of S's (P's) and O's registers: the exponentials of quarter k + 1 are made to
-        # follow the multiplies of O's quarter k (`fragment.after`), so ptxas interleaves them
-        S1, S2, S3, S4 = (k * (BN // 2) // 4 for k in range(1, 5))
-        O1, O2, O3, O4 = (k * (D // 2) // 4 for k in range(1, 5))
-        O1B, O2B = O1 + 2, O2 + 2  # a register of the second row in quarters 1 and 2
+        P_EDGES, O_EDGES = self.rescale_rounds()
+        ROUNDS, P_HEAD = len(O_EDGES) - 1, P_EDGES[1]
+        SECOND_ROW = 2  # register offset of the second row within an 8-column group (fragment.py)
         TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
@@ -559,6 +576,20 @@ class FlashForward(launch.HopperKernel):
             release(v_bars, v_index, lane)
             return o, pk
 
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2):
+            """The interleaved rescale's rounds: O's part k multiplied, then P's part k + 1
+            exponentiated with biases taken through `after` that part's first register of each
+            row, so ptxas cannot sink the multiplies below the exponentials; O's last part is free."""
+            for k in static_range(ROUNDS - 1):
+                o = scale_regs(o, a0, a1, constexpr(O_EDGES[k]), constexpr(O_EDGES[k + 1]))
+                p = exp2_regs(p, scale_log2, after(b0, o[constexpr(O_EDGES[k])]),
+                              after(b1, o[constexpr(O_EDGES[k] + SECOND_ROW)]),
+                              constexpr(P_EDGES[k + 1]), constexpr(P_EDGES[k + 2]))
+            o = scale_regs(o, a0, a1, constexpr(O_EDGES[ROUNDS - 1]), constexpr(O_EDGES[ROUNDS]))
+            return o, p
+
         def make_step(masked):
             # A plain step's block has no masked score in any row, so its row maxima are finite
             # (interleaved, with the -inf guard against without: hdim 64 causal 16k -1.4%, other
@@ -576,8 +607,9 @@ class FlashForward(launch.HopperKernel):
                 to the running max either before that P V (its factors a0, a1 from the previous
                 block's softmax) or, with LATE_RESCALE, after its wait (with this block's), which
                 keeps the 64 multiplies out of the ping-pong turn; see Tiles.late_rescale.  With
-                INTERLEAVED_RESCALE the wait comes a quarter into the exponentials and the
-                multiplies are spread among the rest (Tiles.interleaved_rescale)."""
+                INTERLEAVED_RESCALE the wait comes a few exponentials in (EXP2_BEFORE_PV_WAIT) and
+                the multiplies are spread among the rest in RESCALE_ROUNDS parts
+                (Tiles.interleaved_rescale)."""
                 t = np.int32(nb - n_min) if TRACE_TAIL else np.int32(n_max - 2 - nb)
                 consumer_wait(k_bars, index, phase)
                 if tracer:
@@ -604,15 +636,9 @@ class FlashForward(launch.HopperKernel):
                 if INTERLEAVE:
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
                     m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
-                    p = exp2_regs(s, scale_log2, b0, b1, 0, S1)
+                    p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
-                    o = scale_regs(o, a0, a1, 0, O1)
-                    p = exp2_regs(p, scale_log2, after(b0, o[0]), after(b1, o[2]), S1, S2)
-                    o = scale_regs(o, a0, a1, O1, O2)
-                    p = exp2_regs(p, scale_log2, after(b0, o[O1]), after(b1, o[O1B]), S2, S3)
-                    o = scale_regs(o, a0, a1, O2, O3)
-                    p = exp2_regs(p, scale_log2, after(b0, o[O2]), after(b1, o[O2B]), S3, S4)
-                    o = scale_regs(o, a0, a1, O3, O4)
+                    o, p = rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2)
                     l0, l1 = softmax.online_sum(p, l0, l1, a0, a1)
                 else:
                     p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2, UNMASKED_STEP, SPLIT_MAX)

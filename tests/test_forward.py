@@ -214,6 +214,21 @@ def test_forward_split_row_max_matches_reference(d, causal, sq, sk):
 
 
 @gpu
+@pytest.mark.parametrize("d,causal,rounds,head,sq,sk", [(128, False, 2, None, 901, 700), (128, True, 8, 0, 700, 901),
+                                                      (256, True, 4, 40, 901, 700), (64, False, 8, 4, 1000, 333)])
+def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk):
+    """The interleaved rescale's shape knobs (FlashForward.RESCALE_ROUNDS, EXP2_BEFORE_PV_WAIT):
+    the same results with O in 2 or 8 parts and the P V wait before any exponential, after all
+    of them, or between."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    kern = type("Rounds", (FlashForward,), {"INTERLEAVED_RESCALE": True, "RESCALE_ROUNDS": rounds,
+                                            "EXP2_BEFORE_PV_WAIT": head})(
+        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
+    _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=13)
+
+
+@gpu
 @pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
     (128, True, (-1, -1), True, False, 700, 901),
     (192, False, (-1, -1), None, True, 901, 700),

@@ -1,5 +1,6 @@
 """Every kernel specialization compiles to sm_90a with no spills, no stack and no wgmma
 serialization (ptxas warning C7510); every intrinsic assembles.  Runs without a GPU."""
+import dataclasses
 import itertools
 import re
 
@@ -9,10 +10,10 @@ from numba import cuda, types
 
 from primitives import compile as kc
 from numba_fa3.forward import FlashForward, Schedule
-from numba_fa3.tiles import LONG_TILES, SUPPORTED_HEAD_DIMS
+from numba_fa3.tiles import LONG_TILES, SUPPORTED_HEAD_DIMS, tiles_for
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
 from primitives.gemm import GemmKernel
-from primitives.unroll import static_range, unrolled
+from primitives.unroll import constexpr, static_range, unrolled
 from ptx_inline import barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma
 
 pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
@@ -112,6 +113,37 @@ def test_forward_split_row_max_knob_compiles_clean(head_dim, mask_kind):
     # one order-dependency FMA per softmax of the loop steps (plain, and masked where there is one)
     assert ptx.count("fma.rn.f32") > base.count("fma.rn.f32")
     _assert_clean(kc.ptxas_report(ptx), f"forward split row max d{head_dim}")
+
+
+@pytest.mark.parametrize("head_dim,block_n,rounds,head,p_edges,o_edges", [
+    (128, 128, 4, None, (0, 16, 32, 48, 64), (0, 16, 32, 48, 64)),  # the table's shape
+    (256, 80, 4, None, (0, 10, 20, 30, 40), (0, 32, 64, 96, 128)),
+    (128, 128, 2, 0, (0, 0, 64), (0, 32, 64)),
+    (64, 128, 8, 8, (0, 8, 16, 24, 32, 40, 48, 56, 64), tuple(range(0, 33, 4))),
+])
+def test_forward_rescale_rounds_edges(head_dim, block_n, rounds, head, p_edges, o_edges):
+    """The interleaved rescale's parts (FlashForward.rescale_rounds): P's head before the P V wait,
+    the rest and O split evenly, O's parts on whole 8-column groups."""
+    tiles = dataclasses.replace(tiles_for(head_dim, False), block_n=block_n)
+    kern = type("Rounds", (FlashForward,), {"RESCALE_ROUNDS": rounds, "EXP2_BEFORE_PV_WAIT": head})(
+        "bf16", head_dim, MASK_NONE, tiles=tiles)
+    assert kern.rescale_rounds() == (p_edges, o_edges)
+
+
+@pytest.mark.parametrize("rounds,head,match", [(1, None, "RESCALE_ROUNDS"), (3, None, "RESCALE_ROUNDS"),
+                                               (32, None, "RESCALE_ROUNDS"), (4, 65, "EXP2_BEFORE_PV_WAIT")])
+def test_forward_rescale_rounds_bad_shapes(rounds, head, match):
+    kern = type("Rounds", (FlashForward,), {"RESCALE_ROUNDS": rounds, "EXP2_BEFORE_PV_WAIT": head})(
+        "bf16", 128, MASK_NONE)
+    with pytest.raises(ValueError, match=match):
+        kern.rescale_rounds()
+
+
+def test_forward_rescale_rounds_compile_clean():
+    """Eight rounds with the P V wait before any exponential (hdim 128 causal): no spill."""
+    kern = type("Rounds", (FlashForward,), {"INTERLEAVED_RESCALE": True, "RESCALE_ROUNDS": 8,
+                                            "EXP2_BEFORE_PV_WAIT": 0})("bf16", 128, MASK_CAUSAL)
+    _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 causal, 8 rescale rounds")
 
 
 def test_forward_partly_hoisted_q_descriptors_compile_clean():
@@ -261,3 +293,26 @@ def test_unrolled_expands_loops():
         return t
     g = unrolled(f)
     assert g(10) == f(10) == sum(10 * i + j for i in range(3) for j in range(2))
+
+
+def test_unrolled_constexpr_folds_loop_variables():
+    EDGES = (0, 3, 7, 12)
+
+    def f(x):
+        t = 0
+        for k in static_range(3):
+            t += x * constexpr(EDGES[k + 1] - EDGES[k]) + constexpr(k * 100)
+        return t
+    g = unrolled(f)
+    assert g(10) == f(10) == 10 * 12 + 300
+    # folded away: what Numba sees are constants, which it types as literals
+    assert "constexpr" not in g.__code__.co_names and "EDGES" not in g.__code__.co_names
+
+
+def test_unrolled_constexpr_unknown_name_is_an_error():
+    def f(x):
+        for k in static_range(2):
+            x += constexpr(k + undefined_name)  # noqa: F821
+        return x
+    with pytest.raises(SyntaxError, match="constexpr"):
+        unrolled(f)
