@@ -163,6 +163,9 @@ class FlashForward(launch.HopperKernel):
     INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
     SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
+    UNIFORM_BOUNDS = False  # experiment: the tile's key-block bounds made warp-uniform (REDUX) once per tile
+    PREDICATED_RELEASE = False  # experiment: stage releases as a predicated arrive, not a branch
+    STAGE_REDUX = True  # experiment: each step's K/V stage address through REDUX (uniform_u32)
     RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
 
@@ -463,13 +466,30 @@ class FlashForward(launch.HopperKernel):
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
+        UNIFORM_BOUNDS, STAGE_REDUX = bool(self.UNIFORM_BOUNDS), bool(self.STAGE_REDUX)
+        PREDICATED_RELEASE = bool(self.PREDICATED_RELEASE)
+
+        @cuda.jit(device=True, forceinline=True)
+        def stage_addr(x):
+            if STAGE_REDUX:
+                return special.uniform_u32(x)
+            return np.uint32(x)
+
+        @cuda.jit(device=True, forceinline=True)
+        def uniform_i32(x):
+            if UNIFORM_BOUNDS:
+                return np.int32(special.uniform_u32(x))
+            return x
 
         @cuda.jit(device=True, forceinline=True)
         def release(bars, index, lane):
             """This warp is done reading K/V stage `index`.  With multicast both CTAs' producers
             write the stage in both CTAs, so the release goes to both CTAs' empty barriers
             (MULTICAST_CTAS = 2: the peer is rank ^ 1)."""
-            pipeline.consumer_release(bars, STAGES, index, lane)
+            if PREDICATED_RELEASE:
+                mbarrier.arrive_if(pipeline.empty_barrier(bars, STAGES, index), lane == 0)
+            else:
+                pipeline.consumer_release(bars, STAGES, index, lane)
             if MULTICAST and lane == 0:
                 peer = cluster.ctarank() ^ np.uint32(1)
                 cluster.arrive_remote(cluster.map_shared(pipeline.empty_barrier(bars, STAGES, index), peer))
@@ -529,7 +549,7 @@ class FlashForward(launch.HopperKernel):
             P V to overlap yet), and every block of the no-overlap ablation."""
             consumer_wait(k_bars, index, phase)
             scheduler_sync(wg)
-            s = issue_qk(q_desc, special.uniform_u32(k_smem + index * KV_STAGE))
+            s = issue_qk(q_desc, stage_addr(k_smem + index * KV_STAGE))
             scheduler_pass(wg)
             s = wgmma.wait_group_tied(0, s)
             release(k_bars, index, lane)
@@ -538,7 +558,9 @@ class FlashForward(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
             """Q's buffer is free for a later tile once every consumer warp's last S GEMM completed."""
-            if lane == 0:
+            if PREDICATED_RELEASE:
+                mbarrier.arrive_if(q_empty, lane == 0)
+            elif lane == 0:
                 mbarrier.arrive(q_empty)
 
         @cuda.jit(device=True, forceinline=True)
@@ -617,11 +639,11 @@ class FlashForward(launch.HopperKernel):
                 scheduler_sync(wg)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.TURN)
-                s = issue_qk(q_desc, special.uniform_u32(k_smem + index * KV_STAGE))
+                s = issue_qk(q_desc, stage_addr(k_smem + index * KV_STAGE))
                 if not LATE_RESCALE:
                     o = scale_rows(o, a0, a1)
                 consumer_wait(v_bars, v_index, v_phase)
-                o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
+                o = issue_pv(o, pk, stage_addr(v_smem + v_index * KV_STAGE))
                 scheduler_pass(wg)
                 s = wgmma.wait_group_tied(1, s)
                 if tracer:
@@ -689,6 +711,7 @@ class FlashForward(launch.HopperKernel):
                 q_empty = pipeline.empty_barrier(q_bars, Q_STAGES, qi)
                 offset = sk - sq
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
+                n_min, n_max = uniform_i32(n_min), uniform_i32(n_max)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 if MASKED:
                     lo0, hi0 = mask.key_limits(row0, offset, left, right, sk)
@@ -725,6 +748,7 @@ class FlashForward(launch.HopperKernel):
                             # under P V at all); choosing the copy per step instead left the plain
                             # steps ~9% slower than the unmasked kernel's (bench trace, hdim 128 8k).
                             u_min, u_max = mask.unmasked_range(mb, BM, BN, sq, sk, left, right)
+                            u_min, u_max = uniform_i32(u_min), uniform_i32(u_max)
                             while nb >= n_min:
                                 if nb >= u_max or nb < u_min:
                                     (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
@@ -758,7 +782,7 @@ class FlashForward(launch.HopperKernel):
                         if not LATE_RESCALE:
                             o = scale_rows(o, a0, a1)
                         consumer_wait(v_bars, v_index, v_phase)
-                        o = issue_pv(o, pk, special.uniform_u32(v_smem + v_index * KV_STAGE))
+                        o = issue_pv(o, pk, stage_addr(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)
                         release(v_bars, v_index, lane)
                         if tracer:

@@ -22,6 +22,15 @@ def arrive(typingctx, bar):
 
 
 @intrinsic
+def arrive_if(typingctx, bar, cond):
+    """`@p mbarrier.arrive.shared::cta.b64 _, [bar]` (9.7.13.15.13) with p = (cond != 0): one
+    arrival from the threads whose cond is set, predicated inside the asm instead of behind a
+    branch, so the caller's control flow stays warp-uniform for ptxas."""
+    return void_asm("{\n.reg .pred p;\nsetp.ne.u32 p, $1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [$0];\n}",
+                    "r", "r")(typingctx, bar, cond)
+
+
+@intrinsic
 def arrive_expect_tx(typingctx, bar, tx_bytes):
     """`mbarrier.arrive.expect_tx.shared::cta.b64 _, [bar], tx` (9.7.13.15.13): arrive and tell the
     barrier how many bytes the bulk copies completing on it will bring in this phase."""
