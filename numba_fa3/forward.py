@@ -29,7 +29,7 @@ from numba import cuda, types
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
 from primitives.fragment import (REGS_PER_GROUP, after, exp2_regs, mask_cols, pack_bf16, pack_f16,
-                                 quad_transpose, scale_regs, scale_rows, tanh_rows, zeros)
+                                 quad_transpose, scale_regs, scale_rows, tanh_rows, zero_after, zeros)
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import constexpr, static_range, unrolled
 from ptx_inline import barrier, cluster, mbarrier, memory, regs, special, tma, wgmma
@@ -165,6 +165,7 @@ class FlashForward(launch.HopperKernel):
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
     UNIFORM_BOUNDS = False  # experiment: the tile's key-block bounds made warp-uniform (REDUX) once per tile
     PREDICATED_RELEASE = False  # experiment: stage releases as a predicated arrive, not a branch
+    RELEASE_AFTER_HEAD = False  # experiment: K/Q releases ordered after the exponentials before the P V wait
     STAGE_REDUX = True  # experiment: each step's K/V stage address through REDUX (uniform_u32)
     RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
@@ -468,6 +469,7 @@ class FlashForward(launch.HopperKernel):
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
         UNIFORM_BOUNDS, STAGE_REDUX = bool(self.UNIFORM_BOUNDS), bool(self.STAGE_REDUX)
         PREDICATED_RELEASE = bool(self.PREDICATED_RELEASE)
+        RELEASE_AFTER_HEAD = bool(self.RELEASE_AFTER_HEAD) and self.interleaved_rescale
 
         @cuda.jit(device=True, forceinline=True)
         def stage_addr(x):
@@ -648,9 +650,10 @@ class FlashForward(launch.HopperKernel):
                 s = wgmma.wait_group_tied(1, s)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.S_READY)
-                release(k_bars, index, lane)
-                if nb == n_min:
-                    release_q(q_empty, lane)
+                if not RELEASE_AFTER_HEAD:
+                    release(k_bars, index, lane)
+                    if nb == n_min:
+                        release_q(q_empty, lane)
                 if SOFTCAP:
                     s = tanh_rows(s, softcap_scale)
                 if masked:
@@ -659,6 +662,11 @@ class FlashForward(launch.HopperKernel):
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
                     m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
+                    if RELEASE_AFTER_HEAD:
+                        z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
+                        release(k_bars + z, index, lane)
+                        if nb == n_min:
+                            release_q(q_empty + z, lane)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     o, p = rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2)
                     l0, l1 = softmax.online_sum(p, l0, l1, a0, a1)

@@ -206,6 +206,18 @@ def after(typingctx, x, dep):
 
 
 @_intrinsic
+def zero_after(typingctx, dep):
+    """The uint32 0, computed as cvt.rzi.u32.f32(fma(dep, 0, 0)) (PTX ISA 9.7.3.6 "fma", 9.7.9.21
+    "cvt": NaN converts to 0), so it is 0 for every dep, NaN and inf included, but ptxas must
+    schedule whatever produces dep first: an integer order dependency (add it to an address)."""
+    def codegen(context, builder, sig, args):
+        d = _f32(context, builder, args[0], sig.args[0])
+        return _emit(builder, "{\n.reg .f32 t;\nfma.rn.f32 t, $1, 0f00000000, 0f00000000;\ncvt.rzi.u32.f32 $0, t;\n}",
+                     [_I32], [(d, "f")], clobber_memory=False, side_effect=False)
+    return _types.uint32(dep), codegen
+
+
+@_intrinsic
 def tanh_rows(typingctx, acc, scale):
     """tanh.approx(x * scale) for every register (PTX ISA 9.7.4.12 "tanh"): the logit soft-cap
     of Gemma-style attention, softcap * tanh(s / softcap), with the factor outside folded into
