@@ -163,10 +163,7 @@ class FlashForward(launch.HopperKernel):
     INTERLEAVED_RESCALE = None  # None: the tiles table's choice (Tiles.interleaved_rescale)
     SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
-    UNIFORM_BOUNDS = False  # experiment: the tile's key-block bounds made warp-uniform (REDUX) once per tile
-    PREDICATED_RELEASE = False  # experiment: stage releases as a predicated arrive, not a branch
-    RELEASE_AFTER_HEAD = False  # experiment: K/Q releases ordered after the exponentials before the P V wait
-    STAGE_REDUX = True  # experiment: each step's K/V stage address through REDUX (uniform_u32)
+    UNIFORM_PIPELINE = None  # None: the tiles table's choice (Tiles.uniform_pipeline)
     RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
 
@@ -196,6 +193,8 @@ class FlashForward(launch.HopperKernel):
             interleaved = bool(self.INTERLEAVED_RESCALE)
             late = late or interleaved
         self.late_rescale, self.interleaved_rescale = late, interleaved
+        uniform = t.uniform_pipeline if self.UNIFORM_PIPELINE is None else bool(self.UNIFORM_PIPELINE)
+        self.uniform_pipeline = uniform and interleaved
         hoist = t.hoist_q_descriptors if self.HOIST_Q_DESCRIPTORS is None else self.HOIST_Q_DESCRIPTORS
         steps = head_dim // WGMMA_K
         # Q's K steps whose descriptors are built once per tile (True: all; an int: the first n)
@@ -467,28 +466,22 @@ class FlashForward(launch.HopperKernel):
         mark = _tracer(TRACE)
         mark_step = _loop_tracer(TRACE)
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
-        UNIFORM_BOUNDS, STAGE_REDUX = bool(self.UNIFORM_BOUNDS), bool(self.STAGE_REDUX)
-        PREDICATED_RELEASE = bool(self.PREDICATED_RELEASE)
-        RELEASE_AFTER_HEAD = bool(self.RELEASE_AFTER_HEAD) and self.interleaved_rescale
+        UNIFORM = self.uniform_pipeline
 
         @cuda.jit(device=True, forceinline=True)
         def stage_addr(x):
-            if STAGE_REDUX:
-                return special.uniform_u32(x)
-            return np.uint32(x)
-
-        @cuda.jit(device=True, forceinline=True)
-        def uniform_i32(x):
-            if UNIFORM_BOUNDS:
-                return np.int32(special.uniform_u32(x))
-            return x
+            """A K/V stage's address for the wgmma descriptors, warp-uniform: ptxas knows it is when
+            the loop is (Tiles.uniform_pipeline); otherwise REDUX tells it."""
+            if UNIFORM:
+                return np.uint32(x)
+            return special.uniform_u32(x)
 
         @cuda.jit(device=True, forceinline=True)
         def release(bars, index, lane):
             """This warp is done reading K/V stage `index`.  With multicast both CTAs' producers
             write the stage in both CTAs, so the release goes to both CTAs' empty barriers
             (MULTICAST_CTAS = 2: the peer is rank ^ 1)."""
-            if PREDICATED_RELEASE:
+            if UNIFORM:
                 mbarrier.arrive_if(pipeline.empty_barrier(bars, STAGES, index), lane == 0)
             else:
                 pipeline.consumer_release(bars, STAGES, index, lane)
@@ -560,7 +553,7 @@ class FlashForward(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
             """Q's buffer is free for a later tile once every consumer warp's last S GEMM completed."""
-            if PREDICATED_RELEASE:
+            if UNIFORM:
                 mbarrier.arrive_if(q_empty, lane == 0)
             elif lane == 0:
                 mbarrier.arrive(q_empty)
@@ -650,7 +643,7 @@ class FlashForward(launch.HopperKernel):
                 s = wgmma.wait_group_tied(1, s)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.S_READY)
-                if not RELEASE_AFTER_HEAD:
+                if not UNIFORM:
                     release(k_bars, index, lane)
                     if nb == n_min:
                         release_q(q_empty, lane)
@@ -662,7 +655,7 @@ class FlashForward(launch.HopperKernel):
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
                     m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
-                    if RELEASE_AFTER_HEAD:
+                    if UNIFORM:
                         z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
                         release(k_bars + z, index, lane)
                         if nb == n_min:
@@ -719,7 +712,6 @@ class FlashForward(launch.HopperKernel):
                 q_empty = pipeline.empty_barrier(q_bars, Q_STAGES, qi)
                 offset = sk - sq
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
-                n_min, n_max = uniform_i32(n_min), uniform_i32(n_max)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 if MASKED:
                     lo0, hi0 = mask.key_limits(row0, offset, left, right, sk)
@@ -756,7 +748,6 @@ class FlashForward(launch.HopperKernel):
                             # under P V at all); choosing the copy per step instead left the plain
                             # steps ~9% slower than the unmasked kernel's (bench trace, hdim 128 8k).
                             u_min, u_max = mask.unmasked_range(mb, BM, BN, sq, sk, left, right)
-                            u_min, u_max = uniform_i32(u_min), uniform_i32(u_max)
                             while nb >= n_min:
                                 if nb >= u_max or nb < u_min:
                                     (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,

@@ -59,10 +59,19 @@ class Tiles:
     #: first that many, the rest built per wgmma.  hdim 256 has 16 K steps, more quads than the
     #: uniform file holds: 12 there (full), none in the causal kernel, which spilled with 12 or 16.
     hoist_q_descriptors: bool | int = True
+    #: The main loop's control flow kept warp-uniform for ptxas: the consumer warps' stage
+    #: releases are predicated arrives (`mbarrier.arrive_if`), not `if lane == 0` branches, so
+    #: ptxas keeps the ring's (index, phase) and the stage addresses in uniform registers and
+    #: drops the per-step convergence barriers (BSSY/BSYNC/WARPSYNC) and REDUXes: 9-22 fewer
+    #: instructions per step.  The releases are then ordered after the exponentials before the
+    #: P V wait (`fragment.zero_after`), because ptxas otherwise hoists that wait above all of
+    #: them (bench/NOTES.md, session 9).  Needs interleaved_rescale for that order.
+    uniform_pipeline: bool = False
 
 
-def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True):
-    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors)
+def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False):
+    return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors,
+                 uniform_pipeline)
 
 
 def _tiles3(block_n):
@@ -81,12 +90,16 @@ def _tiles3(block_n):
 #: - hoist_q_descriptors: hdim 128 full 2k / 16k +0.6% / +0.3%, hdim 64 full 16k +0.4%, causal
 #:   hdim 64 / 128 -0.4% to +0.1%; hdim 256 full, 16 vs none 4k / 16k +2.1% / +2.1% and 12 vs
 #:   16 +1.2% / +1.6%; hdim 256 causal vs none: 16 -1.1%, 12 -3.2% / -5.8%, 8 -0.6% / -0.7%.
+#: - uniform_pipeline (session 9): hdim 128 causal 4k / 16k +1.1% / +1.1%, hdim 256 full 16k
+#:   +1.0%; hdim 128 full 4k / 16k -0.8% / -0.7%, hdim 256 causal 16k -2.1%, hdim 64 full 16k
+#:   -13%, causal 2k -4.4%.  Without the release order: -2% to -9% everywhere but hdim 64 full.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
-    (128, False): _tiles(128, interleaved_rescale=True), (128, True): _tiles(128, interleaved_rescale=True),
+    (128, False): _tiles(128, interleaved_rescale=True),
+    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True),
     (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
-    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12),
+    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True),
     (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False),
 }
 

@@ -229,6 +229,23 @@ def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk)
 
 
 @gpu
+@pytest.mark.parametrize("d,mask_name,uniform,window,sq,sk", [
+    (128, "causal", False, (-1, -1), 901, 700), (256, "full", False, (-1, -1), 700, 901),
+    (64, "full", True, (-1, -1), 1000, 333), (128, "local", True, (300, 40), 901, 700),
+    (256, "causal", True, (-1, -1), 901, 700), (96, "full", True, (-1, -1), 700, 901)])
+def test_forward_uniform_pipeline_matches_reference(d, mask_name, uniform, window, sq, sk):
+    """Tiles.uniform_pipeline (predicated stage releases, ordered after the first exponentials;
+    FlashForward.UNIFORM_PIPELINE), each where the table does not choose it: the same results,
+    rows that see no key included."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
+    kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": uniform})("bf16", d, kind)
+    assert kern.uniform_pipeline == uniform
+    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=17)
+
+
+@gpu
 @pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
     (128, True, (-1, -1), True, False, 700, 901),
     (192, False, (-1, -1), None, True, 901, 700),

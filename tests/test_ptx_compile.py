@@ -146,6 +146,25 @@ def test_forward_rescale_rounds_compile_clean():
     _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 causal, 8 rescale rounds")
 
 
+@pytest.mark.parametrize("head_dim,mask_kind", [(128, MASK_CAUSAL), (256, MASK_NONE), (64, MASK_NONE)])
+def test_forward_uniform_pipeline_ptx(head_dim, mask_kind):
+    """Tiles.uniform_pipeline: no release behind a lane branch (predicated arrives instead), no
+    REDUX of the stage addresses, the same PTX otherwise clean; off, the opposite."""
+    on = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True})("bf16", head_dim, mask_kind)
+    off = type("Branchy", (FlashForward,), {"UNIFORM_PIPELINE": False})("bf16", head_dim, mask_kind)
+    assert on.uniform_pipeline and not off.uniform_pipeline
+    ptx_on, ptx_off = on.compile_ptx(), off.compile_ptx()
+    assert "@p mbarrier.arrive" in ptx_on and "@p mbarrier.arrive" not in ptx_off
+    assert ptx_on.count("redux.sync") < ptx_off.count("redux.sync")
+    _assert_clean(kc.ptxas_report(ptx_on), f"forward d{head_dim} uniform pipeline")
+
+
+def test_forward_uniform_pipeline_needs_the_interleaved_rescale():
+    kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True, "INTERLEAVED_RESCALE": False})(
+        "bf16", 128, MASK_NONE)
+    assert not kern.uniform_pipeline
+
+
 def test_forward_partly_hoisted_q_descriptors_compile_clean():
     """Part of Q's descriptors hoisted, the rest built per wgmma (hdim 256 full takes 12 of 16):
     the mixed path compiles clean where the table does not choose it."""
