@@ -164,7 +164,6 @@ class FlashForward(launch.HopperKernel):
     SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
     UNIFORM_PIPELINE = None  # None: the tiles table's choice (Tiles.uniform_pipeline)
-    PIN_BY_DEAD_ARRIVE = False  # experiment (uniform pipeline): releases early, the P V wait pinned by a never-taken arrive
     RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
 
@@ -468,7 +467,6 @@ class FlashForward(launch.HopperKernel):
         mark_step = _loop_tracer(TRACE)
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
         UNIFORM = self.uniform_pipeline
-        DEAD_PIN = UNIFORM and bool(self.PIN_BY_DEAD_ARRIVE)
 
         @cuda.jit(device=True, forceinline=True)
         def stage_addr(x):
@@ -645,7 +643,7 @@ class FlashForward(launch.HopperKernel):
                 s = wgmma.wait_group_tied(1, s)
                 if tracer:
                     mark_step(cu_k, wg, n, t, LoopEvent.S_READY)
-                if not UNIFORM or DEAD_PIN:
+                if not UNIFORM:
                     release(k_bars, index, lane)
                     if nb == n_min:
                         release_q(q_empty, lane)
@@ -657,9 +655,7 @@ class FlashForward(launch.HopperKernel):
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
                     m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
-                    if DEAD_PIN:
-                        mbarrier.arrive_if(q_empty, zero_after(p[P_HEAD - 1] if P_HEAD else b0))
-                    elif UNIFORM:
+                    if UNIFORM:
                         z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
                         release(k_bars + z, index, lane)
                         if nb == n_min:
