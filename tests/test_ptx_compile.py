@@ -246,6 +246,7 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
         mbarrier.wait_parity(s, 0)
         ok = mbarrier.try_wait_parity(s, 1)
         mbarrier.arrive(s)
+        mbarrier.arrive_if(s, cuda.threadIdx.x == 0)
         barrier.sync(1, 128)
         barrier.arrive(2, 128)
         barrier.fence_proxy_async()
@@ -335,3 +336,19 @@ def test_unrolled_constexpr_unknown_name_is_an_error():
         return x
     with pytest.raises(SyntaxError, match="constexpr"):
         unrolled(f)
+
+
+def test_zero_after_and_arrive_if_ptx():
+    """fragment.zero_after is an fma by zero and a saturating cvt (not folded by LLVM);
+    mbarrier.arrive_if is a predicated arrive, no branch."""
+    from primitives.fragment import zero_after
+
+    def k(out, x):
+        dyn = cuda.shared.array(0, dtype=np.uint8)
+        s = special.shared_address(dyn)
+        mbarrier.arrive_if(s + zero_after(x), cuda.threadIdx.x == 0)
+        out[0] = x
+
+    ptx = kc.compile_ptx(k, (types.float32[:], types.float32), 128)
+    assert "cvt.rzi.u32.f32" in ptx and "fma.rn.f32" in ptx
+    assert "@p mbarrier.arrive.shared::cta.b64" in ptx
