@@ -5,27 +5,34 @@ key blocks that need no mask."""
 import numpy as np
 import pytest
 
-SHAPES = [  # (m_blocks, heads, batch, section)
-    (16, 16, 8, 32), (32, 16, 4, 16), (128, 16, 1, 4), (7, 5, 3, 4), (3, 1, 1, 1), (5, 12, 2, 8), (1, 3, 2, 2),
+SHAPES = [  # (m_blocks, heads, batch, section, tail)
+    (16, 16, 8, 32, 0), (32, 16, 4, 16, 0), (128, 16, 1, 4, 0), (7, 5, 3, 4, 0), (3, 1, 1, 1, 0), (5, 12, 2, 8, 0),
+    (1, 3, 2, 2, 0), (8, 8, 16, 1, 33), (4, 8, 2, 1, 16), (7, 5, 3, 1, 4), (3, 1, 1, 1, 1), (2, 3, 1, 1, 2),
 ]
 
 
-def _coords(longest_first, m_blocks, heads, batch, section):
+def _sections(pairs, section, tail):
+    """(first pair, pairs) of each section in run order: `section`-sized ones, then the tail's."""
+    out = [(start, min(section, pairs - tail - start)) for start in range(0, pairs - tail, section)]
+    return out + ([(pairs - tail, tail)] if tail else [])
+
+
+def _coords(longest_first, m_blocks, heads, batch, section, tail):
     from numba import cuda
     from numba_fa3.forward import _tile_coords
     tile_coords = _tile_coords(longest_first)
 
     @cuda.jit
-    def kernel(out, m_blocks, heads, batch, section):
+    def kernel(out, m_blocks, heads, batch, section, tail):
         t = cuda.grid(1)
         if t < out.shape[0]:
             mb, h, b = tile_coords(np.int32(t), np.int32(m_blocks), np.int32(heads), np.int32(batch),
-                                   np.int32(section))
+                                   np.int32(section), np.int32(tail))
             out[t, 0], out[t, 1], out[t, 2] = mb, h, b
 
     tiles = m_blocks * heads * batch
     d_out = cuda.to_device(np.full((tiles, 3), -7, dtype=np.int32))  # poisoned
-    kernel[-(-tiles // 128), 128](d_out, m_blocks, heads, batch, section)
+    kernel[-(-tiles // 128), 128](d_out, m_blocks, heads, batch, section, tail)
     return d_out.copy_to_host()
 
 
@@ -33,7 +40,7 @@ def _coords(longest_first, m_blocks, heads, batch, section):
 @pytest.mark.parametrize("longest_first", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_tile_once(longest_first, shape):
-    m_blocks, heads, batch, section = shape
+    m_blocks, heads, batch, section, tail = shape
     got = _coords(longest_first, *shape)
     assert got.min() >= 0
     assert got[:, 0].max() < m_blocks and got[:, 1].max() < heads and got[:, 2].max() < batch
@@ -43,16 +50,24 @@ def test_every_tile_once(longest_first, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES)
 def test_causal_sections_longest_first(shape):
-    m_blocks, heads, batch, section = shape
+    """Each section (the tail's too: forward.causal_tail) takes its pairs' tiles longest first."""
+    m_blocks, heads, batch, section, tail = shape
     got = _coords(True, *shape)
     pair = got[:, 2] * heads + got[:, 1]
-    for start in range(0, heads * batch, section):
-        width = min(section, heads * batch - start)
+    for start, width in _sections(heads * batch, section, tail):
         rows = got[start * m_blocks:(start + width) * m_blocks]
         # one section's tiles: only its pairs, m_blocks falling row by row, each row every pair
         assert set(pair[start * m_blocks:(start + width) * m_blocks]) == set(range(start, start + width))
         want_mb = np.repeat(np.arange(m_blocks - 1, -1, -1), width)
         np.testing.assert_array_equal(rows[:, 0], want_mb)
+
+
+def test_causal_tail_sizes():
+    from numba_fa3.forward import causal_tail
+    assert causal_tail(8, 128, 132, 0) == 0               # off
+    assert causal_tail(8, 128, 132, 2) == 33              # two tiles per CTA: 264 tiles of 8 per pair
+    assert causal_tail(4, 16, 132, 2) == 16               # no more than there are pairs
+    assert causal_tail(1, 500, 132, 1) == 132
 
 
 def test_l2_section_sizes():
