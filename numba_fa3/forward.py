@@ -16,7 +16,8 @@ and within a warpgroup the S GEMM of the next key block is in flight during the 
 current one, which itself runs under the P V GEMM of the block before; `Schedule` switches each
 off for the ablation.  Work tiles (m_block, head, batch) come from a dynamic persistent scheduler
 (`scheduler.claim_next`); causal runs go through L2-sized sections of (batch, head) pairs,
-longest tiles first across each section (`_tile_coords`).  `trace=True` builds the
+longest tiles first across each section, and short ones pair by pair, ending on a section of
+their last pairs (`_tile_coords`, `causal_tail`).  `trace=True` builds the
 kernel with %clock64 timestamps for `python -m bench trace`.
 """
 import enum
