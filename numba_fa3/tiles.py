@@ -62,10 +62,11 @@ class Tiles:
     #: The main loop's control flow kept warp-uniform for ptxas: the consumer warps' stage
     #: releases are predicated arrives (`mbarrier.arrive_if`), not `if lane == 0` branches, so
     #: ptxas keeps the ring's (index, phase) and the stage addresses in uniform registers and
-    #: drops the per-step convergence barriers (BSSY/BSYNC/WARPSYNC) and REDUXes: 9-22 fewer
-    #: instructions per step.  The releases are then ordered after the exponentials before the
-    #: P V wait (`fragment.zero_after`), because ptxas otherwise hoists that wait above all of
-    #: them (bench/NOTES.md, session 9).  Needs interleaved_rescale for that order.
+    #: drops the per-step convergence barriers (BSSY/BSYNC/WARPSYNC) and REDUXes: 7-26 fewer
+    #: instructions per step (11 more at hdim 192 causal).  The releases are then ordered after
+    #: the exponentials before the P V wait (`fragment.zero_after`), because ptxas otherwise
+    #: hoists that wait above all of them (bench/NOTES.md, session 9).  Needs
+    #: interleaved_rescale for that order.
     uniform_pipeline: bool = False
 
 
