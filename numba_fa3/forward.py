@@ -29,8 +29,8 @@ from numba import cuda, types
 
 from primitives import launch, pipeline, scheduler, smem, warpgroup
 from primitives.intmath import udivmod32
-from primitives.fragment import (REGS_PER_GROUP, after, exp2_regs, mask_cols, pack_bf16, pack_f16,
-                                 quad_transpose, scale_regs, scale_rows, tanh_rows, zero_after, zeros)
+from primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, mask_cols, pack_bf16,
+                                 pack_f16, quad_transpose, scale_regs, scale_rows, tanh_rows, zero_after, zeros)
 from primitives.tma_desc import TENSOR_MAP_BYTES
 from primitives.unroll import constexpr, static_range, unrolled
 from ptx_inline import barrier, cluster, mbarrier, memory, regs, special, tma, wgmma
@@ -462,7 +462,6 @@ class FlashForward(launch.HopperKernel):
         INTERLEAVE = self.interleaved_rescale
         P_EDGES, O_EDGES = self.rescale_rounds()
         ROUNDS, P_HEAD = len(O_EDGES) - 1, P_EDGES[1]
-        SECOND_ROW = 2  # register offset of the second row within an 8-column group (fragment.py)
         TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
@@ -482,7 +481,9 @@ class FlashForward(launch.HopperKernel):
         def release(bars, index, lane):
             """This warp is done reading K/V stage `index`.  With multicast both CTAs' producers
             write the stage in both CTAs, so the release goes to both CTAs' empty barriers
-            (MULTICAST_CTAS = 2: the peer is rank ^ 1)."""
+            (MULTICAST_CTAS = 2: the peer is rank ^ 1).  With the uniform pipeline the arrive is
+            predicated, not behind a branch on the lane (Tiles.uniform_pipeline); the branchy
+            form keeps the barrier's address inside the branch, as the measured kernels have it."""
             if UNIFORM:
                 mbarrier.arrive_if(pipeline.empty_barrier(bars, STAGES, index), lane == 0)
             else:
@@ -604,7 +605,7 @@ class FlashForward(launch.HopperKernel):
             for k in static_range(ROUNDS - 1):
                 o = scale_regs(o, a0, a1, constexpr(O_EDGES[k]), constexpr(O_EDGES[k + 1]))
                 p = exp2_regs(p, scale_log2, after(b0, o[constexpr(O_EDGES[k])]),
-                              after(b1, o[constexpr(O_EDGES[k] + SECOND_ROW)]),
+                              after(b1, o[constexpr(O_EDGES[k] + SECOND_ROW_REG)]),
                               constexpr(P_EDGES[k + 1]), constexpr(P_EDGES[k + 2]))
             o = scale_regs(o, a0, a1, constexpr(O_EDGES[ROUNDS - 1]), constexpr(O_EDGES[ROUNDS]))
             return o, p
@@ -931,11 +932,6 @@ class FlashForward(launch.HopperKernel):
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
         causal = self.mask_kind == mask.MASK_CAUSAL
-        if causal and m_blocks >= SECTION_MIN_M_BLOCKS:
-            section, tail = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES), 0
-        else:
-            section = 1  # pair by pair: each pair's m_blocks in a row
-            tail = causal_tail(m_blocks, heads * batch, launch.sm_count(), self.CAUSAL_TAIL_WAVES) if causal else 0
         if self.multicast:
             # Clusters take tiles (2p, 2p + 1) on a static schedule, so the grid is whole clusters
             # and no more than run at once.
@@ -947,6 +943,11 @@ class FlashForward(launch.HopperKernel):
             grid = MULTICAST_CTAS * max(1, clusters)
         else:
             grid = scheduler.persistent_grid(tiles, launch.sm_count())
+        if causal and m_blocks >= SECTION_MIN_M_BLOCKS:
+            section, tail = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES), 0
+        else:
+            section = 1  # pair by pair: each pair's m_blocks in a row
+            tail = causal_tail(m_blocks, heads * batch, grid, self.CAUSAL_TAIL_WAVES) if causal else 0
         left, right = window
         if softcap:
             # s -> softcap * tanh(s * scale / softcap): the kernel takes tanh's argument scale, and

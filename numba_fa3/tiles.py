@@ -48,10 +48,10 @@ class Tiles:
     #: interleaved measurement (bench/NOTES.md, session 6): O is rescaled after the loop step's
     #: P V wait (FA3's order) instead of between its two GEMM issues.
     late_rescale: bool = False
-    #: The late rescale in four parts, each ordered (by a data dependency, `fragment.after`)
-    #: before a quarter of the step's exponentials: ptxas otherwise put all of it after the last
-    #: one, on the step's serial tail; so placed it shares cycles with the MUFUs, as in FA3's SASS
-    #: (bench/NOTES.md, session 7).  Implies late_rescale.
+    #: The late rescale in four parts (FlashForward.RESCALE_ROUNDS), each ordered (by a data
+    #: dependency, `fragment.after`) before a part of the step's exponentials: ptxas otherwise
+    #: put all of it after the last one, on the step's serial tail; so placed it shares cycles
+    #: with the MUFUs, as in FA3's SASS (bench/NOTES.md, session 7).  Implies late_rescale.
     interleaved_rescale: bool = False
     #: Q's wgmma descriptors built once per tile and kept by ptxas in a uniform-register quad per
     #: K step for the whole loop (`smem.descriptors`), instead of the quad rebuilt before each

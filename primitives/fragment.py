@@ -15,6 +15,8 @@ from ptx_inline import special
 #: Registers per 8-column group, and threads per row of a group.
 REGS_PER_GROUP = 4
 THREADS_PER_ROW = 4
+#: Offset of the second row's (r + 8) first register within an 8-column group.
+SECOND_ROW_REG = 2
 
 
 def zeros(count):
@@ -60,7 +62,7 @@ def _f32(context, builder, v, ty):
 
 
 def _second_row(i):
-    return (i // 2) % 2 == 1
+    return (i % REGS_PER_GROUP) // SECOND_ROW_REG == 1
 
 
 def _fmax(builder, a, b):
