@@ -46,9 +46,14 @@ MULTICAST_MASK = (1 << MULTICAST_CTAS) - 1
 WGMMA_M, WGMMA_K = 64, 16
 CHUNK_COLS = smem.SWIZZLE_BYTES // 2
 ELEMENT_BYTES = 2
-#: The K and V bytes one causal section of (batch, head) pairs may hold: FA3's choice, about two
-#: thirds of the H100's 50 MB L2, leaving room for the Q and O streams.
-L2_SECTION_BYTES = 32 << 20
+#: The K and V bytes one causal section of (batch, head) pairs may hold.  The longest-first order
+#: runs each query block across all of a section's pairs, so the CTAs running at one time touch
+#: the whole section's K and V: a third of the H100's 50 MB L2 (FA3's formula counts each head's
+#: K and V twice against 32 MB: the same), not two thirds.  H100, interleaved against 32 MB:
+#: hdim 64 causal 2k +3.1% (ncu had ours reading 16% more from DRAM than FA3 there), elsewhere
+#: within +-0.3%, except where a section of one head held fewer tiles than the grid has CTAs
+#: (hdim 256 causal 16k -2.4%): sections hold at least a grid of tiles (`l2_section`).
+L2_SECTION_BYTES = 16 << 20
 #: Causal runs with fewer query blocks than this keep the pair-by-pair order: there, the CTAs that
 #: run one pair's few tiles side by side share its K and V as they load (H100, 512 tokens: 308 vs
 #: 268 TFLOPS at hdim 128, 226 vs 208 at hdim 64; 2k: sections 531 vs 508).
@@ -944,7 +949,8 @@ class FlashForward(launch.HopperKernel):
         else:
             grid = scheduler.persistent_grid(tiles, launch.sm_count())
         if causal and m_blocks >= SECTION_MIN_M_BLOCKS:
-            section, tail = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES), 0
+            section = l2_section(sk_max, self.head_dim, heads // heads_k, self.L2_SECTION_BYTES, m_blocks, grid)
+            tail = 0
         else:
             section = 1  # pair by pair: each pair's m_blocks in a row
             tail = causal_tail(m_blocks, heads * batch, grid, self.CAUSAL_TAIL_WAVES) if causal else 0
@@ -1050,12 +1056,17 @@ def causal_tail(m_blocks, pairs, ctas, waves):
     return min(pairs, -(-waves * ctas // m_blocks))
 
 
-def l2_section(seqlen_k, head_dim, head_ratio, budget=L2_SECTION_BYTES):
+def l2_section(seqlen_k, head_dim, head_ratio, budget=L2_SECTION_BYTES, m_blocks=1, ctas=1):
     """(batch, head) pairs per causal section: a power of two of K/V heads whose K and V take at
-    most L2_SECTION_BYTES (at least one), times the query heads that share each (GQA)."""
+    most `budget` (at least one), times the query heads that share each (GQA); doubled while the
+    section's tiles (m_blocks per pair) would not give each of the grid's `ctas` one, since a
+    section smaller than the grid ends each of its query blocks with CTAs idle for the next."""
     kv_head = max(1, seqlen_k * 2 * head_dim * ELEMENT_BYTES)
     kv_heads = max(1, budget // kv_head)
-    return (1 << (kv_heads.bit_length() - 1)) * head_ratio
+    pairs = (1 << (kv_heads.bit_length() - 1)) * head_ratio
+    while pairs * m_blocks < ctas:
+        pairs *= 2
+    return pairs
 
 
 @functools.lru_cache(maxsize=None)

@@ -72,14 +72,24 @@ def test_causal_tail_sizes():
 
 def test_l2_section_sizes():
     from numba_fa3.forward import L2_SECTION_BYTES, l2_section
-    # 2k keys at hdim 128: 1 MB of K and V per head, 32 heads per 32 MB section
-    assert l2_section(2048, 128, 1) == 32
-    assert l2_section(16384, 128, 1) == 4
-    assert l2_section(16384, 128, 4) == 16           # GQA: the query heads of each K/V head come along
+    assert L2_SECTION_BYTES == 16 << 20
+    # 2k keys at hdim 128: 1 MB of K and V per head, 16 heads per 16 MB section
+    assert l2_section(2048, 128, 1) == 16
+    assert l2_section(16384, 128, 1) == 2
+    assert l2_section(16384, 128, 4) == 8            # GQA: the query heads of each K/V head come along
     assert l2_section(1 << 20, 256, 1) == 1          # one head larger than the budget: sections of one
+    assert l2_section(2048, 128, 1, 32 << 20) == 32  # the budget is an argument (tuning runs)
     for sk in (1, 17, 999, 4096, 100000):
         s = l2_section(sk, 96, 1)
         assert s & (s - 1) == 0 and (s == 1 or s * sk * 2 * 96 * 2 <= L2_SECTION_BYTES)
+    # hdim 256 causal 16k: one head's 128 query blocks are fewer tiles than 132 CTAs, so two heads
+    assert l2_section(16384, 256, 1, m_blocks=128, ctas=132) == 2
+    assert l2_section(16384, 256, 2, m_blocks=128, ctas=132) == 2  # GQA: one K/V head, two query heads
+    assert l2_section(16384, 128, 1, m_blocks=128, ctas=132) == 2  # already a grid of tiles
+    for m_blocks in (16, 33, 128, 1000):
+        for ctas in (1, 66, 132, 264):
+            s = l2_section(16384, 256, 1, m_blocks=m_blocks, ctas=ctas)
+            assert s * m_blocks >= ctas and (s == 1 or (s // 2) * m_blocks < ctas)
 
 
 @pytest.mark.gpu
