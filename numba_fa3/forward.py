@@ -173,6 +173,7 @@ class FlashForward(launch.HopperKernel):
     UNIFORM_PIPELINE = None  # None: the tiles table's choice (Tiles.uniform_pipeline)
     RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
+    Q_IN_REGISTERS = None  # None: the tiles table's choice (Tiles.q_in_registers)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -203,6 +204,7 @@ class FlashForward(launch.HopperKernel):
         uniform = t.uniform_pipeline if self.UNIFORM_PIPELINE is None else bool(self.UNIFORM_PIPELINE)
         self.uniform_pipeline = uniform and interleaved
         hoist = t.hoist_q_descriptors if self.HOIST_Q_DESCRIPTORS is None else self.HOIST_Q_DESCRIPTORS
+        self.q_in_registers = bool(t.q_in_registers if self.Q_IN_REGISTERS is None else self.Q_IN_REGISTERS)
         steps = head_dim // WGMMA_K
         # Q's K steps whose descriptors are built once per tile (True: all; an int: the first n)
         self.hoisted_q_steps = steps if hoist is True else max(0, min(int(hoist), steps))
@@ -443,7 +445,8 @@ class FlashForward(launch.HopperKernel):
         HOISTED = self.hoisted_q_steps
         Q_DESCRIPTORS = smem.descriptors(tuple((kk // STEPS_PER_CHUNK) * Q_CHUNK + (kk % STEPS_PER_CHUNK) * K_STEP_BYTES
                                                for kk in range(HOISTED)))
-        QK = wgmma.mma_ss(BN, self.dtype, 0)
+        Q_REGS = self.q_in_registers
+        QK = wgmma.mma_rs(BN, self.dtype, 0) if Q_REGS else wgmma.mma_ss(BN, self.dtype, 0)
         PV = wgmma.mma_rs(D, self.dtype, 1)
         S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
         PACK = pack_bf16 if self.dtype == "bf16" else pack_f16
@@ -498,10 +501,28 @@ class FlashForward(launch.HopperKernel):
                 cluster.arrive_remote(cluster.map_shared(pipeline.empty_barrier(bars, STAGES, index), peer))
 
         @cuda.jit(device=True, forceinline=True)
-        def q_descriptors(q_wg):
+        @unrolled
+        def q_fragments(q_wg, utid):
+            """This warpgroup's Q rows as wgmma A fragments, one quad per K step: each warp's 16
+            rows by ldmatrix.x4 (matrices: rows 0-7 / 8-15 by columns 0-7 / 8-15 of the step),
+            lane l addressing row l % 16, column half l // 16, through the 128-byte swizzle."""
+            lane = utid % np.uint32(warpgroup.WARP_THREADS)
+            row = np.uint32(16) * (utid // np.uint32(warpgroup.WARP_THREADS)) + (lane & np.uint32(15))
+            half = (lane >> np.uint32(4)) * np.uint32(16)
+            frags = ()
+            for kk in static_range(QK_STEPS):
+                c, w = kk // STEPS_PER_CHUNK, kk % STEPS_PER_CHUNK
+                frags = frags + (memory.ldmatrix_x4(
+                    q_wg + c * Q_CHUNK + smem.swizzle_128b(row, np.uint32(w * K_STEP_BYTES) + half)),)
+            return frags
+
+        @cuda.jit(device=True, forceinline=True)
+        def q_descriptors(q_wg, utid):
             """What issue_qk takes for this warpgroup's Q rows at shared address `q_wg`: the
             address, for the descriptors built per wgmma, and the hoisted ones
-            (Tiles.hoist_q_descriptors)."""
+            (Tiles.hoist_q_descriptors); with Q_IN_REGISTERS, Q's fragments."""
+            if Q_REGS:
+                return q_wg, q_fragments(q_wg, utid)
             if HOISTED:
                 return q_wg, Q_DESCRIPTORS(DESC_Q, q_wg)
             return q_wg, ()
@@ -514,7 +535,7 @@ class FlashForward(launch.HopperKernel):
             s = wgmma.fence_tied(S_ZERO)
             for kk in static_range(QK_STEPS):
                 c, w = kk // STEPS_PER_CHUNK, kk % STEPS_PER_CHUNK
-                if kk < HOISTED:
+                if Q_REGS or kk < HOISTED:
                     qd = q_desc[1][kk]
                 else:
                     qd = smem.descriptor(DESC_Q, q_desc[0], c * Q_CHUNK + w * K_STEP_BYTES)
@@ -560,7 +581,13 @@ class FlashForward(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         def release_q(q_empty, lane):
-            """Q's buffer is free for a later tile once every consumer warp's last S GEMM completed."""
+            """Q's buffer is free for a later tile once every consumer warp's last S GEMM completed
+            (with Q_IN_REGISTERS, once its fragments are loaded: `release_q_now`)."""
+            if not Q_REGS:
+                release_q_now(q_empty, lane)
+
+        @cuda.jit(device=True, forceinline=True)
+        def release_q_now(q_empty, lane):
             if UNIFORM:
                 mbarrier.arrive_if(q_empty, lane == 0)
             elif lane == 0:
@@ -716,8 +743,10 @@ class FlashForward(launch.HopperKernel):
                     mark(cu_q, 1 + wg, n, TraceEvent.TILE, special.clock64())
                 mb, h, b = tile_coords(tile, m_blocks, heads, batch, section, tail)
                 q_off, sq, k_off, sk = seq_info(cu_q, cu_k, b, sq_max, sk_max, total_q, total_k)
-                q_desc = q_descriptors(q_smem + qi * Q_BYTES + wg * WG_ROWS_BYTES)
+                q_desc = q_descriptors(q_smem + qi * Q_BYTES + wg * WG_ROWS_BYTES, utid)
                 q_empty = pipeline.empty_barrier(q_bars, Q_STAGES, qi)
+                if Q_REGS:
+                    release_q_now(q_empty, lane)  # (the arrive's release semantics order the loads)
                 offset = sk - sq
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, left, right)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)

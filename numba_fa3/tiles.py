@@ -6,7 +6,9 @@ Per consumer thread the accumulators take O: D/2 registers, S: block_n/2, P (16-
 and with the intra-warpgroup overlap all three are live at once (S of block j+1 in flight while P
 of block j feeds P V).  Shared memory holds Q (block_m x D) and `stages` K and V tiles (block_n x D),
 16-bit, in 64-column chunks of the 128-byte swizzle (D = 96 and 192 round up to whole chunks; TMA
-fills the extra columns with zeros and the GEMMs never read them), within 227 KB:
+fills the extra columns with zeros and the GEMMs never read them), within 227 KB.  Where Q is held
+in registers (Tiles.q_in_registers: hdim 128, hdim 64 with two consumers) it adds D/4 registers
+(32 at hdim 128: 192 of the consumers' 240 live through the loop):
 
   D    block_n  stages  smem (Q + K + V)            O + S + P regs   why this block_n
   64   128      2       48 + 32 + 32 = 112 KB       32 + 64 + 32     full: block_m 192, three
@@ -68,11 +70,18 @@ class Tiles:
     #: hoists that wait above all of them (bench/NOTES.md, session 9).  Needs
     #: interleaved_rescale for that order.
     uniform_pipeline: bool = False
+    #: Q read from shared memory once per tile into wgmma A fragments (ldmatrix, 4 registers per
+    #: K step: 32 at hdim 128, live through the loop) and S = Q K^T issued with A from registers:
+    #: the S GEMMs no longer read Q's 16 KB per warpgroup from shared memory every step, and Q's
+    #: buffer is released as soon as the fragments are loaded, not after the tile's last S GEMM.
+    #: Only where the registers fit (bench sass: hdim 64's three consumers at 160 spill).
+    q_in_registers: bool = False
 
 
-def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False):
+def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False,
+           q_in_registers=False):
     return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors,
-                 uniform_pipeline)
+                 uniform_pipeline, q_in_registers)
 
 
 def _tiles3(block_n):
@@ -94,11 +103,15 @@ def _tiles3(block_n):
 #: - uniform_pipeline (session 9): hdim 128 causal 4k / 16k +1.1% / +1.1%, hdim 256 full 16k
 #:   +1.0%; hdim 128 full 4k / 16k -0.8% / -0.7%, hdim 256 causal 16k -2.1%, hdim 64 full 16k
 #:   -13%, causal 2k -4.4%.  Without the release order: -2% to -9% everywhere but hdim 64 full.
+#: - q_in_registers (session 10): hdim 128 full 16k / 8k / 2k +0.9% / +0.8% / -0.2% with the
+#:   uniform pipeline (-6% without it: ptxas's schedule again), which it makes a gain there
+#:   (alone it lost 0.7%); hdim 128 causal 16k / 4k / 1k +0.3% / +0.6% / +1.3%; hdim 64 causal
+#:   (two consumers) 2k / 1k +1.4% / +0.8%.
 TILES = {
-    (64, False): _tiles3(128), (64, True): _tiles(128),
+    (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
-    (128, False): _tiles(128, interleaved_rescale=True),
-    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True),
+    (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True),
+    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True),
     (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
     (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True),
     (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False),

@@ -246,6 +246,34 @@ def test_forward_uniform_pipeline_matches_reference(d, mask_name, uniform, windo
 
 
 @gpu
+@pytest.mark.parametrize("d,mask_name,q_regs,window,sq,sk", [
+    (128, "full", False, (-1, -1), 901, 700), (128, "causal", False, (-1, -1), 700, 901),
+    (96, "full", True, (-1, -1), 700, 901), (96, "local", True, (300, 40), 901, 700),
+    (64, "causal", False, (-1, -1), 901, 700), (192, "causal", True, (-1, -1), 333, 1000)])
+def test_forward_q_in_registers_matches_reference(d, mask_name, q_regs, window, sq, sk):
+    """Tiles.q_in_registers (Q's wgmma A fragments loaded by ldmatrix through the swizzle, its
+    buffer released at once; FlashForward.Q_IN_REGISTERS), each where the table does not choose
+    it, hdim 96's padded chunk included: the same results, rows that see no key included."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
+    kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": q_regs})("bf16", d, kind)
+    assert kern.q_in_registers == q_regs
+    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=19)
+
+
+@gpu
+def test_forward_q_in_registers_schedules_match_reference():
+    """Q in registers under the ablation's schedules (no ping-pong; no intra-warpgroup overlap),
+    where Q's early release meets a different loop."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward, Schedule
+    for schedule in (Schedule(pingpong=False, overlap=True), Schedule(pingpong=True, overlap=False)):
+        kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": True})("bf16", 128, mask.MASK_CAUSAL, schedule)
+        _knob_kernel_matches_reference(kern, 128, True, (-1, -1), 700, 901)
+
+
+@gpu
 @pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
     (128, True, (-1, -1), True, False, 700, 901),
     (192, False, (-1, -1), None, True, 901, 700),

@@ -352,3 +352,18 @@ def test_zero_after_and_arrive_if_ptx():
     ptx = kc.compile_ptx(k, (types.float32[:], types.float32), 128)
     assert "cvt.rzi.u32.f32" in ptx and "fma.rn.f32" in ptx
     assert "@p mbarrier.arrive.shared::cta.b64" in ptx
+
+
+@pytest.mark.parametrize("head_dim,mask_kind,q_regs", [(128, MASK_NONE, True), (96, MASK_CAUSAL, True),
+                                                       (128, MASK_CAUSAL, False)])
+def test_forward_q_in_registers_ptx(head_dim, mask_kind, q_regs):
+    """Tiles.q_in_registers: Q's fragments come from ldmatrix and every S wgmma takes A from
+    registers (none from a descriptor), compiled clean with Q's registers untouched while a wgmma
+    reads them; off, no ldmatrix in the kernel."""
+    kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": q_regs})("bf16", head_dim, mask_kind)
+    ptx = kern.compile_ptx()
+    assert ("ldmatrix.sync.aligned.m8n8.x4" in ptx) == q_regs
+    ss_s_gemms = len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{kern.block_n}k16\S*\s+\{{[^}}]*\}},\s*%rd", ptx))
+    assert (ss_s_gemms == 0) == q_regs
+    _assert_wgmma_operands_untouched(ptx)
+    _assert_clean(kc.ptxas_report(ptx), f"forward d{head_dim} Q in registers={q_regs}")
