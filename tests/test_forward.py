@@ -270,7 +270,7 @@ def test_forward_q_in_registers_schedules_match_reference():
     from numba_fa3.forward import FlashForward, Schedule
     for schedule in (Schedule(pingpong=False, overlap=True), Schedule(pingpong=True, overlap=False)):
         kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": True})("bf16", 128, mask.MASK_CAUSAL, schedule)
-        _knob_kernel_matches_reference(kern, 128, True, (-1, -1), 700, 901)
+        _knob_kernel_matches_reference(kern, 128, True, (-1, -1), 700, 901, seed=23)
 
 
 @gpu
