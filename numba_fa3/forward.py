@@ -171,7 +171,7 @@ class FlashForward(launch.HopperKernel):
     SPLIT_ROW_MAX = False  # the second row's max after the first row's exponent base (A/B knob)
     HOIST_Q_DESCRIPTORS = None  # None: the tiles table's choice (Tiles.hoist_q_descriptors), else bool or int
     UNIFORM_PIPELINE = None  # None: the tiles table's choice (Tiles.uniform_pipeline)
-    RESCALE_ROUNDS = 4  # interleaved rescale: O's multiplies in this many parts among the exponentials
+    RESCALE_ROUNDS = None  # interleaved rescale: O's multiplies in this many parts (None: Tiles.rescale_rounds)
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
     Q_IN_REGISTERS = None  # None: the tiles table's choice (Tiles.q_in_registers)
 
@@ -189,6 +189,7 @@ class FlashForward(launch.HopperKernel):
         t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE, long_queries)
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
+        self.tiles = t
         self.block_m, self.block_n, self.stages = t.block_m, t.block_n, t.stages
         self.consumers = t.consumers
         # Where O is rescaled (Tiles.late_rescale, .interleaved_rescale); an override of either
@@ -245,7 +246,8 @@ class FlashForward(launch.HopperKernel):
         0..EXP2_BEFORE_PV_WAIT-1) is exponentiated before the P V wait, then round k multiplies
         O's part k and exponentiates P's part k + 1.  O's parts start on 8-column groups, so each
         holds a register of both of the thread's rows for `after`."""
-        p_regs, o_regs, rounds = self.block_n // 2, self.head_dim // 2, int(self.RESCALE_ROUNDS)
+        rounds = int(self.tiles.rescale_rounds if self.RESCALE_ROUNDS is None else self.RESCALE_ROUNDS)
+        p_regs, o_regs = self.block_n // 2, self.head_dim // 2
         if rounds < 2 or o_regs % (rounds * REGS_PER_GROUP):
             raise ValueError(f"RESCALE_ROUNDS={rounds}: O's {o_regs} registers per thread do not split "
                              f"into that many (at least 2) parts of whole {REGS_PER_GROUP}-register groups")

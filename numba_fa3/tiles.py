@@ -76,12 +76,16 @@ class Tiles:
     #: buffer is released as soon as the fragments are loaded, not after the tile's last S GEMM.
     #: Only where the registers fit (bench sass: hdim 64's three consumers at 160 spill).
     q_in_registers: bool = False
+    #: The interleaved rescale's parts (FlashForward.RESCALE_ROUNDS), P's first 1/rounds of
+    #: registers exponentiated before the P V wait.  Which shape wins moves with the code around
+    #: it: 4 at session 9 (2: -0.7% to -2.6%), 2 with Q in registers (session 10).
+    rescale_rounds: int = 4
 
 
 def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False,
-           q_in_registers=False):
+           q_in_registers=False, rescale_rounds=4):
     return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors,
-                 uniform_pipeline, q_in_registers)
+                 uniform_pipeline, q_in_registers, rescale_rounds)
 
 
 def _tiles3(block_n):
@@ -107,11 +111,14 @@ def _tiles3(block_n):
 #:   uniform pipeline (-6% without it: ptxas's schedule again), which it makes a gain there
 #:   (alone it lost 0.7%); hdim 128 causal 16k / 4k / 1k +0.3% / +0.6% / +1.3%; hdim 64 causal
 #:   (two consumers) 2k / 1k +1.4% / +0.8%.
+#: - rescale_rounds 2 against 4, with Q in registers (session 10): hdim 128 causal 16k / 8k +2.1%
+#:   / +2.0%, full 16k / 4k +1.7% / +1.5% (4 rounds with half of P before the wait: +1.1% to
+#:   +1.5%; none before it: -3.5% to -3.9%).
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
-    (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True),
-    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True),
+    (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
+    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
     (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
     (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True),
     (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False),
