@@ -50,7 +50,7 @@ class Tiles:
     #: interleaved measurement (bench/NOTES.md, session 6): O is rescaled after the loop step's
     #: P V wait (FA3's order) instead of between its two GEMM issues.
     late_rescale: bool = False
-    #: The late rescale in four parts (FlashForward.RESCALE_ROUNDS), each ordered (by a data
+    #: The late rescale in parts (rescale_rounds, below), each ordered (by a data
     #: dependency, `fragment.after`) before a part of the step's exponentials: ptxas otherwise
     #: put all of it after the last one, on the step's serial tail; so placed it shares cycles
     #: with the MUFUs, as in FA3's SASS (bench/NOTES.md, session 7).  Implies late_rescale.
