@@ -228,6 +228,17 @@ def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk)
     _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=13)
 
 
+def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed):
+    """A FlashForward with a tiles-table knob overridden (FlashForward.<knob> = value): the
+    kernel takes it (its <attr> reads value), and its results match the reference."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
+    kern = type(f"Knob_{knob}", (FlashForward,), {knob: value})("bf16", d, kind)
+    assert getattr(kern, attr) == value
+    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed)
+
+
 @gpu
 @pytest.mark.parametrize("d,mask_name,uniform,window,sq,sk", [
     (128, "causal", False, (-1, -1), 901, 700), (256, "full", False, (-1, -1), 700, 901),
@@ -237,12 +248,8 @@ def test_forward_uniform_pipeline_matches_reference(d, mask_name, uniform, windo
     """Tiles.uniform_pipeline (predicated stage releases, ordered after the first exponentials;
     FlashForward.UNIFORM_PIPELINE), each where the table does not choose it: the same results,
     rows that see no key included."""
-    from numba_fa3 import mask
-    from numba_fa3.forward import FlashForward
-    kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
-    kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": uniform})("bf16", d, kind)
-    assert kern.uniform_pipeline == uniform
-    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=17)
+    _table_knob_matches_reference("UNIFORM_PIPELINE", "uniform_pipeline", uniform, d, mask_name, window, sq, sk,
+                                  seed=17)
 
 
 @gpu
@@ -254,12 +261,7 @@ def test_forward_q_in_registers_matches_reference(d, mask_name, q_regs, window, 
     """Tiles.q_in_registers (Q's wgmma A fragments loaded by ldmatrix through the swizzle, its
     buffer released at once; FlashForward.Q_IN_REGISTERS), each where the table does not choose
     it, hdim 96's padded chunk included: the same results, rows that see no key included."""
-    from numba_fa3 import mask
-    from numba_fa3.forward import FlashForward
-    kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
-    kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": q_regs})("bf16", d, kind)
-    assert kern.q_in_registers == q_regs
-    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=19)
+    _table_knob_matches_reference("Q_IN_REGISTERS", "q_in_registers", q_regs, d, mask_name, window, sq, sk, seed=19)
 
 
 @gpu
