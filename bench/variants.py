@@ -105,7 +105,8 @@ def run(argv=None):
             fns[name]()
             torch.cuda.synchronize()
             err = (out.float() - ref.float()).abs().max().item()
-            assert err < 2e-2, f"{name}: max error {err}"
+            # (a variant named wrong... is a bound experiment that drops work on purpose)
+            assert err < 2e-2 or name.startswith("wrong"), f"{name}: max error {err}"
         ms = interleaved_ms(fns, args.launches)
         tf = {n: flops / t * 1e-9 for n, t in ms.items()}
         line = "  ".join(f"{n} {t:.0f} ({t / tf['base']:.3f})" for n, t in tf.items())

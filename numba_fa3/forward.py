@@ -20,6 +20,7 @@ longest tiles first across each section, and short ones pair by pair, ending on 
 their last pairs (`_tile_coords`, `causal_tail`).  `trace=True` builds the
 kernel with %clock64 timestamps for `python -m bench trace`.
 """
+import dataclasses
 import enum
 import functools
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ L2_SECTION_BYTES = 16 << 20
 #: run one pair's few tiles side by side share its K and V as they load (H100, 512 tokens: 308 vs
 #: 268 TFLOPS at hdim 128, 226 vs 208 at hdim 64; 2k: sections 531 vs 508).
 SECTION_MIN_M_BLOCKS = 16
+
+#: The lazy rescale's largest threshold (Tiles.rescale_threshold): P then reaches 2^8 = 256,
+#: far inside fp16's range (65504) and with bf16's/fp16's relative precision unchanged.
+MAX_RESCALE_THRESHOLD = 8.0
 
 
 class NamedBarrier(enum.IntEnum):
@@ -174,6 +179,9 @@ class FlashForward(launch.HopperKernel):
     RESCALE_ROUNDS = None  # interleaved rescale: O's multiplies in this many parts (None: Tiles.rescale_rounds)
     EXP2_BEFORE_PV_WAIT = None  # interleaved rescale: P registers exponentiated before the P V wait (None: one round's share)
     Q_IN_REGISTERS = None  # None: the tiles table's choice (Tiles.q_in_registers)
+    SKIP_RESCALE_BOUND = False  # experiment only, WRONG output: O never rescaled (the rescale's cost)
+    RESCALE_THRESHOLD = None  # the lazy rescale's threshold, powers of 2 (None: Tiles.rescale_threshold; 0: off)
+    PINGPONG = None  # None: the schedule's (Schedule.pingpong); an A/B knob over every kernel
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -187,6 +195,8 @@ class FlashForward(launch.HopperKernel):
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE, long_queries)
+        if self.PINGPONG is not None:
+            schedule = dataclasses.replace(schedule, pingpong=bool(self.PINGPONG))
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
         self.tiles = t
@@ -210,6 +220,11 @@ class FlashForward(launch.HopperKernel):
         # Q in shared memory.)
         q_regs = t.q_in_registers if self.Q_IN_REGISTERS is None else self.Q_IN_REGISTERS
         self.q_in_registers = bool(q_regs) and schedule.overlap
+        threshold = t.rescale_threshold if self.RESCALE_THRESHOLD is None else self.RESCALE_THRESHOLD
+        if not 0 <= float(threshold) <= MAX_RESCALE_THRESHOLD:
+            raise ValueError(f"rescale threshold {threshold}: P would reach 2^{threshold}; "
+                             f"0 to {MAX_RESCALE_THRESHOLD} allowed")
+        self.rescale_threshold = float(threshold)
         steps = head_dim // WGMMA_K
         # Q's K steps whose descriptors are built once per tile (True: all; an int: the first n)
         self.hoisted_q_steps = steps if hoist is True else max(0, min(int(hoist), steps))
@@ -474,6 +489,9 @@ class FlashForward(launch.HopperKernel):
         TRACE = self.trace
         LATE_RESCALE = self.late_rescale
         INTERLEAVE = self.interleaved_rescale
+        SKIP_RESCALE = bool(self.SKIP_RESCALE_BOUND)
+        THRESHOLD, LAZY = self.rescale_threshold, self.rescale_threshold > 0
+        P_REGS = BN // 2
         P_EDGES, O_EDGES = self.rescale_rounds()
         ROUNDS, P_HEAD = len(O_EDGES) - 1, P_EDGES[1]
         TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
@@ -635,17 +653,29 @@ class FlashForward(launch.HopperKernel):
             return o, pk
 
         @cuda.jit(device=True, forceinline=True)
+        def rescale(o, a0, a1):
+            """O's rows times their factors; with the lazy rescale only where some row of the
+            warp moved its max (most steps of a long row skip it)."""
+            if LAZY:
+                if softmax.any_rescaled(a0, a1):
+                    o = scale_rows(o, a0, a1)
+                return o
+            return scale_rows(o, a0, a1)
+
+        @cuda.jit(device=True, forceinline=True)
         @unrolled
         def rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2):
             """The interleaved rescale's rounds: O's part k multiplied, then P's part k + 1
             exponentiated with biases taken through `after` that part's first register of each
             row, so ptxas cannot sink the multiplies below the exponentials; O's last part is free."""
             for k in static_range(ROUNDS - 1):
-                o = scale_regs(o, a0, a1, constexpr(O_EDGES[k]), constexpr(O_EDGES[k + 1]))
+                if not SKIP_RESCALE:
+                    o = scale_regs(o, a0, a1, constexpr(O_EDGES[k]), constexpr(O_EDGES[k + 1]))
                 p = exp2_regs(p, scale_log2, after(b0, o[constexpr(O_EDGES[k])]),
                               after(b1, o[constexpr(O_EDGES[k] + SECOND_ROW_REG)]),
                               constexpr(P_EDGES[k + 1]), constexpr(P_EDGES[k + 2]))
-            o = scale_regs(o, a0, a1, constexpr(O_EDGES[ROUNDS - 1]), constexpr(O_EDGES[ROUNDS]))
+            if not SKIP_RESCALE:
+                o = scale_regs(o, a0, a1, constexpr(O_EDGES[ROUNDS - 1]), constexpr(O_EDGES[ROUNDS]))
             return o, p
 
         def make_step(masked):
@@ -677,7 +707,7 @@ class FlashForward(launch.HopperKernel):
                     mark_step(cu_k, wg, n, t, LoopEvent.TURN)
                 s = issue_qk(q_desc, stage_addr(k_smem + index * KV_STAGE))
                 if not LATE_RESCALE:
-                    o = scale_rows(o, a0, a1)
+                    o = rescale(o, a0, a1)
                 consumer_wait(v_bars, v_index, v_phase)
                 o = issue_pv(o, pk, stage_addr(v_smem + v_index * KV_STAGE))
                 scheduler_pass(wg)
@@ -694,7 +724,8 @@ class FlashForward(launch.HopperKernel):
                     s = mask_block(s, nb, col0, limits)
                 if INTERLEAVE:
                     # (the trace's softmax segment ends at the P V wait, a quarter into it)
-                    m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
+                    m0, m1, b0, b1, a0, a1 = softmax.online_max(s, m0, m1, scale_log2, UNMASKED_STEP, SPLIT_MAX,
+                                                                THRESHOLD)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
                     if UNIFORM:
                         z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
@@ -702,14 +733,22 @@ class FlashForward(launch.HopperKernel):
                         if nb == n_min:
                             release_q(q_empty + z, lane)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
-                    o, p = rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2)
+                    if LAZY:
+                        p = exp2_regs(p, scale_log2, b0, b1, P_HEAD, P_REGS)
+                    else:
+                        o, p = rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2)
                     l0, l1 = softmax.online_sum(p, l0, l1, a0, a1)
                 else:
-                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2, UNMASKED_STEP, SPLIT_MAX)
+                    p, m0, m1, l0, l1, a0, a1 = softmax.online_step(s, m0, m1, l0, l1, scale_log2, UNMASKED_STEP,
+                                                                    SPLIT_MAX, THRESHOLD)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
                     if LATE_RESCALE:
-                        o = scale_rows(o, a0, a1)
+                        o = rescale(o, a0, a1)
                 pk = PACK(p)
+                if INTERLEAVE and LAZY:
+                    # (last: the branch ends the step's one basic block; placed among the
+                    # exponentials it split the softmax in two and cost 5-12% at hdim 64/128)
+                    o = rescale(o, a0, a1)
                 v_index, v_phase = index, phase
                 index, phase = pipeline.advance(index, phase, STAGES)
                 return o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase
@@ -822,7 +861,7 @@ class FlashForward(launch.HopperKernel):
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
                         if not LATE_RESCALE:
-                            o = scale_rows(o, a0, a1)
+                            o = rescale(o, a0, a1)
                         consumer_wait(v_bars, v_index, v_phase)
                         o = issue_pv(o, pk, stage_addr(v_smem + v_index * KV_STAGE))
                         o, pk = wgmma.wait_group_keep(0, o, pk)

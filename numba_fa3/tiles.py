@@ -80,12 +80,24 @@ class Tiles:
     #: registers exponentiated before the P V wait.  Which shape wins moves with the code around
     #: it: 4 at session 9 (2: -0.7% to -2.6%), 2 with Q in registers (session 10).
     rescale_rounds: int = 4
+    #: The lazy rescale (softmax.lazy_max, FA4's): a row's running max moves only when a block's
+    #: max exceeds it by more than this many powers of 2 (0: always), and O's multiplies run only
+    #: in steps where some row of the warp moved (a warp vote and a branch), in place of the
+    #: interleaved rounds.  Dropping the multiplies altogether measured +3.5% to +7% at hdim 256
+    #: and +4% at hdim 128 (session 11): on long rows they almost never run.
+    rescale_threshold: float = 0.0
 
 
 def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False,
-           q_in_registers=False, rescale_rounds=4):
+           q_in_registers=False, rescale_rounds=4, rescale_threshold=0.0):
     return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors,
-                 uniform_pipeline, q_in_registers, rescale_rounds)
+                 uniform_pipeline, q_in_registers, rescale_rounds, rescale_threshold)
+
+
+#: The lazy rescale's threshold where the table takes it: P up to 2^8 = 256 (forward.py's
+#: MAX_RESCALE_THRESHOLD).  With scores of unit spread a row's max then moves past its first
+#: block's only for outliers, so O is rescaled in a tile's first steps only.
+LAZY_RESCALE_THRESHOLD = 8.0
 
 
 def _tiles3(block_n):
@@ -114,14 +126,21 @@ def _tiles3(block_n):
 #: - rescale_rounds 2 against 4, with Q in registers (session 10): hdim 128 causal 16k / 8k +2.1%
 #:   / +2.0%, full 16k / 4k +1.7% / +1.5% (4 rounds with half of P before the wait: +1.1% to
 #:   +1.5%; none before it: -3.5% to -3.9%).
+#: - rescale_threshold 8 against 0 (session 11): hdim 256 causal 16k / 2k +7.4% / +4.5%, full
+#:   8k / 4k +3.9% / +3.9%; hdim 128 full 16k / 2k +1.1% / +0.7%, causal 16k / 4k -3.0% / -1.2%;
+#:   hdim 64 full / causal 16k -3.2% / -1.4%; hdim 192 8k +0.1% / -0.4%.  Where the softmax is
+#:   the step's critical path (hdim <= 128) the multiplies it saves were hidden among the
+#:   exponentials; at hdim 256 they were O's 128 per step.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
     (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
     (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
     (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
-    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True),
-    (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False),
+    (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True,
+                         rescale_threshold=LAZY_RESCALE_THRESHOLD),
+    (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False,
+                        rescale_threshold=LAZY_RESCALE_THRESHOLD),
 }
 
 #: Dense runs with at least this many query rows use LONG_TILES where it has an entry: causal

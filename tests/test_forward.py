@@ -184,14 +184,19 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
         _forward(odd, tk[:1], tv[:1], None, False, (-1, -1), 0.0, False, None, None, make)
 
 
-def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed):
+def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ramp=None):
     """A FlashForward built with tuning knobs set, on B=2, 4 query heads over 2 K/V heads, its
-    poisoned output and LSE checked against the reference (FA3's tolerance rule)."""
+    poisoned output and LSE checked against the reference (FA3's tolerance rule).  key_ramp
+    (first, last): the keys scaled from `first` (key 0) to `last`, so the scores' spread grows
+    toward the first keys, which the kernel visits last."""
     from numba_fa3.api import _forward
     rng = np.random.default_rng(seed)
     npdt = NUMPY_DTYPES["bf16"]
     q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
-    k = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    k = rng.standard_normal((2, sk, 2, d))
+    if key_ramp is not None:
+        k *= np.linspace(*key_ramp, sk)[None, :, None, None]
+    k = k.astype(npdt)
     v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
     tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
     out = _torch().full_like(tq, float("nan"))
@@ -228,7 +233,7 @@ def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk)
     _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=13)
 
 
-def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed):
+def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed, key_ramp=None):
     """A FlashForward with a tiles-table knob overridden (FlashForward.<knob> = value): the
     kernel takes it (its <attr> reads value), and its results match the reference."""
     from numba_fa3 import mask
@@ -236,7 +241,7 @@ def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, s
     kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
     kern = type(f"Knob_{knob}", (FlashForward,), {knob: value})("bf16", d, kind)
     assert getattr(kern, attr) == value
-    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed)
+    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed, key_ramp=key_ramp)
 
 
 @gpu
@@ -262,6 +267,22 @@ def test_forward_q_in_registers_matches_reference(d, mask_name, q_regs, window, 
     buffer released at once; FlashForward.Q_IN_REGISTERS), each where the table does not choose
     it, hdim 96's padded chunk included: the same results, rows that see no key included."""
     _table_knob_matches_reference("Q_IN_REGISTERS", "q_in_registers", q_regs, d, mask_name, window, sq, sk, seed=19)
+
+
+@gpu
+@pytest.mark.parametrize("d,mask_name,threshold,window,sq,sk", [
+    (128, "full", 8.0, (-1, -1), 901, 700), (256, "causal", 8.0, (-1, -1), 700, 901),
+    (256, "local", 2.0, (300, 40), 901, 700), (64, "full", 8.0, (-1, -1), 1000, 333),
+    (192, "full", 8.0, (-1, -1), 700, 901), (96, "causal", 4.0, (-1, -1), 901, 700),
+    (256, "full", 0.0, (-1, -1), 700, 901)])
+def test_forward_lazy_rescale_matches_reference(d, mask_name, threshold, window, sq, sk):
+    """Tiles.rescale_threshold (FlashForward.RESCALE_THRESHOLD): the running max moves only past
+    the threshold and O is rescaled only then.  The keys' scale ramps up toward the keys the
+    loop visits last, so the max moves past it in some steps and stays in others (and at 2.0,
+    often); hdim 192 takes the rescale before the P V issue, the others at the step's end; with
+    sq > sk causal, rows that see no key give 0 and LSE -inf."""
+    _table_knob_matches_reference("RESCALE_THRESHOLD", "rescale_threshold", threshold, d, mask_name, window, sq,
+                                  sk, seed=29, key_ramp=(6.0, 0.5))
 
 
 @gpu

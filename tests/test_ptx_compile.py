@@ -160,6 +160,27 @@ def test_forward_uniform_pipeline_ptx(head_dim, mask_kind):
     _assert_clean(kc.ptxas_report(ptx_on), f"forward d{head_dim} uniform pipeline")
 
 
+@pytest.mark.parametrize("head_dim,mask_kind,late,interleaved", [
+    (128, MASK_NONE, None, None), (256, MASK_CAUSAL, None, None),  # interleaved: the branch ends the step
+    (192, MASK_NONE, False, False), (128, MASK_CAUSAL, True, False)])  # before the P V issue, after its wait
+def test_forward_lazy_rescale_ptx(head_dim, mask_kind, late, interleaved):
+    """Tiles.rescale_threshold (FlashForward.RESCALE_THRESHOLD) at every place of the rescale: O's
+    multiplies behind a warp vote, compiled clean (no spill, no wgmma serialization); off, no vote."""
+    knobs = {"LATE_RESCALE": late, "INTERLEAVED_RESCALE": interleaved}
+    on = type("Lazy", (FlashForward,), dict(knobs, RESCALE_THRESHOLD=8.0))("bf16", head_dim, mask_kind)
+    off = type("Eager", (FlashForward,), dict(knobs, RESCALE_THRESHOLD=0.0))("bf16", head_dim, mask_kind)
+    assert on.rescale_threshold == 8.0 and off.rescale_threshold == 0.0
+    ptx_on = on.compile_ptx()
+    assert "vote.sync.any" in ptx_on and "vote.sync.any" not in off.compile_ptx()
+    _assert_clean(kc.ptxas_report(ptx_on), f"forward d{head_dim} lazy rescale")
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 8.5, float("nan")])
+def test_forward_lazy_rescale_threshold_range(threshold):
+    with pytest.raises(ValueError, match="rescale threshold"):
+        type("Lazy", (FlashForward,), {"RESCALE_THRESHOLD": threshold})("bf16", 128, MASK_NONE)
+
+
 def test_forward_uniform_pipeline_needs_the_interleaved_rescale():
     kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True, "INTERLEAVED_RESCALE": False})(
         "bf16", 128, MASK_NONE)
