@@ -494,9 +494,6 @@ class FlashForward(launch.HopperKernel):
         P_REGS = BN // 2
         P_EDGES, O_EDGES = self.rescale_rounds()
         ROUNDS, P_HEAD = len(O_EDGES) - 1, P_EDGES[1]
-        # the other row's last register among P's head (the P V wait's order, uniform pipeline)
-        OTHER_ROW_HEAD = max((j for j in range(P_HEAD) if (j % REGS_PER_GROUP) // SECOND_ROW_REG
-                              != ((P_HEAD - 1) % REGS_PER_GROUP) // SECOND_ROW_REG), default=max(P_HEAD - 1, 0))
         TRACE_TAIL = bool(self.TRACE_LOOP_TAIL)
         MULTICAST = self.multicast
         mark = _tracer(TRACE)
@@ -731,12 +728,7 @@ class FlashForward(launch.HopperKernel):
                                                                 THRESHOLD)
                     p = exp2_regs(s, scale_log2, b0, b1, 0, P_HEAD)
                     if UNIFORM:
-                        if LAZY and P_HEAD:
-                            # (both rows' last head exponential: with the lazy rescale ptxas
-                            # otherwise ran one row's softmax, the wait, then the other row's)
-                            z = zero_after(after(p[P_HEAD - 1], p[OTHER_ROW_HEAD]))
-                        else:
-                            z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
+                        z = zero_after(p[P_HEAD - 1] if P_HEAD else b0)
                         release(k_bars + z, index, lane)
                         if nb == n_min:
                             release_q(q_empty + z, lane)

@@ -127,14 +127,18 @@ def _tiles3(block_n):
 #:   / +2.0%, full 16k / 4k +1.7% / +1.5% (4 rounds with half of P before the wait: +1.1% to
 #:   +1.5%; none before it: -3.5% to -3.9%).
 #: - rescale_threshold 8 against 0 (session 11): hdim 256 causal 16k / 2k +7.4% / +4.5%, full
-#:   8k / 4k +3.9% / +3.9%; hdim 128 full 16k / 2k +1.1% / +0.7%, causal 16k / 4k -3.0% / -1.2%;
-#:   hdim 64 full / causal 16k -3.2% / -1.4%; hdim 192 8k +0.1% / -0.4%.  Where the softmax is
-#:   the step's critical path (hdim <= 128) the multiplies it saves were hidden among the
-#:   exponentials; at hdim 256 they were O's 128 per step.
+#:   8k / 4k +3.9% / +3.9% (eager against it, next call: -3.4% to -7%); hdim 128 full 16k / 2k
+#:   +1.1% / +0.7%, again 16k / 4k +1.0% / +1.0%; hdim 128 causal 16k / 4k -3.0% / -1.2%
+#:   (ptxas moved the P V wait between the two rows' softmax; ordering the stage release after
+#:   both rows' exponentials made it -1.2% / -1.1% and full -2.0%, not kept); hdim 64 full /
+#:   causal 16k -3.2% / -1.4%; hdim 192 8k +0.1% / -0.4%.  Where the softmax is the step's
+#:   critical path (hdim <= 128) the multiplies it saves were hidden among the exponentials; at
+#:   hdim 256 they were O's 128 per step.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
-    (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
+    (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2,
+                         rescale_threshold=LAZY_RESCALE_THRESHOLD),
     (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
     (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
     (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True,
