@@ -112,6 +112,62 @@ def step_loops(sass):
     return [lp for lp in cands if len(lp) <= STEP_LENGTH_SPREAD * shortest]
 
 
+#: Opcodes whose first register operand is a source: they write predicates only.
+_PREDICATE_WRITERS = frozenset({"ISETP", "FSETP", "DSETP", "HSETP2", "PSETP", "PLOP3", "UISETP", "UPLOP3"})
+_PREDICATE = re.compile(r"!?U?P(T|\d+)")
+_REGISTER = re.compile(r"R(\d+)")
+_HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x\d+\.F32")
+
+
+def written_registers(text):
+    """The general registers (numbers) an instruction's text writes: its first operand after any
+    predicate destinations, widened for multi-register results (.64 / .WIDE: 2, .128 and
+    LDSM's .4: 4, an fp32 HGMMA's accumulator: n / 2).  Stores, barriers and the SETP family
+    write none.  RZ is not a register."""
+    text = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip())
+    opcode, _, rest = text.partition(" ")
+    if opcode.split(".")[0] in _PREDICATE_WRITERS:
+        return set()
+    operands = [o.strip() for o in rest.split(",") if o.strip()]
+    while operands and _PREDICATE.fullmatch(operands[0]):
+        operands.pop(0)
+    m = _REGISTER.fullmatch(operands[0]) if operands else None
+    if not m:
+        return set()
+    first, parts = int(m.group(1)), opcode.split(".")
+    hgmma = _HGMMA_SHAPE.match(opcode)
+    if hgmma:
+        width = int(hgmma.group(1)) // 2
+    elif "128" in parts or (parts[0] == "LDSM" and parts[-1] == "4"):
+        width = 4
+    elif "64" in parts or "WIDE" in parts:
+        width = 2
+    else:
+        width = 1
+    return set(range(first, first + width))
+
+
+def a_fragment_clobbers(sass):
+    """Instructions inside a loop that overwrite a register-A wgmma operand the loop's HGMMAs
+    read and that ldmatrix loaded outside it (Q in registers, `Tiles.q_in_registers`): the next
+    pass reads those registers again, so any write to them there is a miscompile.  Loops that
+    reload the fragments themselves (the tile loop) are left out.  Session 11: ptxas did this to
+    the no-overlap ablation's step loop, though the PTX keeps the fragments live across it."""
+    def loaded(ops):
+        return {min(written_registers(text)) for op, text in ops if op.startswith("LDSM")}
+    everywhere = loaded(instructions(sass.splitlines()))
+    bad = []
+    for lp in loops(sass):
+        quads, reloaded = set(), loaded(lp.ops)
+        for op, text in lp.ops:
+            operands = text.split(None, 1)[1].split(",") if op.startswith("HGMMA") else []
+            a = _REGISTER.fullmatch(operands[1].strip()) if len(operands) > 1 else None
+            if a and int(a.group(1)) in everywhere and int(a.group(1)) not in reloaded:
+                quads |= set(range(int(a.group(1)), int(a.group(1)) + 4))
+        bad += [text for op, text in lp.ops if not op.startswith("HGMMA") and written_registers(text) & quads]
+    return list(dict.fromkeys(bad))
+
+
 def report(kernel, dump=None, name="base"):
     """dict(registers, spills, loops=[Loop]) of one FlashForward; with `dump` its PTX, SASS and
     loops are written there as NAME.ptx, NAME.sass, NAME.loopK.txt."""
@@ -131,7 +187,7 @@ def report(kernel, dump=None, name="base"):
             with open(os.path.join(dump, f"{name}.loop{k}.txt"), "w") as f:
                 f.write("\n".join(t for _, t in lp.ops) + "\n")
     return dict(registers=stats["registers"], spills=stats["spill_stores"] + stats["spill_loads"],
-                stack=stats["stack"], warnings=stats["warnings"], loops=found)
+                stack=stats["stack"], warnings=stats["warnings"], loops=found, sass=sass)
 
 
 def _mix_line(mix, base=None, top=12):

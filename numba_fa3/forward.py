@@ -215,9 +215,11 @@ class FlashForward(launch.HopperKernel):
         uniform = t.uniform_pipeline if self.UNIFORM_PIPELINE is None else bool(self.UNIFORM_PIPELINE)
         self.uniform_pipeline = uniform and interleaved
         hoist = t.hoist_q_descriptors if self.HOIST_Q_DESCRIPTORS is None else self.HOIST_Q_DESCRIPTORS
-        # (Q in registers is wrong under the no-overlap ablation's loop: hdim 128 causal read max
-        # error 0.86 on the H100, cause not found (bench/NOTES.md, session 10); that kernel keeps
-        # Q in shared memory.)
+        # (Q in registers is wrong under the no-overlap ablation's loop: ptxas 13.0 gives the
+        # fragments' registers to P and the mask's index math inside that loop, though the PTX
+        # keeps them live across it (hdim 128 causal read max error 0.86 on the H100; bench
+        # sass.a_fragment_clobbers finds it, tests/test_bench_sass.py).  That kernel keeps Q in
+        # shared memory.)
         q_regs = t.q_in_registers if self.Q_IN_REGISTERS is None else self.Q_IN_REGISTERS
         self.q_in_registers = bool(q_regs) and schedule.overlap
         threshold = t.rescale_threshold if self.RESCALE_THRESHOLD is None else self.RESCALE_THRESHOLD
