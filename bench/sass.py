@@ -119,16 +119,20 @@ _REGISTER = re.compile(r"R(\d+)")
 _HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x\d+\.F32")
 
 
+def _opcode_operands(text):
+    """(opcode, [operand, ...]) of an instruction's text, its predicate guard dropped."""
+    opcode, _, rest = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip()).partition(" ")
+    return opcode, [o.strip() for o in rest.split(",") if o.strip()]
+
+
 def written_registers(text):
     """The general registers (numbers) an instruction's text writes: its first operand after any
     predicate destinations, widened for multi-register results (.64 / .WIDE: 2, .128 and
     LDSM's .4: 4, an fp32 HGMMA's accumulator: n / 2).  Stores, barriers and the SETP family
     write none.  RZ is not a register."""
-    text = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip())
-    opcode, _, rest = text.partition(" ")
+    opcode, operands = _opcode_operands(text)
     if opcode.split(".")[0] in _PREDICATE_WRITERS:
         return set()
-    operands = [o.strip() for o in rest.split(",") if o.strip()]
     while operands and _PREDICATE.fullmatch(operands[0]):
         operands.pop(0)
     m = _REGISTER.fullmatch(operands[0]) if operands else None
@@ -160,8 +164,8 @@ def a_fragment_clobbers(sass):
     for lp in loops(sass):
         quads, reloaded = set(), loaded(lp.ops)
         for op, text in lp.ops:
-            operands = text.split(None, 1)[1].split(",") if op.startswith("HGMMA") else []
-            a = _REGISTER.fullmatch(operands[1].strip()) if len(operands) > 1 else None
+            operands = _opcode_operands(text)[1] if op.startswith("HGMMA") else []
+            a = _REGISTER.fullmatch(operands[1]) if len(operands) > 1 else None
             if a and int(a.group(1)) in everywhere and int(a.group(1)) not in reloaded:
                 quads |= set(range(int(a.group(1)), int(a.group(1)) + 4))
         bad += [text for op, text in lp.ops if not op.startswith("HGMMA") and written_registers(text) & quads]
