@@ -48,6 +48,18 @@ class Loop:
     def __len__(self):
         return len(self.ops)
 
+    def exp2_before_pv_wait(self):
+        """How many exponentials (MUFU.EX2) run before the step's P V wait (the wait for every
+        wgmma group, `WARPGROUP.DEPBAR.LE gsb0, 0x0`); None if the loop has no such wait.  Where
+        ptxas puts that wait among the exponentials is what moved the step by a few percent in
+        sessions 3-12."""
+        n = 0
+        for op, text in self.ops:
+            if op == "WARPGROUP.DEPBAR.LE" and text.replace(" ", "").endswith("gsb0,0x0"):
+                return n
+            n += op == "MUFU.EX2"
+        return None
+
 
 def find_nvdisasm():
     exe = shutil.which("nvdisasm")
@@ -103,7 +115,9 @@ def step_loops(sass):
     plain step's.  Left out: the try-wait retry loops (no HGMMA); loops around another candidate
     (in masked kernels the masked steps run in the loop around the plain one); and the tile
     loop, which ptxas may lay out beside the step loop rather than around it, but which is
-    several steps long (hdim 128: ~1600 instructions against ~480)."""
+    several steps long (hdim 128: ~1600 instructions against ~480).  With
+    Tiles.sequential_mask_loops the masked steps' loops sit beside the plain one and are kept
+    (at most STEP_LENGTH_SPREAD times its length)."""
     cands = [lp for lp in loops(sass)
              if lp.mix()["HGMMA"] >= 1 and lp.mix()["MUFU"] >= MIN_STEP_MUFU]
     cands = [lp for lp in cands
@@ -220,8 +234,8 @@ def run(argv=None):
         for k, lp in enumerate(r["loops"]):
             ref = base_loops[k] if base_loops is not None and k < len(base_loops) else None
             delta = f" ({len(lp) - len(ref):+d})" if ref is not None else ""
-            print(f"  step loop {k}: {len(lp)} instructions{delta}: "
-                  + _mix_line(lp.mix(), ref.mix() if ref is not None else None))
+            print(f"  step loop {k}: {len(lp)} instructions{delta}, {lp.exp2_before_pv_wait()} exponentials "
+                  "before the P V wait: " + _mix_line(lp.mix(), ref.mix() if ref is not None else None))
         if base_loops is None:
             base_loops = r["loops"]
 

@@ -182,6 +182,8 @@ class FlashForward(launch.HopperKernel):
     SKIP_RESCALE_BOUND = False  # experiment only, WRONG output: O never rescaled (the rescale's cost)
     RESCALE_THRESHOLD = None  # the lazy rescale's threshold, powers of 2 (None: Tiles.rescale_threshold; 0: off)
     PINGPONG = None  # None: the schedule's (Schedule.pingpong); an A/B knob over every kernel
+    SEQUENTIAL_MASK_LOOPS = None  # None: the tiles table's choice (Tiles.sequential_mask_loops)
+    LAZY_TAIL_AFTER_WAIT = None  # None: the tiles table's choice (Tiles.lazy_tail_after_wait)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -227,6 +229,10 @@ class FlashForward(launch.HopperKernel):
             raise ValueError(f"rescale threshold {threshold}: P would reach 2^{threshold}; "
                              f"0 to {MAX_RESCALE_THRESHOLD} allowed")
         self.rescale_threshold = float(threshold)
+        seq = t.sequential_mask_loops if self.SEQUENTIAL_MASK_LOOPS is None else self.SEQUENTIAL_MASK_LOOPS
+        self.sequential_mask_loops = bool(seq)
+        tail = t.lazy_tail_after_wait if self.LAZY_TAIL_AFTER_WAIT is None else self.LAZY_TAIL_AFTER_WAIT
+        self.lazy_tail_after_wait = bool(tail) and self.rescale_threshold > 0 and interleaved
         steps = head_dim // WGMMA_K
         # Q's K steps whose descriptors are built once per tile (True: all; an int: the first n)
         self.hoisted_q_steps = steps if hoist is True else max(0, min(int(hoist), steps))
@@ -502,6 +508,8 @@ class FlashForward(launch.HopperKernel):
         mark_step = _loop_tracer(TRACE)
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
         UNIFORM = self.uniform_pipeline
+        SEQUENTIAL = self.sequential_mask_loops
+        TAIL_AFTER_WAIT = self.lazy_tail_after_wait
 
         @cuda.jit(device=True, forceinline=True)
         def stage_addr(x):
@@ -737,7 +745,11 @@ class FlashForward(launch.HopperKernel):
                         if nb == n_min:
                             release_q(q_empty + z, lane)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
-                    if LAZY:
+                    if LAZY and TAIL_AFTER_WAIT:
+                        # (the bias through O's first register of each row: ptxas must place the
+                        # P V wait before these, as the eager rounds' multiplies make it)
+                        p = exp2_regs(p, scale_log2, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)
+                    elif LAZY:
                         p = exp2_regs(p, scale_log2, b0, b1, P_HEAD, P_REGS)
                     else:
                         o, p = rescale_among_exponentials(o, p, a0, a1, b0, b1, scale_log2)
@@ -834,24 +846,54 @@ class FlashForward(launch.HopperKernel):
                             # under P V at all); choosing the copy per step instead left the plain
                             # steps ~9% slower than the unmasked kernel's (bench trace, hdim 128 8k).
                             u_min, u_max = mask.unmasked_range(mb, BM, BN, sq, sk, left, right)
-                            while nb >= n_min:
-                                if nb >= u_max or nb < u_min:
+                            if SEQUENTIAL:
+                                # (Tiles.sequential_mask_loops) the diagonal's or right edge's
+                                # blocks, the plain ones, then the left window edge's, in three
+                                # loops in a row; where a range is empty its loop runs no step.
+                                stop = max(n_min, u_max)
+                                while nb >= stop:
                                     (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                      v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
                                                             v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
                                                             v_smem, q_empty, n_min, col0, limits, softcap_scale,
                                                             scale_log2, lane, wg, tracer, cu_k, n, n_max)
                                     nb = np.int32(nb - 1)
-                                else:
-                                    stop = max(n_min, u_min)
-                                    while nb >= stop:
+                                stop = max(n_min, u_min)
+                                while nb >= stop:
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                     v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                           v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
+                                                           v_smem, q_empty, n_min, col0, limits,
+                                                           softcap_scale, scale_log2, lane, wg, tracer, cu_k,
+                                                           n, n_max)
+                                    nb = np.int32(nb - 1)
+                                while nb >= n_min:
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                            v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
+                                                            v_smem, q_empty, n_min, col0, limits, softcap_scale,
+                                                            scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                    nb = np.int32(nb - 1)
+                            else:
+                                # (the loop nest: a masked step or the plain loop, per turn)
+                                while nb >= n_min:
+                                    if nb >= u_max or nb < u_min:
                                         (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                         v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                               v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                               v_smem, q_empty, n_min, col0, limits,
-                                                               softcap_scale, scale_log2, lane, wg, tracer, cu_k,
-                                                               n, n_max)
+                                         v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                                v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
+                                                                v_smem, q_empty, n_min, col0, limits, softcap_scale,
+                                                                scale_log2, lane, wg, tracer, cu_k, n, n_max)
                                         nb = np.int32(nb - 1)
+                                    else:
+                                        stop = max(n_min, u_min)
+                                        while nb >= stop:
+                                            (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
+                                             v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
+                                                                   v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
+                                                                   v_smem, q_empty, n_min, col0, limits,
+                                                                   softcap_scale, scale_log2, lane, wg, tracer, cu_k,
+                                                                   n, n_max)
+                                            nb = np.int32(nb - 1)
                         else:
                             # Unmasked kernels have one copy, with no mask (only a tile's first
                             # block, outside this loop, can be ragged).

@@ -86,12 +86,25 @@ class Tiles:
     #: interleaved rounds.  Dropping the multiplies altogether measured +3.5% to +7% at hdim 256
     #: and +4% at hdim 128 (session 11): on long rows they almost never run.
     rescale_threshold: float = 0.0
+    #: Masked kernels: the key blocks that need the mask and those that do not run as three loops
+    #: in a row (the diagonal's or right edge's blocks, the plain ones, the left edge's), not as
+    #: a loop nest that picks the masked copy or enters the plain loop.  The plain loop is then
+    #: shaped as the unmasked kernel's, and ptxas schedules the lazy rescale's step there as it
+    #: does in that kernel (hdim 128 causal, lazy: nest -2.6%, in a row +0.1%, session 12).
+    sequential_mask_loops: bool = False
+    #: The lazy rescale: the exponentials after the P V wait take their exponent bias through O's
+    #: first register of each row (`fragment.after`), so ptxas places the wait between the
+    #: exponentials before it and these, where the eager rounds' multiplies place it.  Left free,
+    #: ptxas ran every exponential first at hdim 128 causal (-3.0% against +2.2..3.0%, session 12).
+    lazy_tail_after_wait: bool = False
 
 
 def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False,
-           q_in_registers=False, rescale_rounds=4, rescale_threshold=0.0):
+           q_in_registers=False, rescale_rounds=4, rescale_threshold=0.0, sequential_mask_loops=False,
+           lazy_tail_after_wait=False):
     return Tiles(128, block_n, 2, 2, 24, 240, late_rescale, interleaved_rescale, hoist_q_descriptors,
-                 uniform_pipeline, q_in_registers, rescale_rounds, rescale_threshold)
+                 uniform_pipeline, q_in_registers, rescale_rounds, rescale_threshold, sequential_mask_loops,
+                 lazy_tail_after_wait)
 
 
 #: The lazy rescale's threshold where the table takes it: P up to 2^8 = 256 (forward.py's
@@ -139,8 +152,12 @@ TILES = {
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
     (128, False): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2,
                          rescale_threshold=LAZY_RESCALE_THRESHOLD),
-    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2),
-    (192, False): _tiles(112), (192, True): _tiles(112, interleaved_rescale=True),
+    (128, True): _tiles(128, interleaved_rescale=True, uniform_pipeline=True, q_in_registers=True, rescale_rounds=2,
+                        rescale_threshold=LAZY_RESCALE_THRESHOLD, sequential_mask_loops=True,
+                        lazy_tail_after_wait=True),
+    (192, False): _tiles(112),
+    (192, True): _tiles(112, interleaved_rescale=True, rescale_threshold=LAZY_RESCALE_THRESHOLD,
+                        sequential_mask_loops=True, lazy_tail_after_wait=True),
     (256, False): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=12, uniform_pipeline=True,
                          rescale_threshold=LAZY_RESCALE_THRESHOLD),
     (256, True): _tiles(80, interleaved_rescale=True, hoist_q_descriptors=False,

@@ -96,6 +96,29 @@ def test_a_fragment_clobbers_synthetic():
     assert sass.a_fragment_clobbers(reloading) == []
 
 
+def test_exp2_before_pv_wait_synthetic():
+    ops = ["MUFU.EX2 R1, R2", "MUFU.EX2 R3, R4", "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R5, R6",
+           "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R7, R8", "@P0 BRA `(.L_x_1)"]
+    (lp,) = sass.loops(_listing([(".L_x_1", ops)]))
+    assert lp.exp2_before_pv_wait() == 3
+    (lp,) = sass.loops(_listing([(".L_x_1", ops[:4] + ops[5:])]))
+    assert lp.exp2_before_pv_wait() is None
+
+
+@pytest.mark.skipif(sass.find_nvdisasm() is None, reason="nvdisasm not installed")
+@pytest.mark.parametrize("head_dim,kind", [(128, "causal"), (128, "local"), (192, "causal")])
+def test_lazy_tail_places_the_pv_wait_among_the_exponentials(head_dim, kind):
+    """The table kernels with Tiles.lazy_tail_after_wait: in the plain step loop (the shortest) the
+    P V wait has exponentials on both sides.  Left free, ptxas 13.0 ran all 64 before it at hdim 128
+    causal, 3% slower (bench/NOTES.md, session 12)."""
+    from numba_fa3 import mask
+    from numba_fa3.forward import FlashForward
+    k = FlashForward("bf16", head_dim, {"causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[kind])
+    assert k.lazy_tail_after_wait and k.sequential_mask_loops
+    plain = min(sass.report(k)["loops"], key=len)
+    assert 0 < plain.exp2_before_pv_wait() < plain.mix()["MUFU"] - 2  # (2: O's rescale factors)
+
+
 @pytest.mark.skipif(sass.find_nvdisasm() is None, reason="nvdisasm not installed")
 @pytest.mark.parametrize("head_dim,kind,varlen", [(128, "none", False), (128, "causal", False), (128, "local", True),
                                                   (64, "causal", False)])

@@ -286,6 +286,33 @@ def test_forward_lazy_rescale_matches_reference(d, mask_name, threshold, window,
 
 
 @gpu
+@pytest.mark.parametrize("d,mask_name,sequential,window,sq,sk", [
+    (128, "local", False, (300, 40), 901, 700), (128, "local", True, (200, 0), 700, 901),
+    (128, "causal", False, (-1, -1), 901, 700), (64, "local", True, (300, 40), 901, 700),
+    (256, "causal", True, (-1, -1), 700, 901), (96, "local", True, (150, 300), 1000, 333),
+    (192, "causal", False, (-1, -1), 901, 700)])
+def test_forward_mask_loops_match_reference(d, mask_name, sequential, window, sq, sk):
+    """Tiles.sequential_mask_loops (FlashForward.SEQUENTIAL_MASK_LOOPS): the masked and plain key
+    blocks in three loops in a row or in the loop nest, both ways at hdim 128; windows with a left
+    edge run the third loop; rows that see no key included."""
+    _table_knob_matches_reference("SEQUENTIAL_MASK_LOOPS", "sequential_mask_loops", sequential, d, mask_name,
+                                  window, sq, sk, seed=31, key_ramp=(6.0, 0.5))
+
+
+@gpu
+@pytest.mark.parametrize("d,mask_name,tail,window,sq,sk", [
+    (128, "causal", False, (-1, -1), 901, 700), (128, "local", True, (300, 40), 901, 700),
+    (128, "full", True, (-1, -1), 700, 901), (256, "full", True, (-1, -1), 1000, 333),
+    (256, "causal", True, (-1, -1), 901, 700), (192, "causal", False, (-1, -1), 700, 901)])
+def test_forward_lazy_tail_after_wait_matches_reference(d, mask_name, tail, window, sq, sk):
+    """Tiles.lazy_tail_after_wait (FlashForward.LAZY_TAIL_AFTER_WAIT): the lazy rescale's
+    exponentials after the P V wait take their bias through O, on and off, with keys ramped so
+    that the max moves in some steps."""
+    _table_knob_matches_reference("LAZY_TAIL_AFTER_WAIT", "lazy_tail_after_wait", tail, d, mask_name, window, sq,
+                                  sk, seed=37, key_ramp=(6.0, 0.5))
+
+
+@gpu
 def test_forward_q_in_registers_schedules_match_reference():
     """Q in registers under the ablation's schedule without ping-pong; the schedule without the
     intra-warpgroup overlap keeps Q in shared memory (it computed wrong results with Q in

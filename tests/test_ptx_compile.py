@@ -181,6 +181,12 @@ def test_forward_lazy_rescale_threshold_range(threshold):
         type("Lazy", (FlashForward,), {"RESCALE_THRESHOLD": threshold})("bf16", 128, MASK_NONE)
 
 
+def test_forward_lazy_tail_needs_the_lazy_rescale():
+    kern = type("Tail", (FlashForward,), {"LAZY_TAIL_AFTER_WAIT": True, "RESCALE_THRESHOLD": 0.0})(
+        "bf16", 128, MASK_CAUSAL)
+    assert not kern.lazy_tail_after_wait
+
+
 def test_forward_uniform_pipeline_needs_the_interleaved_rescale():
     kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True, "INTERLEAVED_RESCALE": False})(
         "bf16", 128, MASK_NONE)
