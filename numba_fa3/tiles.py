@@ -147,6 +147,13 @@ def _tiles3(block_n):
 #:   causal 16k -3.2% / -1.4%; hdim 192 8k +0.1% / -0.4%.  Where the softmax is the step's
 #:   critical path (hdim <= 128) the multiplies it saves were hidden among the exponentials; at
 #:   hdim 256 they were O's 128 per step.
+#: - sequential_mask_loops + lazy_tail_after_wait + rescale_threshold 8 (session 12), against
+#:   the eager rescale in the loop nest: hdim 128 causal 16k / 8k / 4k / 2k / 1k +2.7% / +2.8% /
+#:   +2.4% / +1.5% / +0.6% (first call +3.0% / +2.7% / +2.2%); without the pinned tail -3.0%,
+#:   in the nest with it -2.6%; hdim 192 causal 8k / 2k +0.9% / +1.0%.  Lazy with three loops
+#:   lost at hdim 64 causal (-5.6% / -3.3%) and hdim 96 (-1.1% / -0.9%); three loops alone moved
+#:   hdim 64/96/192/256 causal by -1.4% to +0.7%; the pinned tail at hdim 128 full -0.9% / -1.1%
+#:   and hdim 256 0.0% to -0.2%.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),
