@@ -13,6 +13,8 @@ Every point is timed three ways, each a row `timing` of the JSON (see bench/timi
   the power-capped clock settles (FA3's own `time_forward`, made longer).  Ratios to FA3 are
   taken within one of these, never across methods: until session 7 the grid set our do_bench
   figure against FA3's back-to-back one (bench/NOTES.md).
+
+The JSON is rewritten after every point with `meta.complete` false, and true at the end.
 """
 import argparse
 import os
@@ -40,6 +42,8 @@ def run(argv=None):
 
     fa3 = load_fa3(args.fa3)
     rows = []
+    run_meta = common.meta()
+    path = args.out or os.path.join(common.RESULTS, f"attention-fwd-{run_meta['date']}.json")
     for d, causal, s, (b, h, q, k, v, flops, ref) in common.grid(args):
         out = torch.empty_like(q)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -75,8 +79,9 @@ def run(argv=None):
             ratios = "  ".join(f"/{p}={tf['numba_fa3'] / tf[p]:.3f}" for p in ("cudnn-sdpa", "fa3") if p in tf)
             print(f"d={d} causal={causal} s={s} {method:8}", "  ".join(f"{n}={t:.0f}" for n, t in tf.items()),
                   ratios, f"err={err:.3g}", flush=True)
-    result = dict(meta=common.meta(), rows=rows)
-    path = args.out or os.path.join(common.RESULTS, f"attention-fwd-{result['meta']['date']}.json")
+        # after every point, marked incomplete: a run cut by a time limit still leaves its rows
+        common.write_json(path, dict(meta=dict(run_meta, complete=False), rows=rows), quiet=True)
+    result = dict(meta=dict(run_meta, complete=True), rows=rows)
     common.write_json(path, result)
     print(common.table(rows, ["impl", "timing", "hdim", "causal", "seqlen", "ms", "tflops"]))
 

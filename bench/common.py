@@ -23,11 +23,16 @@ def meta():
     return dict(device=device, date=datetime.date.today().isoformat(), commit=commit)
 
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+def write_json(path, obj, quiet=False):
+    """Write obj as JSON, whole or not at all: through a temporary file renamed over `path`, so a
+    run killed mid-write leaves the previous version."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def table(rows, cols):

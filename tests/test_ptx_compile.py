@@ -46,9 +46,10 @@ def test_forward_specialization_compiles_clean(dtype, head_dim, mask_kind):
     kern = FlashForward(dtype, head_dim, mask_kind)
     ptx = kern.compile_ptx()
     # With the intra-warpgroup overlap the S GEMM is issued for the first block and in each copy
-    # of the loop step (masked kernels have two: with and without the mask), and so is P V (each
-    # step copy, last block).
-    copies = 1 + (1 if mask_kind == MASK_NONE else 2)
+    # of the loop step (masked kernels have two: with and without the mask; three with
+    # Tiles.sequential_mask_loops, whose masked loops above and below the plain one are two
+    # copies), and so is P V (each step copy, last block).
+    copies = 1 + (1 if mask_kind == MASK_NONE else 3 if kern.sequential_mask_loops else 2)
     assert ptx.count("wgmma.mma_async") == copies * (head_dim // 16 + kern.block_n // 16)
     _assert_wgmma_operands_untouched(ptx)
     _assert_clean(kc.ptxas_report(ptx), f"forward {dtype} d{head_dim} mask {mask_kind}")
