@@ -745,7 +745,7 @@ class FlashForward(launch.HopperKernel):
                         if nb == n_min:
                             release_q(q_empty + z, lane)
                     o, pk = pv_done(o, pk, v_bars, v_index, lane, tracer, cu_k, wg, n, t)
-                    if LAZY and TAIL_AFTER_WAIT:
+                    if TAIL_AFTER_WAIT:  # (implies LAZY: __init__)
                         # (the bias through O's first register of each row: ptxas must place the
                         # P V wait before these, as the eager rounds' multiplies make it)
                         p = exp2_regs(p, scale_log2, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)

@@ -90,7 +90,8 @@ class Tiles:
     #: in a row (the diagonal's or right edge's blocks, the plain ones, the left edge's), not as
     #: a loop nest that picks the masked copy or enters the plain loop.  The plain loop is then
     #: shaped as the unmasked kernel's, and ptxas schedules the lazy rescale's step there as it
-    #: does in that kernel (hdim 128 causal, lazy: nest -2.6%, in a row +0.1%, session 12).
+    #: does in that kernel (hdim 128 causal, lazy with the P V wait pinned by the head's row sums
+    #: and the tail: in the nest -2.6%, in a row +0.1%, session 12).
     sequential_mask_loops: bool = False
     #: The lazy rescale: the exponentials after the P V wait take their exponent bias through O's
     #: first register of each row (`fragment.after`), so ptxas places the wait between the
@@ -149,8 +150,9 @@ def _tiles3(block_n):
 #:   hdim 256 they were O's 128 per step.
 #: - sequential_mask_loops + lazy_tail_after_wait + rescale_threshold 8 (session 12), against
 #:   the eager rescale in the loop nest: hdim 128 causal 16k / 8k / 4k / 2k / 1k +2.7% / +2.8% /
-#:   +2.4% / +1.5% / +0.6% (first call +3.0% / +2.7% / +2.2%); without the pinned tail -3.0%,
-#:   in the nest with it -2.6%; hdim 192 causal 8k / 2k +0.9% / +1.0%.  Lazy with three loops
+#:   +2.4% / +1.5% / +0.6% (first call +3.0% / +2.7% / +2.2%); without the pinned tail -3.0%;
+#:   pinned further (release after the head's row sums) +0.1%, and in the nest so -2.6%; hdim
+#:   192 causal 8k / 2k +0.9% / +1.0%.  Lazy with three loops
 #:   lost at hdim 64 causal (-5.6% / -3.3%) and hdim 96 (-1.1% / -0.9%); three loops alone moved
 #:   hdim 64/96/192/256 causal by -1.4% to +0.7%; the pinned tail at hdim 128 full -0.9% / -1.1%
 #:   and hdim 256 0.0% to -0.2%.
