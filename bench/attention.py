@@ -5,8 +5,12 @@ FLASH (FA2) and CUDNN backends, same process, same inputs.  16k tokens per batch
 
 Every point is timed three ways, each a row `timing` of the JSON (see bench/timing.py):
 - "do_bench": `triton.testing.do_bench` medians (L2 flushed before each launch, CUDA events) for
-  the torch-side implementations, the median of `--rounds` rounds that take each in turn.  FA3
-  cannot be timed so: it launches on XLA's stream, which torch's events do not bracket.
+  the torch-side implementations, the median of `--rounds` rounds that take each in turn, the
+  order rotated by one each round (`timing.rotated`).  Until session 13 the order was fixed
+  (ours, FA2, cuDNN) over 3 rounds, and each implementation's rounds drifted with the GPU's
+  heat (ours at hdim 128 full 16k: 3.20, 3.37, 3.46 ms in one point); the median of 6 rotated
+  rounds puts every implementation twice in each place.  FA3 cannot be timed so: it launches
+  on XLA's stream, which torch's events do not bracket.
 - "cold" and "steady": every implementation, FA3 included, by one host clock.  Cold alternates
   blocks of launches between implementations round by round and flushes L2 before each launch
   (do_bench's condition), subtracting the flushes; steady runs each back to back on its own until
@@ -31,7 +35,8 @@ def run(argv=None):
     p.add_argument("--hdims", type=int, nargs="*", default=[64, 128])
     p.add_argument("--causal", nargs="*", default=["false", "true"])
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
-    p.add_argument("--rounds", type=int, default=3, help="do_bench rounds per point (median)")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="do_bench rounds per point (median), each round's order rotated by one")
     p.add_argument("--host-rounds", type=int, default=10, help="rounds of the host-clocked cold timing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -59,9 +64,9 @@ def run(argv=None):
                  "fa2-sdpa": sdpa(SDPBackend.FLASH_ATTENTION),
                  "cudnn-sdpa": sdpa(SDPBackend.CUDNN_ATTENTION)}
         samples = {name: [] for name in impls}
-        for _ in range(args.rounds):
-            for name, fn in impls.items():
-                samples[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        for r in range(args.rounds):
+            for name in timing.rotated(impls, r):
+                samples[name].append(do_bench(impls[name], warmup=25, rep=100, return_mode="median"))
         timed = {"do_bench": {n: statistics.median(v) for n, v in samples.items()}}
         host_fns = dict(impls)
         streams = {n: timing.torch_stream() for n in impls}

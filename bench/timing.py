@@ -30,6 +30,16 @@ import time
 FLUSH_BYTES = 256 << 20
 
 
+def rotated(names, r):
+    """Round r's order: `names` started r places along, so that over len(names) rounds every name
+    runs once in every position.  Under the power cap a block of launches inherits the clock and
+    temperature the blocks before it left, and a fixed order gives one implementation the same
+    place (and predecessor) every round."""
+    names = list(names)
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def interleaved_ms(fns, launches, warmup=5):
     """Median milliseconds per function (torch stream, CUDA events), launches interleaved."""
     import torch
@@ -117,9 +127,7 @@ def host_interleaved_ms(fns, streams, cold, rounds=10, per_block=10, warmup=3):
     names = list(fns)
     for r in range(rounds):
         flush_ms = {}
-        # Each round starts one further along, so every function follows every other equally
-        # often (under the power cap a block can inherit the clock the block before it left).
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             fn, st = fns[name], streams[name]
             ms = _block_ms(fn, st, per_block, cold)
             if cold:
@@ -137,7 +145,7 @@ def steady_ms(fns, streams, seconds=0.3, settle=0.15, rounds=2, per_block=10):
     samples = {n: [] for n in fns}
     names = list(fns)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             fn, st = fns[name], streams[name]
             for limit, timed in ((settle, False), (seconds, True)):
                 n, t0 = 0, time.perf_counter()
