@@ -9,7 +9,8 @@ with A from registers).  Key blocks are walked from the last to the first, so ma
 blocks come first; the blocks that need the mask (`mask.needs_mask`) run a copy of the loop
 step with the mask, those between (`mask.unmasked_range`) a loop of the plain copy.  Q's buffer is released as soon as the tile's last S GEMM is done; the epilogue
 scales O by 1/l and writes it by TMA store from its own shared buffer (or, where none fits, and
-for varlen, by row-checked 16-byte stores from registers), then the LSE.
+for varlen, by row-checked 16-byte stores from registers, or with `Tiles.o_through_v` by TMA store
+from the V stages, FA3's way), then the LSE.
 
 Scheduling (FA3 section 3): the consumer warpgroups ping-pong (round robin) on named barriers,
 and within a warpgroup the S GEMM of the next key block is in flight during the softmax of the
@@ -63,6 +64,9 @@ SECTION_MIN_M_BLOCKS = 16
 #: The lazy rescale's largest threshold (Tiles.rescale_threshold): P then reaches 2^8 = 256,
 #: far inside fp16's range (65504) and with bf16's/fp16's relative precision unchanged.
 MAX_RESCALE_THRESHOLD = 8.0
+#: Where the epilogue puts O (FlashForward.o_place): its own shared buffer and a TMA store; the V
+#: stages and a TMA store (Tiles.o_through_v); or 16-byte stores from registers.
+O_OWN, O_THROUGH_V, O_REGISTERS = 1, 2, 0
 
 
 class NamedBarrier(enum.IntEnum):
@@ -75,6 +79,9 @@ class NamedBarrier(enum.IntEnum):
     SCHEDULER_WG0 = 4
     SCHEDULER_WG1 = 5
     SCHEDULER_WG2 = 6
+    #: every consumer warpgroup: O through the V stages (Tiles.o_through_v) may overwrite them
+    #: once all of them have finished their last P V
+    EPILOGUE_ALL = 7
 
 
 #: consumer warpgroups the barriers above provide for
@@ -184,6 +191,7 @@ class FlashForward(launch.HopperKernel):
     PINGPONG = None  # None: the schedule's (Schedule.pingpong); an A/B knob over every kernel
     SEQUENTIAL_MASK_LOOPS = None  # None: the tiles table's choice (Tiles.sequential_mask_loops)
     LAZY_TAIL_AFTER_WAIT = None  # None: the tiles table's choice (Tiles.lazy_tail_after_wait)
+    O_THROUGH_V = None  # None: the tiles table's choice (Tiles.o_through_v)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -256,12 +264,22 @@ class FlashForward(launch.HopperKernel):
         # registers, each row checked against the sequence length.  Where there is room beside
         # that (D <= 128), Q has two buffers: the next tile's Q loads during this tile, and its
         # first S GEMM does not wait ~3000 cycles for Q after the epilogue (bench trace).
-        tma_store = not self.varlen
-        for q_stages, with_o in ((2, tma_store), (1, tma_store), (1, False)):
-            plan = self._plan(q_stages, with_o)
+        # Where O's own buffer does not fit, Tiles.o_through_v writes O into the V stages instead
+        # (FA3's `smem_o` over `smem_v`): all consumer warpgroups sync first, and the producer
+        # holds the next tile's V loads until the store has read them (the `o_free` barrier).
+        # Not with multicast, whose peer CTA writes into this CTA's V stages.
+        through_v = t.o_through_v if self.O_THROUGH_V is None else bool(self.O_THROUGH_V)
+        own = O_REGISTERS if self.varlen else O_OWN
+        places = [(2, own), (1, own)]
+        o_bytes, v_bytes = self.chunks * self.q_chunk, self.stages * self.chunks * self.kv_chunk
+        if through_v and own == O_OWN and not self.multicast and o_bytes <= v_bytes:
+            places.append((1, O_THROUGH_V))
+        for q_stages, o_place in places + [(1, O_REGISTERS)]:
+            plan = self._plan(q_stages, o_place)
             if plan.used + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM:
                 break
-        self.q_stages, self.tma_store = q_stages, with_o
+        self.q_stages, self.o_place = q_stages, o_place
+        self.tma_store, self.o_through_v = o_place != O_REGISTERS, o_place == O_THROUGH_V
         self.smem = plan.check()
 
     def rescale_rounds(self):
@@ -289,17 +307,20 @@ class FlashForward(launch.HopperKernel):
         pairs them, dense rows, and a chunk for each CTA to load."""
         return mask_kind == mask.MASK_NONE and not varlen and chunks >= MULTICAST_CTAS
 
-    def _plan(self, q_stages, with_o):
+    def _plan(self, q_stages, o_place):
         q_bytes = self.chunks * self.q_chunk
         plan = smem.SharedLayout()
         plan.add("q", q_stages * q_bytes)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
         plan.add("v", self.stages * self.chunks * self.kv_chunk)
-        # K, V and Q rings, and per Q buffer the slot that passes the tile id (an 8-byte unit).
+        # K, V and Q rings, per Q buffer the slot that passes the tile id (an 8-byte unit), and
+        # with O through V the barrier that frees V for the next tile's loads.
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
-                 + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
-        if with_o:
+                 + (q_stages + (o_place == O_THROUGH_V)) * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
+        if o_place == O_OWN:
             plan.add("o", q_bytes)
+        elif o_place == O_THROUGH_V:
+            plan.offsets["o"] = plan.offsets["v"]  # (the caller checked that O fits in V's stages)
         return plan
 
     # --- producer -----------------------------------------------------------------------------
@@ -319,6 +340,16 @@ class FlashForward(launch.HopperKernel):
         MC_LOADS = -(-CHUNKS // MULTICAST_CTAS)  # chunks one CTA loads per stage, at most
         mark = _tracer(TRACE)
         _, producer_wait = _waits(self.WAIT_SUSPEND_NS)
+        THROUGH_V = self.o_place == O_THROUGH_V
+
+        @cuda.jit(device=True, forceinline=True)
+        def wait_o_free(tile_slots, n):
+            """O through V (Tiles.o_through_v): the store of this CTA's tile n - 1 has read O out of
+            the V stages, so tile n's V may load there.  The consumers complete one phase of
+            `o_free` per tile, so tile n waits for phase n - 1.  The parity cannot alias: with O
+            through V, Q has one buffer, and this tile's Q load waited for tile n - 1 to release
+            it, which its consumers do after tile n - 2's epilogue (phase n - 2 is complete)."""
+            mbarrier.wait_parity(tile_slots + Q_STAGES * smem.MBARRIER_BYTES, np.int32((n - 1) & 1))
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
@@ -367,7 +398,7 @@ class FlashForward(launch.HopperKernel):
             col = np.int32(cluster.ctarank() * CHUNK_COLS) if MULTICAST else np.int32(0)
             k_smem = k_smem + col * (KV_CHUNK // CHUNK_COLS)
             v_smem = v_smem + col * (KV_CHUNK // CHUNK_COLS)
-            n = np.int32(0)  # tiles done (trace build)
+            n = np.int32(0)  # tiles done (trace build; O through V's barrier phase)
             while True:
                 if tile >= tiles:
                     # The end: an id past the last tile (with no Q) tells the consumers to stop; it
@@ -425,6 +456,24 @@ class FlashForward(launch.HopperKernel):
                     v_index, v_phase = index, phase
                     index, phase = pipeline.advance(index, phase, STAGES)
                     nb = np.int32(nb - 1)
+                    if constexpr(THROUGH_V):
+                        # O through V: the previous tile's O is in the V stages until its store
+                        # has read it.  The tile's first V load waits for that, its K loads do
+                        # not: the loop's first turn is peeled (a flag carried through the loop
+                        # spilled the producer's 24 registers); with a single block, the wait
+                        # comes before the last V load.
+                        if n > 0:
+                            if nb >= n_min:
+                                load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc,
+                                           col)
+                                wait_o_free(tile_slots, n)
+                                load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk,
+                                           k_off + (nb + 1) * BN, bc, col)
+                                v_index, v_phase = index, phase
+                                index, phase = pipeline.advance(index, phase, STAGES)
+                                nb = np.int32(nb - 1)
+                            else:
+                                wait_o_free(tile_slots, n)
                     while nb >= n_min:
                         load_block(maps + Maps.K * MAP, k_bars, k_smem, index, phase, hk, k_off + nb * BN, bc, col)
                         load_block(maps + Maps.V * MAP, v_bars, v_smem, v_index, v_phase, hk,
@@ -509,6 +558,8 @@ class FlashForward(launch.HopperKernel):
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
         UNIFORM = self.uniform_pipeline
         SEQUENTIAL = self.sequential_mask_loops
+        THROUGH_V = self.o_place == O_THROUGH_V
+        EPILOGUE_ALL, CONSUMER_THREADS = int(NamedBarrier.EPILOGUE_ALL), self.consumers * WG_THREADS
         TAIL_AFTER_WAIT = self.lazy_tail_after_wait
 
         @cuda.jit(device=True, forceinline=True)
@@ -788,7 +839,9 @@ class FlashForward(launch.HopperKernel):
             index, phase = np.int32(0), np.int32(0)
             qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
-            o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
+            # (used with TMA_STORE only; with O through V it is built in the epilogue, as at hdim
+            # 256 a register held through the loop cost the loop its uniform descriptors)
+            o_wg = o_smem + wg * WG_ROWS_BYTES
             r_local = np.int32(np.uint32(16) * (utid // np.uint32(32)) + (utid % np.uint32(32)) // np.uint32(4))
             col0 = np.int32(np.uint32(2) * (utid % np.uint32(4)))
             n = np.int32(0)  # tiles done (trace build)
@@ -935,13 +988,20 @@ class FlashForward(launch.HopperKernel):
                 inv1, lse1 = softmax.finish_row(m1, l1, softmax_scale)
                 po = PACK(scale_rows(o, inv0, inv1))
                 if TMA_STORE:
-                    # The previous tile's O store must have read the buffer before it is rewritten.
-                    if tid == 0:
-                        tma.wait_group_read(0)
-                    barrier.sync(EPILOGUE0 + wg, WG_THREADS)
+                    if constexpr(THROUGH_V):
+                        # O goes into the V stages, which every warpgroup's last P V must have
+                        # read.  (This warpgroup's previous store read its part before `o_free`.)
+                        barrier.sync(EPILOGUE_ALL, CONSUMER_THREADS)
+                    else:
+                        # The previous tile's O store must have read the buffer before it is rewritten.
+                        if tid == 0:
+                            tma.wait_group_read(0)
+                        barrier.sync(EPILOGUE0 + wg, WG_THREADS)
                     # The swizzled addresses are rebuilt here, per tile: hoisted out of the tile
                     # loop they would hold 2 * GROUPS registers through the main loop.
                     r_out = special.recompute_here(np.uint32(r_local))
+                    if constexpr(THROUGH_V):
+                        o_wg = special.recompute_here(o_smem + wg * WG_ROWS_BYTES)
                     cb0 = special.recompute_here(np.uint32(col0 * ELEMENT_BYTES))
                     for j in static_range(GROUPS):
                         c, g = j // 8, j % 8
@@ -956,6 +1016,14 @@ class FlashForward(launch.HopperKernel):
                             tma.store(maps + Maps.O * MAP, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b),
                                       o_wg + c * Q_CHUNK)
                         tma.commit_group()
+                    if constexpr(THROUGH_V):
+                        # The V stages are free for the next tile's loads once the store has read
+                        # them (one arrival per warpgroup completes the tile's phase).  Every thread
+                        # waits (only thread 0 has a bulk group, the others pass at once) and the
+                        # arrive is predicated: inside an `if tid == 0` the wait and arrive cost
+                        # hdim 256's loop its uniform stage state (bench sass: +61 instructions).
+                        tma.wait_group_read(0)
+                        mbarrier.arrive_if(tile_slots + Q_STAGES * smem.MBARRIER_BYTES, tid == 0)
                 else:
                     # Each quad transposes its row's pieces so that a thread stores 16 contiguous
                     # bytes (8 columns) per st.global.v4: a warp's store covers 8 rows x 64
@@ -995,7 +1063,8 @@ class FlashForward(launch.HopperKernel):
         CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
         OFF_Q, OFF_K, OFF_V = (self.smem.offsets[k] for k in ("q", "k", "v"))
         OFF_BARS = self.smem.offsets["barriers"]
-        OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q
+        OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q  # ("o" is "v" with O through V)
+        THROUGH_V, CONSUMERS = self.o_place == O_THROUGH_V, self.consumers
         RING = pipeline.barrier_bytes(STAGES)
         Q_STAGES = self.q_stages
         Q_RING = pipeline.barrier_bytes(Q_STAGES)
@@ -1016,6 +1085,8 @@ class FlashForward(launch.HopperKernel):
                 pipeline.init(k_bars, STAGES, KV_RELEASES)
                 pipeline.init(v_bars, STAGES, KV_RELEASES)
                 pipeline.init(q_bars, Q_STAGES, CONSUMER_WARPS)
+                if THROUGH_V:
+                    mbarrier.init(tile_slots + Q_STAGES * smem.MBARRIER_BYTES, CONSUMERS)
                 mbarrier.fence_init()
             if MULTICAST:
                 # The peer multicasts into this CTA's stages and arrives on its barriers: both

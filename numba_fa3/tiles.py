@@ -28,7 +28,8 @@ in registers (Tiles.q_in_registers: hdim 128, hdim 64 with two consumers) it add
   256  80       2       64 + 80 + 80 = 224 KB       128 + 40 + 20    the most K/V that fits twice
 
 O goes out through its own shared buffer (+ block_m x D) and TMA where that still fits (D = 64,
-96, 128), else by stores from registers.
+96, 128), else by stores from registers (or, with Tiles.o_through_v, off in the table, through the
+V stages and TMA as FA3 does).
 Registers: producer 24 / consumers 240 (FA3's split), or 24 / 160 with three consumers.
 setmaxnreg moves registers only within what the CTA got at launch: 384 threads x 168 (the
 launch-bounds cap) = 64512 = 128 x (24 + 2 x 240); 512 x 128 = 65536 >= 128 x (24 + 3 x 160).
@@ -98,6 +99,11 @@ class Tiles:
     #: exponentials before it and these, where the eager rounds' multiplies place it.  Left free,
     #: ptxas ran every exponential first at hdim 128 causal (-3.0% against +2.2..3.0%, session 12).
     lazy_tail_after_wait: bool = False
+    #: Where O's own shared buffer does not fit (D = 192, 256), the epilogue writes O into the V
+    #: stages and TMA-stores it from there (FA3's `smem_o` over `smem_v`) instead of storing
+    #: from registers: both consumer warpgroups sync before O overwrites V, and the producer
+    #: holds the next tile's first V load until the store has read O (FlashForward.O_THROUGH_V).
+    o_through_v: bool = False
 
 
 def _tiles(block_n, late_rescale=False, interleaved_rescale=False, hoist_q_descriptors=True, uniform_pipeline=False,
@@ -156,6 +162,10 @@ def _tiles3(block_n):
 #:   lost at hdim 64 causal (-5.6% / -3.3%) and hdim 96 (-1.1% / -0.9%); three loops alone moved
 #:   hdim 64/96/192/256 causal by -1.4% to +0.7%; the pinned tail at hdim 128 full -0.9% / -1.1%
 #:   and hdim 256 0.0% to -0.2%.
+#: - o_through_v (session 13), against the stores from registers: hdim 256 causal 512 / 1k / 2k /
+#:   16k +2.7% / -1.5% / -6.7% / -0.2%, full 512 / 2k / 16k -1.7% / -0.8% / -0.3%; hdim 192 causal
+#:   / full 2k -1.8% / -0.9%.  The sync of both consumer warpgroups before O overwrites V, and
+#:   the next tile's first P V waiting on the store, cost more than the stores; off.
 TILES = {
     (64, False): _tiles3(128), (64, True): _tiles(128, q_in_registers=True),
     (96, False): _tiles(128, interleaved_rescale=True), (96, True): _tiles(128, interleaved_rescale=True),

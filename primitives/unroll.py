@@ -12,6 +12,12 @@ Numba sees the function.  The bounds must be Python ints known when the function
 loops' variables bound, and replaced by its value: for arguments that must be compile-time
 literals (register bounds of `fragment.scale_regs`) computed from a loop variable, which Numba
 would otherwise type as a run-time int64.
+
+`if constexpr(flag):` keeps only the branch the flag selects (CuTe-DSL's `const_expr` in an
+`if`).  A plain `if FLAG:` on a closure constant also compiles to the right code, but Numba builds
+its SSA form before pruning the dead branch, and the variables that branch assigns leave copies
+behind that can change ptxas's register allocation of the live code; removed from the AST, the
+branch never existed.
 """
 import ast
 import copy
@@ -71,6 +77,17 @@ class _Fold(ast.NodeTransformer):
         return ast.copy_location(ast.Constant(value), node)
 
 
+class _PruneIf(ast.NodeTransformer):
+    """`if C:` whose test folded to a constant (`if constexpr(...)`) replaced by the branch it takes."""
+
+    def visit_If(self, node):
+        self.generic_visit(node)
+        if not isinstance(node.test, ast.Constant):
+            return node
+        taken = node.body if node.test.value else node.orelse
+        return taken or [ast.copy_location(ast.Pass(), node)]
+
+
 class _Unroller(ast.NodeTransformer):
     def __init__(self, env):
         self.env = env
@@ -97,7 +114,8 @@ class _Unroller(ast.NodeTransformer):
 
 
 def unrolled(fn):
-    """Return `fn` with its static_range loops expanded (apply beneath @cuda.jit)."""
+    """Return `fn` with its static_range loops expanded and its `if constexpr(...)` branches
+    chosen (apply beneath @cuda.jit)."""
     src = textwrap.dedent(inspect.getsource(fn))
     tree = ast.parse(src)
     fdef = tree.body[0]
@@ -105,7 +123,7 @@ def unrolled(fn):
     env = dict(fn.__globals__)
     if fn.__closure__:
         env.update({n: c.cell_contents for n, c in zip(fn.__code__.co_freevars, fn.__closure__)})
-    tree = ast.fix_missing_locations(_Fold(env).visit(_Unroller(env).visit(tree)))
+    tree = ast.fix_missing_locations(_PruneIf().visit(_Fold(env).visit(_Unroller(env).visit(tree))))
     ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
     ns = {}
     exec(compile(tree, inspect.getsourcefile(fn) or "<unrolled>", "exec"), env, ns)

@@ -184,20 +184,22 @@ def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
         _forward(odd, tk[:1], tv[:1], None, False, (-1, -1), 0.0, False, None, None, make)
 
 
-def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ramp=None):
-    """A FlashForward built with tuning knobs set, on B=2, 4 query heads over 2 K/V heads, its
-    poisoned output and LSE checked against the reference (FA3's tolerance rule).  key_ramp
-    (first, last): the keys scaled from `first` (key 0) to `last`, so the scores' spread grows
-    toward the first keys, which the kernel visits last."""
+def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ramp=None, shape=(2, 4, 2)):
+    """A FlashForward built with tuning knobs set, on `shape` = (batch, query heads, K/V heads),
+    B=2, 4 query heads over 2 K/V heads unless said, its poisoned output and LSE checked against
+    the reference (FA3's tolerance rule).  key_ramp (first, last): the keys scaled from `first`
+    (key 0) to `last`, so the scores' spread grows toward the first keys, which the kernel visits
+    last."""
     from numba_fa3.api import _forward
     rng = np.random.default_rng(seed)
     npdt = NUMPY_DTYPES["bf16"]
-    q = rng.standard_normal((2, sq, 4, d)).astype(npdt)
-    k = rng.standard_normal((2, sk, 2, d))
+    b, h, hk = shape
+    q = rng.standard_normal((b, sq, h, d)).astype(npdt)
+    k = rng.standard_normal((b, sk, hk, d))
     if key_ramp is not None:
         k *= np.linspace(*key_ramp, sk)[None, :, None, None]
     k = k.astype(npdt)
-    v = rng.standard_normal((2, sk, 2, d)).astype(npdt)
+    v = rng.standard_normal((b, sk, hk, d)).astype(npdt)
     tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
     out = _torch().full_like(tq, float("nan"))
     _, lse = _forward(tq, tk, tv, None, causal, window, 0.0, True, out, None, lambda *a, **kw: kern)
@@ -233,7 +235,8 @@ def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk)
     _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=13)
 
 
-def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed, key_ramp=None):
+def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed, key_ramp=None,
+                                  shape=(2, 4, 2)):
     """A FlashForward with a tiles-table knob overridden (FlashForward.<knob> = value): the
     kernel takes it (its <attr> reads value), and its results match the reference."""
     from numba_fa3 import mask
@@ -241,7 +244,8 @@ def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, s
     kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
     kern = type(f"Knob_{knob}", (FlashForward,), {knob: value})("bf16", d, kind)
     assert getattr(kern, attr) == value
-    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed, key_ramp=key_ramp)
+    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed, key_ramp=key_ramp,
+                                   shape=shape)
 
 
 @gpu
@@ -310,6 +314,21 @@ def test_forward_lazy_tail_after_wait_matches_reference(d, mask_name, tail, wind
     that the max moves in some steps."""
     _table_knob_matches_reference("LAZY_TAIL_AFTER_WAIT", "lazy_tail_after_wait", tail, d, mask_name, window, sq,
                                   sk, seed=37, key_ramp=(6.0, 0.5))
+
+
+@gpu
+@pytest.mark.parametrize("d,mask_name,window,sq,sk,shape", [
+    (256, "full", (-1, -1), 2049, 2049, (4, 8, 2)), (256, "causal", (-1, -1), 1500, 1000, (4, 8, 2)),
+    (256, "local", (300, 40), 1000, 1300, (4, 8, 4)), (192, "causal", (-1, -1), 1500, 2049, (4, 8, 1)),
+    (192, "full", (-1, -1), 333, 1000, (2, 4, 2))])
+def test_forward_o_through_v_matches_reference(d, mask_name, window, sq, sk, shape):
+    """Tiles.o_through_v (FlashForward.O_THROUGH_V): O written into the V stages and TMA-stored
+    from there, at the head dims without room for its own buffer.  Most cases have several tiles
+    per CTA (4 x 8 heads x 12-17 query blocks against 132 CTAs), so the producer's next-tile V
+    loads wait on the previous tile's store; causal with sq - sk = 500 has tiles with no key block
+    at all (rows that see no key: 0 and LSE -inf)."""
+    _table_knob_matches_reference("O_THROUGH_V", "o_through_v", True, d, mask_name, window, sq, sk, seed=41,
+                                  shape=shape)
 
 
 @gpu

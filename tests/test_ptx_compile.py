@@ -83,6 +83,37 @@ def test_forward_multicast_specialization_compiles_clean(head_dim):
     assert not masked.multicast and masked.cluster == 1  # its two tiles would see different keys
 
 
+@pytest.mark.parametrize("head_dim,mask_kind", [(256, MASK_NONE), (256, MASK_CAUSAL), (192, MASK_LOCAL)])
+def test_forward_o_through_v_compiles_clean(head_dim, mask_kind):
+    """Tiles.o_through_v (FlashForward.O_THROUGH_V, off in the table): O goes out by TMA store from
+    the V stages, after a sync of every consumer warpgroup; the producer waits on `o_free` before
+    a tile's first V load.  No spill, no C7510, the wgmma operands untouched."""
+    kern = type("OThroughV", (FlashForward,), {"O_THROUGH_V": True})("bf16", head_dim, mask_kind)
+    assert kern.o_through_v and kern.tma_store and kern.q_stages == 1
+    assert kern.smem.offsets["o"] == kern.smem.offsets["v"]
+    assert kern.chunks * kern.q_chunk <= kern.smem.sizes["v"]
+    ptx = kern.compile_ptx()
+    store = "cp.async.bulk.tensor.4d.global.shared::cta"
+    assert store in ptx and "cp.async.bulk.wait_group.read 0" in ptx
+    assert store not in FlashForward("bf16", head_dim, mask_kind).compile_ptx()  # the table's: from registers
+    _assert_wgmma_operands_untouched(ptx)
+    _assert_clean(kc.ptxas_report(ptx), f"forward O through V d{head_dim} mask {mask_kind}")
+
+
+def test_forward_o_through_v_only_where_o_has_no_buffer():
+    """Where O's own buffer fits (D <= 128) the knob changes nothing; varlen keeps its stores from
+    registers (a tile's rows must not spill into the next sequence); multicast (the peer writes
+    this CTA's V stages) does not take it either."""
+    knob = type("OThroughV", (FlashForward,), {"O_THROUGH_V": True})
+    for d in (64, 96, 128):
+        k = knob("bf16", d, MASK_NONE)
+        assert not k.o_through_v and k.tma_store and k.smem.offsets["o"] != k.smem.offsets["v"]
+    assert not knob("bf16", 256, MASK_NONE, varlen=True).o_through_v
+    both = type("Both", (FlashForward,), {"O_THROUGH_V": True, "MULTICAST": True})("bf16", 256, MASK_NONE)
+    assert both.multicast and not both.o_through_v and not both.tma_store
+    assert not FlashForward("bf16", 256, MASK_NONE).o_through_v
+
+
 def test_forward_wait_suspend_knob_compiles_clean():
     """FlashForward.WAIT_SUSPEND_NS (off by default; measured in bench/NOTES.md, session 7):
     every mbarrier wait of the kernel passes try_wait the suspend-time hint."""
@@ -295,6 +326,32 @@ def test_memory_sync_and_conversion_intrinsics_assemble():
 
     rep = _compile(k, (types.float32[:], types.uint64, types.uint64, types.float32))
     _assert_clean(rep, "intrinsics")
+
+
+def test_unrolled_if_constexpr_keeps_only_the_chosen_branch():
+    """`if constexpr(flag):` in an @unrolled function: the branch not taken is gone from the
+    function (names it alone uses are never looked up), the other is inlined; a plain `if` on a
+    run-time value stays."""
+    def make(flag):
+        @unrolled
+        def f(a):
+            if constexpr(flag):
+                a = a + 1
+            else:
+                a = undefined_name(a)  # noqa: F821  (pruned when flag is true)
+            if a > 2:
+                a = a * 10
+            for i in static_range(2):
+                if constexpr(i == 1):
+                    a = a + 100
+            return a
+        return f
+
+    f = make(True)
+    assert f(1) == 102 and f(2) == 130
+    assert "undefined_name" not in f.__code__.co_names
+    g = make(False)
+    assert "undefined_name" in g.__code__.co_names
 
 
 def test_partial_fragment_intrinsics_compile():
