@@ -749,9 +749,7 @@ class FlashForward(launch.HopperKernel):
             SPLIT_MAX = bool(self.SPLIT_ROW_MAX)
 
             @cuda.jit(device=True, forceinline=True)
-            def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                     v_smem, q_empty, n_min, col0, limits, softcap_scale, scale_log2, lane, wg, tracer,
-                     cu_k, n, n_max):
+            def step(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env):
                 """One step of the overlapped main loop (FA3 section 3.2): S_nb = Q K_nb^T is in
                 flight while the softmax of the previous block's S ran; P V of that block is
                 issued right behind it and waited for after this block's softmax.  O is rescaled
@@ -761,6 +759,8 @@ class FlashForward(launch.HopperKernel):
                 INTERLEAVED_RESCALE the wait comes a few exponentials in (EXP2_BEFORE_PV_WAIT) and
                 the multiplies are spread among the rest in RESCALE_ROUNDS parts
                 (Tiles.interleaved_rescale)."""
+                (q_desc, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0, limits, softcap_scale, scale_log2, lane,
+                 wg, tracer, cu_k, n, n_max) = env
                 t = np.int32(nb - n_min) if TRACE_TAIL else np.int32(n_max - 2 - nb)
                 consumer_wait(k_bars, index, phase)
                 if tracer:
@@ -890,6 +890,9 @@ class FlashForward(launch.HopperKernel):
                         v_index, v_phase = index, phase
                         index, phase = pipeline.advance(index, phase, STAGES)
                         nb = np.int32(nb - 1)
+                        # what every step of the tile reads and none changes
+                        env = (q_desc, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0, limits, softcap_scale,
+                               scale_log2, lane, wg, tracer, cu_k, n, n_max)
                         if MASKED:
                             # The blocks that need the mask (the diagonal's, the window's edges)
                             # run a copy of the step with the mask in it unconditionally, and the
@@ -905,57 +908,38 @@ class FlashForward(launch.HopperKernel):
                                 # loops in a row; where a range is empty its loop runs no step.
                                 stop = max(n_min, u_max)
                                 while nb >= stop:
-                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                            v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                            v_smem, q_empty, n_min, col0, limits, softcap_scale,
-                                                            scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase) = step_masked(
+                                        o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env)
                                     nb = np.int32(nb - 1)
                                 stop = max(n_min, u_min)
                                 while nb >= stop:
-                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                     v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                           v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                           v_smem, q_empty, n_min, col0, limits,
-                                                           softcap_scale, scale_log2, lane, wg, tracer, cu_k,
-                                                           n, n_max)
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase) = step_plain(
+                                        o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env)
                                     nb = np.int32(nb - 1)
                                 while nb >= n_min:
-                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                     v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                            v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                            v_smem, q_empty, n_min, col0, limits, softcap_scale,
-                                                            scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                    (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase) = step_masked(
+                                        o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env)
                                     nb = np.int32(nb - 1)
                             else:
                                 # (the loop nest: a masked step or the plain loop, per turn)
                                 while nb >= n_min:
                                     if nb >= u_max or nb < u_min:
-                                        (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                         v_phase) = step_masked(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                                v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                                v_smem, q_empty, n_min, col0, limits, softcap_scale,
-                                                                scale_log2, lane, wg, tracer, cu_k, n, n_max)
+                                        (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase) = step_masked(
+                                            o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env)
                                         nb = np.int32(nb - 1)
                                     else:
                                         stop = max(n_min, u_min)
                                         while nb >= stop:
                                             (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
                                              v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase,
-                                                                   v_index, v_phase, nb, q_desc, k_bars, v_bars, k_smem,
-                                                                   v_smem, q_empty, n_min, col0, limits,
-                                                                   softcap_scale, scale_log2, lane, wg, tracer, cu_k,
-                                                                   n, n_max)
+                                                                   v_index, v_phase, nb, env)
                                             nb = np.int32(nb - 1)
                         else:
                             # Unmasked kernels have one copy, with no mask (only a tile's first
                             # block, outside this loop, can be ragged).
                             while nb >= n_min:
-                                (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index,
-                                 v_phase) = step_plain(o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase,
-                                                       nb, q_desc, k_bars, v_bars, k_smem, v_smem, q_empty, n_min, col0,
-                                                       limits, softcap_scale, scale_log2, lane, wg,
-                                                       tracer, cu_k, n, n_max)
+                                (o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase) = step_plain(
+                                    o, pk, m0, m1, l0, l1, a0, a1, index, phase, v_index, v_phase, nb, env)
                                 nb = np.int32(nb - 1)
                         if tracer:
                             mark(cu_q, 1 + wg, n, TraceEvent.LOOP_END, special.clock64())
