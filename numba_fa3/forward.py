@@ -64,7 +64,7 @@ SECTION_MIN_M_BLOCKS = 16
 #: The lazy rescale's largest threshold (Tiles.rescale_threshold): P then reaches 2^8 = 256,
 #: far inside fp16's range (65504) and with bf16's/fp16's relative precision unchanged.
 MAX_RESCALE_THRESHOLD = 8.0
-#: Where the epilogue puts O (FlashForward.o_place): its own shared buffer and a TMA store; the V
+#: Where the epilogue puts O (FlashForward._plan's o_place): its own shared buffer and a TMA store; the V
 #: stages and a TMA store (Tiles.o_through_v); or 16-byte stores from registers.
 O_OWN, O_THROUGH_V, O_REGISTERS = 1, 2, 0
 
@@ -278,7 +278,7 @@ class FlashForward(launch.HopperKernel):
             plan = self._plan(q_stages, o_place)
             if plan.used + smem.ATOM_BYTES <= smem.MAX_DYNAMIC_SMEM:
                 break
-        self.q_stages, self.o_place = q_stages, o_place
+        self.q_stages = q_stages
         self.tma_store, self.o_through_v = o_place != O_REGISTERS, o_place == O_THROUGH_V
         self.smem = plan.check()
 
@@ -340,7 +340,7 @@ class FlashForward(launch.HopperKernel):
         MC_LOADS = -(-CHUNKS // MULTICAST_CTAS)  # chunks one CTA loads per stage, at most
         mark = _tracer(TRACE)
         _, producer_wait = _waits(self.WAIT_SUSPEND_NS)
-        THROUGH_V = self.o_place == O_THROUGH_V
+        THROUGH_V = self.o_through_v
 
         @cuda.jit(device=True, forceinline=True)
         def wait_o_free(tile_slots, n):
@@ -558,7 +558,7 @@ class FlashForward(launch.HopperKernel):
         consumer_wait, _ = _waits(self.WAIT_SUSPEND_NS)
         UNIFORM = self.uniform_pipeline
         SEQUENTIAL = self.sequential_mask_loops
-        THROUGH_V = self.o_place == O_THROUGH_V
+        THROUGH_V = self.o_through_v
         EPILOGUE_ALL, CONSUMER_THREADS = int(NamedBarrier.EPILOGUE_ALL), self.consumers * WG_THREADS
         TAIL_AFTER_WAIT = self.lazy_tail_after_wait
 
@@ -839,9 +839,7 @@ class FlashForward(launch.HopperKernel):
             index, phase = np.int32(0), np.int32(0)
             qi, q_phase = np.int32(0), np.int32(0)  # Q buffer
             tiles = np.int32(m_blocks * heads * batch)
-            # (used with TMA_STORE only; with O through V it is built in the epilogue, as at hdim
-            # 256 a register held through the loop cost the loop its uniform descriptors)
-            o_wg = o_smem + wg * WG_ROWS_BYTES
+            o_wg = o_smem + wg * WG_ROWS_BYTES  # used with TMA_STORE only
             r_local = np.int32(np.uint32(16) * (utid // np.uint32(32)) + (utid % np.uint32(32)) // np.uint32(4))
             col0 = np.int32(np.uint32(2) * (utid % np.uint32(4)))
             n = np.int32(0)  # tiles done (trace build)
@@ -985,6 +983,8 @@ class FlashForward(launch.HopperKernel):
                     # loop they would hold 2 * GROUPS registers through the main loop.
                     r_out = special.recompute_here(np.uint32(r_local))
                     if constexpr(THROUGH_V):
+                        # (rebuilt here rather than taken from before the main loop, like the
+                        # register stores' addresses; the kernel the GPU tests ran has it so)
                         o_wg = special.recompute_here(o_smem + wg * WG_ROWS_BYTES)
                     cb0 = special.recompute_here(np.uint32(col0 * ELEMENT_BYTES))
                     for j in static_range(GROUPS):
@@ -1048,7 +1048,7 @@ class FlashForward(launch.HopperKernel):
         OFF_Q, OFF_K, OFF_V = (self.smem.offsets[k] for k in ("q", "k", "v"))
         OFF_BARS = self.smem.offsets["barriers"]
         OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q  # ("o" is "v" with O through V)
-        THROUGH_V, CONSUMERS = self.o_place == O_THROUGH_V, self.consumers
+        THROUGH_V, CONSUMERS = self.o_through_v, self.consumers
         RING = pipeline.barrier_bytes(STAGES)
         Q_STAGES = self.q_stages
         Q_RING = pipeline.barrier_bytes(Q_STAGES)
