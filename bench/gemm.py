@@ -1,6 +1,10 @@
 """GEMM benchmark: numba_fa3's worked-example GEMM beside torch.matmul (cuBLAS), same process.
 
     python -m bench gemm [--sizes 8192 4096 ...] [--out bench/results/gemm-<date>.json]
+    python -m bench gemm --sizes 8192 --old /path/to/another/checkout   # this GEMM against that one's
+
+--old times this checkout's GEMM and another checkout's with interleaved launches (a refactor
+against the code it replaced) instead of the cuBLAS comparison.
 """
 import argparse
 import os
@@ -14,10 +18,14 @@ def run(argv=None):
     p.add_argument("--sizes", type=int, nargs="*", default=[8192, 4096, 6144])
     p.add_argument("--dtypes", nargs="*", default=["bf16", "f16"])
     p.add_argument("--out", default=None)
+    p.add_argument("--old", help="another checkout: its GEMM against this one's, interleaved")
+    p.add_argument("--launches", type=int, default=200)
     args = p.parse_args(argv)
     import torch
     from triton.testing import do_bench
     from primitives import gemm
+    if args.old:
+        return against_old(args)
 
     rows = []
     for dtype in args.dtypes:
@@ -50,6 +58,29 @@ def run(argv=None):
     for r in rows:
         if r["impl"] == "cublas":
             print(f"{r['dtype']} {r['m']}^3: numba_fa3 / cuBLAS = {ratio[(r['dtype'], r['m'])] / r['tflops']:.3f}")
+
+
+def against_old(args):
+    """This GEMM and another checkout's on the same inputs, launches interleaved (A B A B ...)."""
+    import torch
+    from primitives import gemm
+    from .timing import interleaved_ms
+    from .variants import load_old
+    old = load_old(args.old, "primitives.gemm", "matmul")
+    for dtype in args.dtypes:
+        tdt = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+        for s in args.sizes:
+            a = torch.randn(s, s, device="cuda", dtype=tdt)
+            b = torch.randn(s, s, device="cuda", dtype=tdt)
+            outs = {n: torch.full((s, s), float("nan"), device="cuda", dtype=tdt) for n in ("new", "old")}
+            fns = {"new": lambda: gemm.matmul(a, b, out=outs["new"]), "old": lambda: old(a, b, out=outs["old"])}
+            for f in fns.values():
+                f()
+            assert torch.equal(outs["new"], outs["old"]), "the two GEMMs differ"
+            ms = interleaved_ms(fns, args.launches)
+            tf = {n: 2.0 * s ** 3 / t * 1e-9 for n, t in ms.items()}
+            print(f"gemm {dtype} {s}^3: new {tf['new']:.0f} old {tf['old']:.0f} TFLOPS, new/old "
+                  f"{tf['new'] / tf['old']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

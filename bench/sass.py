@@ -5,7 +5,7 @@ the step by a few percent is where ptxas puts things; this is the look before an
 device, e.g. how many instructions a change saved, or whether the rescale multiplies ended up
 among the exponentials.
 
-    python -m bench sass --hdim 128 --mask causal --variant inter INTERLEAVED_RESCALE=True --dump /tmp/s
+    python -m bench sass --hdim 128 --mask causal --variant r4 rescale_rounds=4 --dump /tmp/s
 
 --dump writes each kernel's PTX, SASS and the step loops' instruction lists there.  Needs
 nvdisasm: from a CUDA toolkit on PATH or `pip install nvidia-cuda-nvdisasm`.

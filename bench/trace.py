@@ -21,7 +21,7 @@ PHASES = (("wait Q", "WAIT_Q", "TILE"), ("first S", "TILE", "FIRST_S"), ("main l
 def analyse(buf, ctas):
     """Per-phase cycle totals over both consumer warpgroups and all recorded tiles, the steady
     block time (main loop cycles / its blocks) and the tile boundary's cost in blocks."""
-    from numba_fa3.forward import TRACE_EVENTS, TRACE_ROLES, TRACE_TILES, TraceEvent, ProducerEvent
+    from numba_fa3.trace import TRACE_EVENTS, TRACE_ROLES, TRACE_TILES, TraceEvent, ProducerEvent
     ev = buf.reshape(ctas, TRACE_ROLES, TRACE_TILES, TRACE_EVENTS).astype(np.int64)
     cons = ev[:, 1:]
     done = cons[..., TraceEvent.DONE] != 0
@@ -62,14 +62,12 @@ def analyse(buf, ctas):
                 producer_q_to_first_k=float(p_first[pdone].mean()), q_free_to_tile=float(np.median(q_land)))
 
 
-def analyse_loop(buf, ctas, tail=False):
+def analyse_loop(buf, ctas):
     """Per main-loop step (averaged over CTAs and tiles): cycles from the last P V to K landing,
     K to its turn, turn to S landed, the softmax, softmax to P V landed; the step's period; and how
     far warpgroup 1's turn trails warpgroup 0's."""
-    from numba_fa3.forward import MAX_CONSUMERS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
+    from numba_fa3.trace import MAX_CONSUMERS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_TILES, LoopEvent as E
     ev = buf.reshape(ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS).astype(np.int64)
-    if tail:  # recorded last step first: put them in time order (row k: the tile's 64th-last step + k)
-        ev = ev[:, :, :, ::-1, :]
     ok = (ev != 0).all(-1)
     steps = []
     for k in range(0, TRACE_LOOP_STEPS):
@@ -114,28 +112,22 @@ def run(argv=None):
     p.add_argument("--seqlens", type=int, nargs="*", default=[2048, 4096, 16384])
     p.add_argument("--hdims", type=int, nargs="*", default=[128])
     p.add_argument("--causal", nargs="*", default=["false", "true"])
-    p.add_argument("--tail", action="store_true",
-                   help="per-step table of each tile's last steps (tiles of >= 66 key blocks) instead of its first")
     p.add_argument("--same-work", action="store_true",
                    help="the maskcost problems (one query block per head, long keys) instead of the grid's")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
     from numba_fa3.api import _forward
-    from numba_fa3.forward import (MAX_CONSUMERS, TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS, TRACE_ROLES,
-                                   TRACE_TILES, FlashForward)
+    from numba_fa3.forward import FlashForward
+    from numba_fa3.trace import buffer_slots, split
     from primitives import launch
 
     ctas = launch.sm_count()
-    buf = torch.zeros(ctas * TRACE_ROLES * TRACE_TILES * TRACE_EVENTS, dtype=torch.int64, device="cuda")
-    loop = torch.zeros(ctas * MAX_CONSUMERS * TRACE_TILES * TRACE_LOOP_STEPS * TRACE_LOOP_EVENTS, dtype=torch.int64,
-                       device="cuda")
+    trace = torch.zeros(buffer_slots(ctas), dtype=torch.int64, device="cuda")
 
     class Traced(FlashForward):
-        TRACE_LOOP_TAIL = args.tail
-
         def launch(self, *a, **kw):
-            super().launch(*a, cu_seqlens=(buf.data_ptr(), loop.data_ptr()), **kw)
+            super().launch(*a, trace=trace.data_ptr(), **kw)
 
     @functools.lru_cache(maxsize=None)
     def kernel(dtype, d, kind, softcap=False, long_queries=False):
@@ -145,14 +137,14 @@ def run(argv=None):
     for d, causal, s, (b, h, q, k, v, flops, ref) in (same_work(args) if args.same_work else common.grid(args)):
         out = torch.empty_like(q)
         for _ in range(3):  # warm: the last run's trace is read
-            buf.zero_()
-            loop.zero_()
+            trace.zero_()
             _forward(q, k, v, None, causal, (-1, -1), 0.0, False, out, None, kernel)
         torch.cuda.synchronize()
         err = (out.float() - ref.float()).abs().max().item()
         assert err < 2e-2, f"trace build wrong: max error {err}"
-        r = analyse(buf.cpu().numpy(), ctas)
-        r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop.cpu().numpy(), ctas, args.tail))
+        tiles, loop = split(trace.cpu().numpy(), ctas)
+        r = analyse(tiles, ctas)
+        r.update(hdim=d, causal=causal, seqlen=s, steps=analyse_loop(loop, ctas))
         rows.append(r)
         sh = "  ".join(f"{k} {v:.1%}" for k, v in r["share"].items())
         print(f"d{d} {'causal' if causal else 'full':6} {s:6}: {r['tiles']} tiles x "

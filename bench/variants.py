@@ -1,20 +1,23 @@
 """A/B of forward-kernel variants in one process, FA3 beside when its library is present: each
-variant is `FlashForward` with some class attributes overridden (the tuning knobs, e.g.
-L2_SECTION_BYTES, LATE_RESCALE).  The variants' launches are interleaved (A B C A B C ...), each
-timed with CUDA events, and each variant's median is compared with the base's: the H100's clock
-drifts under sustained load by more than the effects measured here (the same kernel read 5-7%
-apart within one run when timed in separate blocks), and interleaving makes the drift hit every
-variant alike.  FA3 runs through JAX, on another stream: it is timed against the base by one host
-clock in alternating blocks (`timing.host_interleaved_ms`), and the other variants through their
-ratio to the base.
+variant is the table's kernel with some `Tiles` fields or `Schedule` switches replaced.  The
+variants' launches are interleaved (A B C A B C ...), each timed with CUDA events, and each
+variant's median is compared with the base's: the H100's clock drifts under sustained load by
+more than the effects measured here (the same kernel read 5-7% apart within one run when timed
+in separate blocks), and interleaving makes the drift hit every variant alike.  FA3 runs through
+JAX, on another stream: it is timed against the base by one host clock in alternating blocks
+(`timing.host_interleaved_ms`), and the other variants through their ratio to the base.
 
-    python -m bench variants --points 128,causal,4096 256,full,2048 --variant nosec L2_SECTION_BYTES=0
+    python -m bench variants --points 128,causal,4096 256,full,2048 --variant r4 rescale_rounds=4
+    python -m bench variants --points 128,full,16384 --variant nopp pingpong=False
+    python -m bench variants --points 128,full,16384 --old /path/to/another/checkout
 
-TILES=(block_m, block_n, stages, consumers, producer_registers, consumer_registers) replaces the
-table's tiles (numba_fa3.tiles) for every point of that variant.
+--old adds a variant "old": the forward of another checkout of the library (its table kernels),
+loaded into this process beside this one, so that a refactor is measured against the code it
+replaced with interleaved launches.  Variants named `wrong...` skip the correctness check.
 """
 import argparse
 import ast
+import dataclasses
 import functools
 import os
 import sys
@@ -31,35 +34,73 @@ def parse_point(text):
 
 
 def add_variant_args(p):
-    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "ATTR=VALUE"),
-                   help="a name, then FlashForward class attributes to override (Python literals)")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "FIELD=VALUE"),
+                   help="a name, then Tiles fields or pingpong/overlap to replace (Python literals)")
+    p.add_argument("--old", help="another checkout whose forward runs as the variant 'old'")
     p.add_argument("--fa3", default=".fa3/libdew_flash_attn3.so")
     p.add_argument("--launches", type=int, default=60, help="timed launches per variant and point")
 
 
-def kernel_makers(variant_args):
-    """{name: make_kernel} for the base and each --variant (NAME ATTR=VALUE ...)."""
-    from numba_fa3.forward import FlashForward
-    variants = {"base": {}}
+def variant_overrides(assigns):
+    """({Tiles field: value}, {Schedule field: value}) of a variant's FIELD=VALUE words."""
+    from numba_fa3.forward import Schedule
+    from numba_fa3.tiles import Tiles
+    tile_fields = {f.name for f in dataclasses.fields(Tiles)}
+    schedule_fields = {f.name for f in dataclasses.fields(Schedule)}
+    tiles, schedule = {}, {}
+    for a in assigns:
+        key, _, value = a.partition("=")
+        if key in tile_fields:
+            tiles[key] = ast.literal_eval(value)
+        elif key in schedule_fields:
+            schedule[key] = ast.literal_eval(value)
+        else:
+            sys.exit(f"{key} is neither a Tiles field ({sorted(tile_fields)}) nor a Schedule one "
+                     f"({sorted(schedule_fields)})")
+    return tiles, schedule
+
+
+def load_old(path, module="numba_fa3.forward", name="forward_kernel"):
+    """`name` from `module` of the checkout at `path`, imported beside this process's library:
+    its packages are imported under their own names, kept alive by the returned object, and taken
+    out of sys.modules again so that this checkout's modules stay the ones imported."""
+    import importlib
+    names = ("numba_fa3", "primitives", "ptx_inline")
+    ours = {k: v for k, v in sys.modules.items() if k.split(".")[0] in names}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        found = getattr(importlib.import_module(module), name)
+    finally:
+        sys.path.pop(0)
+        for k in [k for k in sys.modules if k.split(".")[0] in names]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return found
+
+
+def kernel_makers(variant_args, old=None):
+    """{name: make_kernel} for the base, each --variant (NAME FIELD=VALUE ...) and --old."""
+    from numba_fa3.forward import FULL_SCHEDULE, FlashForward
+    from numba_fa3.tiles import tiles_for
+
+    def maker(tile_choices, schedule_choices):
+        schedule = dataclasses.replace(FULL_SCHEDULE, **schedule_choices)
+
+        @functools.lru_cache(maxsize=None)
+        def make(dt, d, kind, softcap=False, long_queries=False):
+            tiles = tiles_for(d, kind != 0, long_queries).with_choices(**tile_choices)
+            return FlashForward(dt, d, kind, schedule, tiles, softcap=softcap, long_queries=long_queries)
+        return make
+
+    kernels = {"base": maker({}, {})}
     for name, *assigns in variant_args:
-        attrs = {}
-        for a in assigns:
-            key, _, value = a.partition("=")
-            if key == "TILES":  # Tiles(block_m, block_n, stages, consumers, producer_regs, consumer_regs)
-                from numba_fa3.tiles import Tiles
-                attrs["tiles"] = Tiles(*ast.literal_eval(value))
-                continue
-            if not hasattr(FlashForward, key):
-                sys.exit(f"FlashForward has no attribute {key}")
-            attrs[key] = ast.literal_eval(value)
-        variants[name] = attrs
-    kernels = {}
-    for name, attrs in variants.items():
-        tiles = attrs.pop("tiles", None)
-        cls = type(f"FlashForward_{name}", (FlashForward,), attrs)
-        kernels[name] = functools.lru_cache(maxsize=None)(
-            lambda dt, d, kind, softcap=False, long_queries=False, cls=cls, tiles=tiles:
-            cls(dt, d, kind, softcap=softcap, tiles=tiles, long_queries=long_queries))
+        kernels[name] = maker(*variant_overrides(assigns))
+    if old:
+        old_kernel = load_old(old)
+        kernels["old"] = lambda dt, d, kind, softcap=False, long_queries=False: old_kernel(
+            dt, d, kind, softcap=softcap, long_queries=long_queries)
     return kernels
 
 
@@ -93,7 +134,7 @@ def run(argv=None):
     import torch
     from numba_fa3.api import _forward
 
-    kernels = kernel_makers(args.variant)
+    kernels = kernel_makers(args.variant, args.old)
     fa3 = load_fa3(args.fa3)
     for d, causal, s in args.points:
         b, h, q, k, v, flops, ref = common.attention_problem(s, d, causal)

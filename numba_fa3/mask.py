@@ -1,10 +1,13 @@
 """Causal and sliding-window masks, bottom-right aligned (FA2/FA3): query row i sees key j iff
     i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right,  and j < Sk,
-with left/right < 0 meaning unbounded; causal is (left, 0).  One place answers both questions a
-kernel asks: which key blocks does a query tile visit, and which of them need the mask.
+with left/right < 0 meaning unbounded; causal is (left, 0).  One place answers the questions a kernel
+asks: which key blocks does a query tile visit (and, for the backward, which query blocks see a
+key block), which of them need the mask, and the mask itself on a score fragment.
 """
 import numpy as np
 from numba import cuda
+
+from primitives import fragment
 
 #: A bound that stands for "unbounded" in int32 arithmetic.
 FAR = 1 << 30
@@ -79,3 +82,42 @@ def unmasked_range(m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
     if left >= 0:
         u_min = (max(r0 + block_m - 1 + offset - left, 0) + block_n - 1) // block_n
     return np.int32(u_min), np.int32(u_max)
+
+
+@cuda.jit(device=True, forceinline=True)
+def query_block_range(n_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
+    """[m_min, m_max) of the query blocks that see any key of key block n_block: the reverse of
+    `block_range`, for kernels that walk query blocks per key block (the backward).  Row i sees
+    key j iff j - offset - right <= i <= j - offset + left (bounds that are unbounded drop out)."""
+    offset = seqlen_k - seqlen_q
+    k0 = n_block * block_n
+    k1 = min(seqlen_k, k0 + block_n) - 1
+    lo = 0
+    if right >= 0:
+        lo = max(0, k0 - offset - right)
+    hi = seqlen_q
+    if left >= 0:
+        hi = min(seqlen_q, k1 - offset + left + 1)
+    if k0 >= seqlen_k or hi <= lo:
+        return np.int32(0), np.int32(0)
+    return np.int32(lo // block_m), np.int32((hi + block_m - 1) // block_m)
+
+
+@cuda.jit(device=True, forceinline=True)
+def row_limits(row, offset, left, right, seqlen_k, masked):
+    """(lo0, hi0, lo1, hi1): the key ranges of a fragment's two rows, `row` and `row + 8`
+    (`masked` a constant; without a mask every row sees [0, seqlen_k))."""
+    if masked:
+        lo0, hi0 = key_limits(row, offset, left, right, seqlen_k)
+        lo1, hi1 = key_limits(row + 8, offset, left, right, seqlen_k)
+        return lo0, hi0, lo1, hi1
+    return np.int32(0), seqlen_k, np.int32(0), seqlen_k
+
+
+@cuda.jit(device=True, forceinline=True)
+def apply(s, n_block, block_n, col0, limits):
+    """S of key block n_block (a fragment whose thread columns start at col0) with the columns
+    outside each row's [lo, hi) key range (`row_limits`) at -inf."""
+    lo0, hi0, lo1, hi1 = limits
+    base = n_block * block_n
+    return fragment.mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)

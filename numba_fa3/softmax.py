@@ -3,6 +3,8 @@
 State per thread: for each of its two rows, the running max m (of raw scores) and the
 thread-partial row sum l; the quad of threads sharing a row reduces l only once, at the end.
 The scale is folded into the exponent: p = 2^(s * scale * log2 e - m * scale * log2 e).
+The state travels as one `Softmax` record through `online_step` (or its two halves, `online_max`
+then `online_sum`, between which a kernel places other work), `rescale` and `finish`.
 A row that has seen only masked scores keeps m = -inf; its exponent base is taken as 0 so that
 every p and the rescale factor are exactly 0 (never NaN).
 
@@ -13,6 +15,7 @@ can then be skipped (`any_rescaled`).  P stays within bf16's range and relative 
 and O grow by the same factor, so the quotient is the same to rounding.
 """
 import math
+from collections import namedtuple
 
 import numpy as np
 from numba import cuda
@@ -60,23 +63,31 @@ def lazy_max(m, n, scale_log2, threshold):
     return m
 
 
+#: One warpgroup's online-softmax state, per thread: the running max (raw scores) and
+#: thread-partial sum of its two rows, and the factors (a0, a1) by which the last step rescaled
+#: them, which O's rows take too.
+Softmax = namedtuple("Softmax", "m0 m1 l0 l1 a0 a1")
+
+
 @cuda.jit(device=True, forceinline=True)
-def online_max(s, m0, m1, scale_log2, unmasked=False, split_rows=False, threshold=0.0):
-    """The first part of `online_step`: the new row maxima, their exponent bases and O's
-    rescale factors (n0, n1, b0, b1, alpha0, alpha1).  `unmasked` (a constant): S has no -inf,
-    so the new maxima are finite and the -inf guard of `exponent_base` is left out of the
-    critical path (max -> base -> exponentials).  `split_rows` (a constant): the second row's
-    max waits for the first row's base (`fragment.row_max_after`), FA3's order (an A/B knob,
-    FlashForward.SPLIT_ROW_MAX).  `threshold` (a constant): the lazy rescale (`lazy_max`)."""
-    if split_rows:
-        n0 = lazy_max(m0, max(m0, quad_max(fragment.row_max_after(s, 0, scale_log2))), scale_log2, threshold)
-        b0 = exponent_base(n0, scale_log2, unmasked)
-        n1 = lazy_max(m1, max(m1, quad_max(fragment.row_max_after(s, 1, b0))), scale_log2, threshold)
-    else:
-        mx0, mx1 = fragment.row_max(s)
-        n0 = lazy_max(m0, max(m0, quad_max(mx0)), scale_log2, threshold)
-        n1 = lazy_max(m1, max(m1, quad_max(mx1)), scale_log2, threshold)
-        b0 = exponent_base(n0, scale_log2, unmasked)
+def initial():
+    """No score seen: max -inf, sum 0 (a row left so finishes as (0, -inf))."""
+    one = np.float32(1)
+    return Softmax(NEG_INF, NEG_INF, np.float32(0), np.float32(0), one, one)
+
+
+@cuda.jit(device=True, forceinline=True)
+def online_max(s, st, scale_log2, unmasked=False, threshold=0.0):
+    """The first part of `online_step`: the state with the new row maxima and O's rescale
+    factors (sums unchanged), and the new exponent bases (st, b0, b1).  `unmasked` (a constant):
+    S has no -inf, so the new maxima are finite and the -inf guard of `exponent_base` is left
+    out of the critical path (max -> base -> exponentials).  `threshold` (a constant): the lazy
+    rescale (`lazy_max`)."""
+    m0, m1 = st.m0, st.m1
+    mx0, mx1 = fragment.row_max(s)
+    n0 = lazy_max(m0, max(m0, quad_max(mx0)), scale_log2, threshold)
+    n1 = lazy_max(m1, max(m1, quad_max(mx1)), scale_log2, threshold)
+    b0 = exponent_base(n0, scale_log2, unmasked)
     b1 = exponent_base(n1, scale_log2, unmasked)
     a0 = special.ex2(m0 * scale_log2 - b0)
     a1 = special.ex2(m1 * scale_log2 - b1)
@@ -85,31 +96,41 @@ def online_max(s, m0, m1, scale_log2, unmasked=False, split_rows=False, threshol
         # unrounded product leaves a factor a rounding away from 1, and every step rescaled
         a0 = np.float32(1) if n0 == m0 else a0
         a1 = np.float32(1) if n1 == m1 else a1
-    return n0, n1, b0, b1, a0, a1
+    return Softmax(n0, n1, st.l0, st.l1, a0, a1), b0, b1
 
 
 @cuda.jit(device=True, forceinline=True)
-def online_step(s, m0, m1, l0, l1, scale_log2, unmasked=False, split_rows=False, threshold=0.0):
-    """Consume one S tile: returns (P, m0, m1, l0, l1, alpha0, alpha1) where alpha rescales O
-    (`unmasked`, `threshold`: see online_max)."""
-    n0, n1, b0, b1, a0, a1 = online_max(s, m0, m1, scale_log2, unmasked, split_rows, threshold)
-    p = fragment.exp2_rows(s, scale_log2, b0, b1)
-    l0, l1 = online_sum(p, l0, l1, a0, a1)
-    return p, n0, n1, l0, l1, a0, a1
-
-
-@cuda.jit(device=True, forceinline=True)
-def any_rescaled(a0, a1):
-    """Whether any row of the warp has a rescale factor other than 1 (a warp vote, so a branch
-    on it is warp-uniform): with a threshold, O's multiplies are needed only then."""
-    return cuda.any_sync(FULL_MASK, a0 != np.float32(1) or a1 != np.float32(1))
-
-
-@cuda.jit(device=True, forceinline=True)
-def online_sum(p, l0, l1, a0, a1):
+def online_sum(p, st):
     """The last part of `online_step`: the running row sums, rescaled, plus P's."""
     s0, s1 = fragment.row_sum(p)
-    return l0 * a0 + s0, l1 * a1 + s1
+    return Softmax(st.m0, st.m1, st.l0 * st.a0 + s0, st.l1 * st.a1 + s1, st.a0, st.a1)
+
+
+@cuda.jit(device=True, forceinline=True)
+def online_step(s, st, scale_log2, unmasked=False, threshold=0.0):
+    """Consume one S tile: (P, the new state), the state's a0, a1 rescaling O
+    (`unmasked`, `threshold`: see online_max)."""
+    st, b0, b1 = online_max(s, st, scale_log2, unmasked, threshold)
+    p = fragment.exp2_rows(s, scale_log2, b0, b1)
+    return p, online_sum(p, st)
+
+
+@cuda.jit(device=True, forceinline=True)
+def any_rescaled(st):
+    """Whether any row of the warp has a rescale factor other than 1 (a warp vote, so a branch
+    on it is warp-uniform): with a threshold, O's multiplies are needed only then."""
+    return cuda.any_sync(FULL_MASK, st.a0 != np.float32(1) or st.a1 != np.float32(1))
+
+
+@cuda.jit(device=True, forceinline=True)
+def rescale(o, st, lazy=False):
+    """O's rows times the state's factors; `lazy` (a constant): only where some row of the warp
+    moved its max (most steps of a long row skip it)."""
+    if lazy:
+        if any_rescaled(st):
+            o = fragment.scale_rows(o, st.a0, st.a1)
+        return o
+    return fragment.scale_rows(o, st.a0, st.a1)
 
 
 @cuda.jit(device=True, forceinline=True)
@@ -119,3 +140,11 @@ def finish_row(m, l, softmax_scale):
     if total > 0:
         return np.float32(1) / total, m * softmax_scale + math.log(total)
     return np.float32(0), NEG_INF
+
+
+@cuda.jit(device=True, forceinline=True)
+def finish(st, softmax_scale):
+    """(1/l0, lse0, 1/l1, lse1) of the thread's two rows (`finish_row`)."""
+    inv0, lse0 = finish_row(st.m0, st.l0, softmax_scale)
+    inv1, lse1 = finish_row(st.m1, st.l1, softmax_scale)
+    return inv0, lse0, inv1, lse1

@@ -9,33 +9,36 @@ m64n256k16 wgmmas on it; the epilogue goes registers -> swizzled shared staging 
 128-byte column chunks so that a 4-stage ring and the staging fit in 227 KB.  Tiles are scheduled
 persistently (one CTA per SM), so the producer loads the next tile while consumers store this one.
 Ragged M, N, K are handled by TMA: loads zero-fill outside the tensor and stores clip.
+
+Composed from the library's collectives: role dispatch and named barriers (`warpgroup`), the
+stage ring (`pipeline`), wgmma issue over swizzled chunks (`mma`), the staged TMA-store
+epilogue (`epilogue`), the persistent scheduler (`scheduler`); docs/architecture.md walks
+through it.
 """
-import enum
 import functools
 
 import numpy as np
 from numba import cuda, types
 
-from ptx_inline import barrier, convert, memory, regs, special, tma, wgmma
-from . import fragment, launch, pipeline, scheduler, smem, tensors, warpgroup
-from .unroll import static_range, unrolled
+from ptx_inline import barrier, special, tma, wgmma
+from . import epilogue, fragment, launch, mma, pipeline, scheduler, smem, tensors, warpgroup
+from .mma import WGMMA_M
+from .unroll import constexpr, static_range, unrolled
 from .tma_desc import TENSOR_MAP_BYTES, descriptor_tables, itemsize
 
 
-class NamedBarrier(enum.IntEnum):
-    """Id 0 is __syncthreads; one barrier per consumer warpgroup guards its epilogue staging."""
-    EPILOGUE_WG0 = 1
-    EPILOGUE_WG1 = 2
-
-
-#: m64 rows per consumer warpgroup (the wgmma M), K of one bf16/fp16 wgmma.
-WGMMA_M, WGMMA_K = 64, 16
-#: One TMA box column of a 128B-swizzled tile holds this many bytes.
+#: A 128-byte swizzled row: one TMA box column of a tile, one staging chunk of the output.
 CHUNK_BYTES = smem.SWIZZLE_BYTES
+
+#: The GEMM's scalar parameters: the descriptor table (A, B, C maps), tiles along M and N, K blocks.
+GemmParams = launch.params("GemmParams", [("maps", types.uint64), ("tiles_m", types.int32),
+                                          ("tiles_n", types.int32), ("k_blocks", types.int32)])
 
 
 class GemmKernel(launch.HopperKernel):
     """Compile-time configuration of one GEMM specialization, and its two roles."""
+
+    PARAMS = GemmParams
 
     def __init__(self, ab="bf16", out="bf16", transpose_b=True, block_n=256, block_k=64,
                  stages=4, consumers=2, group_m=16):
@@ -64,6 +67,9 @@ class GemmKernel(launch.HopperKernel):
         plan.add("c", consumers * 2 * self.out_chunk)  # double-buffered per warpgroup
         plan.add("barriers", pipeline.barrier_bytes(stages), align=smem.MBARRIER_BYTES)
         self.smem = plan.check()
+        # A K-major; B K-major (A B^T) or N-major in boxes of 64 columns (A B: the P V case).
+        b_operand = mma.Operand("k", 0) if self.transpose_b else mma.Operand("mn", block_k * CHUNK_BYTES)
+        self.gemm = mma.warpgroup_mma(block_n, ab, block_k, mma.Operand("k", 0), b_operand)
 
     @property
     def key(self):
@@ -80,78 +86,71 @@ class GemmKernel(launch.HopperKernel):
         B_BOX_COLS = CHUNK_BYTES // itemsize(self.ab)
         B_BOX_BYTES = BK * CHUNK_BYTES
         MAP_B = TENSOR_MAP_BYTES
+        OFF_A, OFF_B, OFF_BARS = (self.smem.offsets[k] for k in ("a", "b", "barriers"))
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def load(maps, bars, smem_a, smem_b, tiles_m, tiles_n, k_blocks):
-            map_a = maps
-            map_b = maps + MAP_B
-            tma.fence_descriptor_acquire(map_a)
-            tma.fence_descriptor_acquire(map_b)
-            index, phase = 0, 0
-            tile = scheduler.initial_work()
-            while tile < tiles_m * tiles_n:
-                tm, tn = scheduler.grouped_coords(tile, tiles_m, tiles_n, GROUP)
-                for kb in range(k_blocks):
-                    pipeline.producer_acquire(bars, STAGES, index, phase, TX)
-                    full = pipeline.full_barrier(bars, index)
-                    tma.load(smem_a + index * A_STAGE, map_a, (kb * BK, tm * BM), full)
-                    if TRANS_B:
-                        tma.load(smem_b + index * B_STAGE, map_b, (kb * BK, tn * BN), full)
-                    else:
-                        for c in static_range(B_BOXES):
-                            tma.load(smem_b + index * B_STAGE + c * B_BOX_BYTES, map_b,
-                                     (tn * BN + c * B_BOX_COLS, kb * BK), full)
-                    index, phase = pipeline.advance(index, phase, STAGES)
-                tile = scheduler.next_work(tile)
+        def load(p, base, lane):
+            if special.elect_one():
+                bars, smem_a, smem_b = base + OFF_BARS, base + OFF_A, base + OFF_B
+                map_a = p.maps
+                map_b = p.maps + MAP_B
+                tma.fence_descriptor_acquire(map_a)
+                tma.fence_descriptor_acquire(map_b)
+                state = pipeline.start()
+                tile = scheduler.initial_work()
+                while tile < p.tiles_m * p.tiles_n:
+                    tm, tn = scheduler.grouped_coords(tile, p.tiles_m, p.tiles_n, GROUP)
+                    for kb in range(p.k_blocks):
+                        pipeline.producer_wait(bars, STAGES, state)
+                        pipeline.producer_expect(bars, state, TX)
+                        full = pipeline.full_barrier(bars, state.stage)
+                        tma.load(smem_a + state.stage * A_STAGE, map_a, (kb * BK, tm * BM), full)
+                        if TRANS_B:
+                            tma.load(smem_b + state.stage * B_STAGE, map_b, (kb * BK, tn * BN), full)
+                        else:
+                            for c in static_range(B_BOXES):
+                                tma.load(smem_b + state.stage * B_STAGE + c * B_BOX_BYTES, map_b,
+                                         (tn * BN + c * B_BOX_COLS, kb * BK), full)
+                        state = pipeline.advance(state, STAGES)
+                    tile = scheduler.next_work(tile)
         return load
 
     # --- the consumers: two warpgroups, 64 rows each --------------------------------------------
     def make_mma(self):
-        BM, BN, BK, STAGES, GROUP = self.block_m, self.block_n, self.block_k, self.stages, self.group_m
+        BM, BN, STAGES, GROUP = self.block_m, self.block_n, self.stages, self.group_m
         A_STAGE, B_STAGE = self.a_stage, self.b_stage
-        K_STEPS = BK // WGMMA_K
-        A_KSTEP = WGMMA_K * itemsize(self.ab)                 # bytes along a K-major row
-        TRANS_B = self.transpose_b
-        # K-major B advances along the row like A; N-major B advances 16 rows of 128 bytes.
-        B_KSTEP = A_KSTEP if TRANS_B else WGMMA_K * CHUNK_BYTES
-        DESC_A = smem.descriptor_base(0, smem.ATOM_BYTES)
-        DESC_B = smem.descriptor_base(0 if TRANS_B else BK * CHUNK_BYTES, smem.ATOM_BYTES)
-        MMA = wgmma.mma_ss(BN, self.ab, 0 if TRANS_B else 1)
+        ISSUE = self.gemm.issue
         ZERO = fragment.zeros(BN // 2)
         WG_ROWS_BYTES = WGMMA_M * CHUNK_BYTES
+        OFF_A, OFF_B, OFF_C, OFF_BARS = (self.smem.offsets[k] for k in ("a", "b", "c", "barriers"))
         epilogue = self.make_epilogue()
 
         @cuda.jit(device=True, forceinline=True)
-        @unrolled
-        def mma(maps, bars, smem_a, smem_b, smem_c, wg, tid, tiles_m, tiles_n, k_blocks):
+        def mma(p, base, wg, tid):
+            bars, smem_a, smem_b = base + OFF_BARS, base + OFF_A, base + OFF_B
             lane = tid % warpgroup.WARP_THREADS
-            index, phase = 0, 0
+            state = pipeline.start()
             chunk_count = 0
             tile = scheduler.initial_work()
-            while tile < tiles_m * tiles_n:
-                tm, tn = scheduler.grouped_coords(tile, tiles_m, tiles_n, GROUP)
+            while tile < p.tiles_m * p.tiles_n:
+                tm, tn = scheduler.grouped_coords(tile, p.tiles_m, p.tiles_n, GROUP)
                 acc = ZERO
-                prev = 0
-                for kb in range(k_blocks):
-                    pipeline.consumer_wait(bars, index, phase)
-                    a = special.uniform_u32(smem_a + index * A_STAGE + wg * WG_ROWS_BYTES)
-                    b = special.uniform_u32(smem_b + index * B_STAGE)
-                    acc = wgmma.fence_tied(acc)
-                    for kk in static_range(K_STEPS):
-                        acc = MMA(acc, smem.descriptor(DESC_A, a, kk * A_KSTEP),
-                                  smem.descriptor(DESC_B, b, kk * B_KSTEP),
-                                  0 if kb == 0 and kk == 0 else 1)
-                    wgmma.commit_group()
+                prev = state
+                for kb in range(p.k_blocks):
+                    pipeline.consumer_wait(bars, state)
+                    a = special.uniform_u32(smem_a + state.stage * A_STAGE + wg * WG_ROWS_BYTES)
+                    b = special.uniform_u32(smem_b + state.stage * B_STAGE)
+                    acc = ISSUE(acc, (a, ()), b, 0 if kb == 0 else 1)
                     # Keep one group in flight; the one before it is done, so its stage is free.
                     acc = wgmma.wait_group_tied(1, acc)
                     if kb > 0:
                         pipeline.consumer_release(bars, STAGES, prev, lane)
-                    prev = index
-                    index, phase = pipeline.advance(index, phase, STAGES)
+                    prev = state
+                    state = pipeline.advance(state, STAGES)
                 acc = wgmma.wait_group_tied(0, acc)
                 pipeline.consumer_release(bars, STAGES, prev, lane)
-                chunk_count = epilogue(acc, maps, smem_c, wg, tid, tm * BM + wg * WGMMA_M, tn * BN,
+                chunk_count = epilogue(acc, p.maps, base + OFF_C, wg, tid, tm * BM + wg * WGMMA_M, tn * BN,
                                        chunk_count)
                 tile = scheduler.next_work(tile)
             if tid == 0:
@@ -163,83 +162,65 @@ class GemmKernel(launch.HopperKernel):
         OUT = self.out
         CC = self.out_chunk_cols
         CHUNKS = BN // CC
-        GROUPS = CC // 8                      # 8-column accumulator groups per chunk
-        ESIZE = itemsize(OUT)
+        GROUPS = CC // epilogue.GROUP_COLS       # 8-column accumulator groups per chunk
+        REGS = GROUPS * (fragment.REGS_PER_GROUP if OUT == "f32" else fragment.REGS_PER_GROUP // 2)
         CHUNK = self.out_chunk
         MAP_C = 2 * TENSOR_MAP_BYTES
-        BAR0 = int(NamedBarrier.EPILOGUE_WG0)
-        WG_THREADS = warpgroup.WARPGROUP_THREADS
-        pack = convert.pack_bf16x2 if OUT == "bf16" else convert.pack_f16x2
+        ESIZE = itemsize(OUT)
+        F32_OUT = OUT == "f32"
+        stage = epilogue.stager(GROUPS, ESIZE, 0)
+        pack = fragment.pack_bf16 if OUT == "bf16" else fragment.pack_f16
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def epilogue(acc, maps, smem_c, wg, tid, row0, col0, chunk_count):
+        def store(acc, maps, smem_c, wg, tid, row0, col0, chunk_count):
             staging = smem_c + wg * 2 * CHUNK
-            r = 16 * (tid // 32) + (tid % 32) // 4
-            cpair = tid % 4
+            r = epilogue.fragment_row(tid)
+            cb = epilogue.fragment_col(tid) * ESIZE
+            if constexpr(F32_OUT):
+                regs = acc
+            else:
+                regs = pack(acc)
             for c in static_range(CHUNKS):
                 buf = staging + (chunk_count % 2) * CHUNK
                 # The store issued two chunks ago read this buffer; wait for it before reuse.
                 if tid == 0:
                     tma.wait_group_read(1)
-                barrier.sync(BAR0 + wg, WG_THREADS)
-                for g in static_range(GROUPS):
-                    i = 4 * (c * GROUPS + g)
-                    cb = (8 * g + 2 * cpair) * ESIZE
-                    if OUT == "f32":
-                        memory.st_shared_v2_f32(buf + smem.swizzle_128b(r, cb), acc[i], acc[i + 1])
-                        memory.st_shared_v2_f32(buf + smem.swizzle_128b(r + 8, cb), acc[i + 2], acc[i + 3])
-                    else:
-                        memory.st_shared_b32(buf + smem.swizzle_128b(r, cb), pack(acc[i], acc[i + 1]))
-                        memory.st_shared_b32(buf + smem.swizzle_128b(r + 8, cb), pack(acc[i + 2], acc[i + 3]))
+                warpgroup.epilogue_sync(wg)
+                stage(buf, regs[constexpr(c * REGS):constexpr((c + 1) * REGS)], r, cb)
                 barrier.fence_proxy_async()
-                barrier.sync(BAR0 + wg, WG_THREADS)
+                warpgroup.epilogue_sync(wg)
                 if tid == 0:
                     tma.store(maps + MAP_C, (col0 + c * CC, row0), buf)
                     tma.commit_group()
                 chunk_count += 1
             return chunk_count
-        return epilogue
+        return store
 
     # --- the kernel: roles by warpgroup ---------------------------------------------------------
-    def make_kernel(self):
-        load, mma = self.make_load(), self.make_mma()
+    def body(self):
+        run = warpgroup.specialize(self.make_load(), self.make_mma(), self.registers)
         STAGES = self.stages
         CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
-        OFF_A, OFF_B = self.smem.offsets["a"], self.smem.offsets["b"]
-        OFF_C, OFF_BARS = self.smem.offsets["c"], self.smem.offsets["barriers"]
-        REG_PRODUCER, REG_CONSUMER = self.registers
-        WG_THREADS = warpgroup.WARPGROUP_THREADS
+        OFF_BARS = self.smem.offsets["barriers"]
 
-        def gemm_kernel(maps, tiles_m, tiles_n, k_blocks):
+        @cuda.jit(device=True, forceinline=True)
+        def gemm(p):
             dyn = cuda.shared.array(0, dtype=np.uint8)
             base = smem.aligned_base(special.shared_address(dyn))
-            bars = base + OFF_BARS
             if cuda.threadIdx.x == 0:
-                pipeline.init(bars, STAGES, CONSUMER_WARPS)
+                pipeline.init(base + OFF_BARS, STAGES, CONSUMER_WARPS)
             cuda.syncthreads()
-            wg = warpgroup.warpgroup_index()
-            tid = cuda.threadIdx.x % WG_THREADS
-            if wg == 0:
-                regs.setmaxnreg_dec(REG_PRODUCER)
-                if tid < warpgroup.WARP_THREADS and special.elect_one():
-                    load(maps, bars, base + OFF_A, base + OFF_B, tiles_m, tiles_n, k_blocks)
-            else:
-                regs.setmaxnreg_inc(REG_CONSUMER)
-                mma(maps, bars, base + OFF_A, base + OFF_B, base + OFF_C, wg - 1, tid,
-                    tiles_m, tiles_n, k_blocks)
-        return gemm_kernel
-
-    SIGNATURE = types.void(types.uint64, types.int32, types.int32, types.int32)
+            run(p, base)
+        return gemm
 
     def launch(self, map_table, m, n, k, stream=None):
         tiles_m, tiles_n = -(-m // self.block_m), -(-n // self.block_n)
         grid = scheduler.persistent_grid(tiles_m * tiles_n, launch.sm_count())
-        self.kernel()(grid, stream, map_table, tiles_m, tiles_n, -(-k // self.block_k))
+        self.launch_with(grid, stream, GemmParams(map_table, tiles_m, tiles_n, -(-k // self.block_k)))
 
     def tensor_maps(self, a, b, c):
         """(dtype, ptr, dims, strides, box) of A, B, C for this tiling (innermost first)."""
-        chunk_in = CHUNK_BYTES // itemsize(self.ab)
         spec_a = (a.dtype, a.ptr, (a.shape[1], a.shape[0]), (a.strides[0] * a.itemsize,),
                   (self.block_k, self.block_m))
         if self.transpose_b:
@@ -247,7 +228,7 @@ class GemmKernel(launch.HopperKernel):
                       (self.block_k, self.block_n))
         else:
             spec_b = (b.dtype, b.ptr, (b.shape[1], b.shape[0]), (b.strides[0] * b.itemsize,),
-                      (chunk_in, self.block_k))
+                      (CHUNK_BYTES // itemsize(self.ab), self.block_k))
         spec_c = (c.dtype, c.ptr, (c.shape[1], c.shape[0]), (c.strides[0] * c.itemsize,),
                   (self.out_chunk_cols, WGMMA_M))
         return (spec_a, spec_b, spec_c)

@@ -7,8 +7,9 @@ stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles; its dispatcher
 import ctypes
 import functools
 import threading
+from collections import namedtuple
 
-from numba import cuda
+from numba import cuda, types
 
 from .compile import HOPPER
 
@@ -28,6 +29,25 @@ def stream_handle(stream):
     except TypeError:
         handle = getattr(stream, "handle", None)
         return int(getattr(handle, "value", handle) or 0)
+
+
+def params(name, fields):
+    """A kernel's scalar parameters as one record: a namedtuple class of `fields` ((name, Numba
+    type) pairs, in launch order), whose `SIGNATURE` is the kernel's.  The kernel body receives
+    one record (`entry`), the host builds one and launches with it."""
+    cls = namedtuple(name, [f for f, _ in fields])
+    cls.SIGNATURE = types.void(*[t for _, t in fields])
+    return cls
+
+
+def entry(record, body):
+    """The kernel function of a parameter record: it takes the record's fields as its scalar
+    arguments (the launch ABI) and calls `body(record(...))`.  Built from source because a
+    Numba kernel cannot take *args."""
+    names = ", ".join(record._fields)
+    scope = {"body": body, "record": record}
+    exec(f"def {record.__name__.lower()}_kernel({names}):\n    body(record({names}))\n", scope)
+    return scope[f"{record.__name__.lower()}_kernel"]
 
 
 #: ctypes of the scalar kernel parameters this library uses (kernels take no arrays).
@@ -157,11 +177,19 @@ def check_hopper():
 
 
 class HopperKernel:
-    """Mixin for a kernel class: given `make_kernel()`, `SIGNATURE`, `threads` and `smem`
-    (a SharedLayout), provides the compile-only PTX (CI) and the lazily compiled launchable."""
+    """Mixin for a kernel class: given `PARAMS` (a `params` record class), `body()` (the device
+    function that takes one record), `threads` and `smem` (a SharedLayout), provides the
+    compile-only PTX (CI) and the lazily compiled launchable (`launch_with`)."""
 
     _kernel = None
-    cluster = 1  # CTAs per thread-block cluster (kernels that multicast set 2)
+    cluster = 1  # CTAs per thread-block cluster
+
+    def make_kernel(self):
+        return entry(self.PARAMS, self.body())
+
+    @property
+    def SIGNATURE(self):
+        return self.PARAMS.SIGNATURE
 
     def compile_ptx(self):
         """PTX for sm_90a; needs no GPU (CI assembles it with ptxas)."""
@@ -174,3 +202,7 @@ class HopperKernel:
             self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes,
                                           self.cluster)
         return self._kernel
+
+    def launch_with(self, grid, stream, params):
+        """Launch on `grid` CTAs with a parameter record (an instance of PARAMS)."""
+        self.kernel()(grid, stream, *params)

@@ -1,25 +1,32 @@
-"""Warpgroup roles and register budgets (warp specialization, FA3 section 3.1).
+"""Warpgroup roles, register budgets, named barriers and the ping-pong turn (warp specialization,
+FA3 section 3.1), shared by every warp-specialized kernel of the library.
 
 A CTA is 1 producer warpgroup + N consumer warpgroups of 128 threads.  The producer needs few
 registers (addresses and a loop), the consumers hold accumulators, so after launch the producer
-gives registers back with `setmaxnreg.dec` and the consumers take them with `setmaxnreg.inc`.
+gives registers back with `setmaxnreg.dec` and the consumers take them with `setmaxnreg.inc`
+(`specialize`).
 """
 import enum
 
 from numba import cuda
 
-from ptx_inline import special
+from ptx_inline import barrier, regs, special
 
 WARPGROUP_THREADS = 128
 WARP_THREADS = 32
 #: The register file each SM has, per thread slot of a 1-CTA-per-SM kernel.
 REGISTER_FILE = 64 * 1024
+#: Consumer warpgroups a kernel may have: the named barriers below provide for this many.
+MAX_CONSUMERS = 3
 
 
-class Role(enum.IntEnum):
-    PRODUCER = 0
-    CONSUMER0 = 1
-    CONSUMER1 = 2
+class NamedBarrier(enum.IntEnum):
+    """Named barrier ids (id 0 is __syncthreads), each a base to which the consumer warpgroup's
+    index is added.  EPILOGUE: a warpgroup's own threads around its epilogue staging buffer.
+    SCHEDULER: the ping-pong turn; the warpgroup before (round robin) arrives at it when it has
+    issued its GEMMs (FA3 section 3.1, "pingpong scheduling")."""
+    EPILOGUE = 1
+    SCHEDULER = 1 + MAX_CONSUMERS
 
 
 #: (producer, consumer) registers per thread, by number of consumer warpgroups.  The budget must
@@ -43,6 +50,8 @@ def check_budget(producer, consumer, consumers):
     if need > have:
         raise ValueError(f"register budget {producer} + {consumers} x {consumer} needs {need} registers, "
                          f"the CTA has {have}")
+    if not 1 <= consumers <= MAX_CONSUMERS:
+        raise ValueError(f"{consumers} consumer warpgroups: 1 to {MAX_CONSUMERS} have named barriers")
     return producer, consumer
 
 
@@ -59,3 +68,58 @@ def block_threads(consumers):
 def warpgroup_index():
     """This thread's warpgroup, made warp-uniform so role branches compile without divergence."""
     return special.warp_uniform(cuda.threadIdx.x // WARPGROUP_THREADS)
+
+
+def specialize(load, mma, registers):
+    """The role dispatch of a warp-specialized kernel: warp 0 of warpgroup 0 runs
+    `load(params, smem, lane)` with the producer's registers, warpgroups 1.. run
+    `mma(params, smem, consumer_index, thread_in_warpgroup)` with the consumers'.  The producer's
+    other three warps only give their registers back."""
+    producer_registers, consumer_registers = registers
+
+    @cuda.jit(device=True, forceinline=True)
+    def run(params, smem):
+        wg = warpgroup_index()
+        tid = cuda.threadIdx.x % WARPGROUP_THREADS
+        if wg == 0:
+            regs.setmaxnreg_dec(producer_registers)
+            if tid < WARP_THREADS:
+                load(params, smem, tid)
+        else:
+            regs.setmaxnreg_inc(consumer_registers)
+            mma(params, smem, wg - 1, tid)
+    return run
+
+
+_EPILOGUE = int(NamedBarrier.EPILOGUE)
+
+
+@cuda.jit(device=True, forceinline=True)
+def epilogue_sync(wg):
+    """The consumer warpgroup `wg`'s 128 threads meet (its epilogue staging buffer)."""
+    barrier.sync(_EPILOGUE + wg, WARPGROUP_THREADS)
+
+
+def pingpong(enabled, consumers):
+    """(turn_wait(wg), turn_pass(wg)) of the ping-pong schedule: a consumer warpgroup waits for
+    its turn before issuing its GEMMs and hands the tensor cores to the next (round robin) once
+    they are issued, so one's softmax runs under the other's GEMMs.  Without ping-pong both
+    compile to nothing.  `turn_start(wg)` lets warpgroup 0 go first."""
+    pair = 2 * WARPGROUP_THREADS
+    base = int(NamedBarrier.SCHEDULER)
+
+    @cuda.jit(device=True, forceinline=True)
+    def turn_wait(wg):
+        if enabled:
+            barrier.sync(base + wg, pair)
+
+    @cuda.jit(device=True, forceinline=True)
+    def turn_pass(wg):
+        if enabled:
+            barrier.arrive(base + (wg + 1) % consumers, pair)
+
+    @cuda.jit(device=True, forceinline=True)
+    def turn_start(wg):
+        if enabled and wg == consumers - 1:
+            turn_pass(wg)
+    return turn_wait, turn_pass, turn_start

@@ -115,7 +115,7 @@ def wait_group_keep(typingctx, n, acc, frag):
     return types.Tuple((acc, frag))(n, acc, frag), codegen
 
 
-def _mma_text(n, ab, trans_b, nacc, a_regs):
+def _mma_text(n, ab, trans_b, nacc, a_regs, trans_a=0):
     """The PTX of one m64nNk* wgmma; operands numbered as LLVM numbers them (outputs, then the
     tied accumulator inputs, then A, B descriptor and scale-d)."""
     ptx_ab, k = AB_TYPES[ab]
@@ -129,33 +129,34 @@ def _mma_text(n, ab, trans_b, nacc, a_regs):
         nxt = base + 1
     b, scale = f"${nxt}", f"${nxt + 1}"
     # fp8 wgmma has no transpose immediates: both operands must be K-major.
-    imm = "1, 1" if ab == "e4m3" else f"1, 1, 0, {trans_b}" if not a_regs else f"1, 1, {trans_b}"
+    imm = "1, 1" if ab == "e4m3" else f"1, 1, {trans_a}, {trans_b}" if not a_regs else f"1, 1, {trans_b}"
     return ("{\n.reg .pred p;\n"
             f"setp.ne.b32 p, {scale}, 0;\n"
             f"wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{ptx_ab}.{ptx_ab} "
             f"{{{d}}}, {a}, {b}, p, {imm};\n}}")
 
 
-def _validate(n, ab, trans_b):
+def _validate(n, ab, trans_b, trans_a=0):
     if n not in VALID_N:
         raise ValueError(f"wgmma N must be a multiple of 8 in [8, 256], got {n}")
     if ab not in AB_TYPES:
         raise ValueError(f"wgmma operand type must be one of {sorted(AB_TYPES)}, got {ab!r}")
-    if ab == "e4m3" and trans_b:
-        raise ValueError("fp8 wgmma supports only K-major B (trans_b=0)")
+    if ab == "e4m3" and (trans_b or trans_a):
+        raise ValueError("fp8 wgmma supports only K-major operands (trans_a=trans_b=0)")
 
 
 @functools.lru_cache(maxsize=None)
-def mma_ss(n, ab="bf16", trans_b=0):
+def mma_ss(n, ab="bf16", trans_b=0, trans_a=0):
     """`wgmma.mma_async.sync.aligned.m64nNkK.f32.T.T` with A and B from shared memory (9.7.15.5.2).
 
     Returns an intrinsic `f(acc, desc_a, desc_b, scale_d) -> acc`: `acc` a tuple of n//2 float32,
     descriptors uint64 (see primitives.smem), scale_d 0 to overwrite / nonzero to accumulate.
-    `trans_b=1` means B is MN-major in shared memory (N contiguous), as for P·V.
+    `trans_b=1` means B is MN-major in shared memory (N contiguous), as for P·V; `trans_a=1`
+    likewise for A (M contiguous: the backward's P^T dO and dS^T Q).
     """
-    _validate(n, ab, trans_b)
+    _validate(n, ab, trans_b, trans_a)
     nacc = n // 2
-    text = _mma_text(n, ab, trans_b, nacc, 0)
+    text = _mma_text(n, ab, trans_b, nacc, 0, trans_a)
 
     @intrinsic
     def wgmma_mma_async_ss(typingctx, acc, desc_a, desc_b, scale_d):

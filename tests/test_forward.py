@@ -155,37 +155,8 @@ def test_forward_long_queries(mask, sq, sk):
     run_dense(np.random.default_rng(11), 1, sq, sk, 4, 2, 64, "bf16", mask, 0.0)
 
 
-@gpu
-@pytest.mark.parametrize("d,sq,sk,h,hk", [(128, 250, 333, 4, 2), (256, 512, 129, 2, 2), (192, 1000, 1000, 3, 1)])
-def test_forward_multicast_matches_reference(d, sq, sk, h, hk):
-    """The K/V multicast variant (clusters of two on a static schedule; FlashForward.MULTICAST),
-    with more tiles than clusters, a ragged last query block and GQA."""
-    from numba_fa3.api import _forward
-    from numba_fa3.forward import FlashForward
-    kern = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", d, 0)
-    assert kern.multicast
-    rng = np.random.default_rng(5)
-    npdt = NUMPY_DTYPES["bf16"]
-    q = rng.standard_normal((3, sq, h, d)).astype(npdt)
-    k = rng.standard_normal((3, sk, hk, d)).astype(npdt)
-    v = rng.standard_normal((3, sk, hk, d)).astype(npdt)
-    tq, tk, tv = _to_torch(q), _to_torch(k), _to_torch(v)
-    out = _torch().full_like(tq, float("nan"))
-    make = lambda *a, **kw: kern
-    _, lse = _forward(tq, tk, tv, None, False, (-1, -1), 0.0, True, out, None, make)
-    again = _torch().full_like(tq, float("nan"))
-    _forward(tq, tk, tv, None, False, (-1, -1), 0.0, False, again, None, make)
-    assert _torch().equal(out, again), "two runs on the same inputs differ"
-    ref, ref_lse = attention_reference(q, k, v, return_lse=True)
-    low = attention_lowprec(q, k, v, storage_dtype=npdt).astype(np.float64)
-    _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
-    odd = _to_torch(rng.standard_normal((1, 300, h, d)).astype(npdt))  # 3 query blocks
-    with pytest.raises(ValueError, match="do not pair up"):
-        _forward(odd, tk[:1], tv[:1], None, False, (-1, -1), 0.0, False, None, None, make)
-
-
-def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ramp=None, shape=(2, 4, 2)):
-    """A FlashForward built with tuning knobs set, on `shape` = (batch, query heads, K/V heads),
+def _kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ramp=None, shape=(2, 4, 2)):
+    """A FlashForward built with other schedule choices, on `shape` = (batch, query heads, K/V heads),
     B=2, 4 query heads over 2 K/V heads unless said, its poisoned output and LSE checked against
     the reference (FA3's tolerance rule).  key_ramp (first, last): the keys scaled from `first`
     (key 0) to `last`, so the scores' spread grows toward the first keys, which the kernel visits
@@ -208,127 +179,47 @@ def _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed, key_ra
     _check(_to_numpy(out, "bf16"), lse.cpu().numpy(), ref, ref_lse, low)
 
 
-@gpu
-@pytest.mark.parametrize("d,causal,sq,sk", [(128, True, 901, 700), (256, False, 700, 901), (64, False, 1000, 333)])
-def test_forward_split_row_max_matches_reference(d, causal, sq, sk):
-    """FlashForward.SPLIT_ROW_MAX (an A/B knob, off by default): the same results; with sq > sk
-    causal, rows that see no key give 0 and LSE -inf."""
-    from numba_fa3 import mask
-    from numba_fa3.forward import FlashForward
-    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})(
-        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
-    _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=11)
+#: (head dim, mask, Tiles choices, window, sq, sk, key ramp): each schedule choice where the
+#: table does not make it.  Keys ramped from 6 to 0.5 make the lazy max move in some steps and
+#: stay in others; sq > sk causal has rows that see no key (0 and LSE -inf).
+CHOICES = [
+    (128, "causal", dict(uniform_pipeline=False), (-1, -1), 901, 700, None),
+    (64, "full", dict(uniform_pipeline=True), (-1, -1), 1000, 333, None),
+    (256, "causal", dict(uniform_pipeline=True), (-1, -1), 901, 700, None),
+    (128, "full", dict(q_in_registers=False), (-1, -1), 901, 700, None),
+    (96, "local", dict(q_in_registers=True), (300, 40), 901, 700, None),
+    (192, "causal", dict(q_in_registers=True), (-1, -1), 333, 1000, None),
+    (64, "full", dict(rescale_threshold=8.0), (-1, -1), 1000, 333, (6.0, 0.5)),
+    (256, "full", dict(rescale_threshold=0.0), (-1, -1), 700, 901, None),
+    (256, "local", dict(rescale_threshold=2.0), (300, 40), 901, 700, (6.0, 0.5)),
+    (96, "causal", dict(rescale_threshold=4.0, interleaved_rescale=False), (-1, -1), 901, 700, (6.0, 0.5)),
+    (128, "causal", dict(sequential_mask_loops=False, lazy_tail_after_wait=False), (-1, -1), 901, 700, (6.0, 0.5)),
+    (64, "local", dict(sequential_mask_loops=True), (300, 40), 901, 700, None),
+    (128, "full", dict(lazy_tail_after_wait=True), (-1, -1), 700, 901, (6.0, 0.5)),
+    (128, "causal", dict(rescale_rounds=8), (-1, -1), 700, 901, None),
+    (256, "causal", dict(rescale_rounds=4, hoist_q_descriptors=4), (-1, -1), 901, 700, None),
+    (256, "full", dict(interleaved_rescale=False, uniform_pipeline=False), (300, 40), 901, 700, None),
+    (192, "full", dict(interleaved_rescale=True), (-1, -1), 700, 901, None),
+]
 
 
 @gpu
-@pytest.mark.parametrize("d,causal,rounds,head,sq,sk", [(128, False, 2, None, 901, 700), (128, True, 8, 0, 700, 901),
-                                                      (256, True, 4, 40, 901, 700), (64, False, 8, 4, 1000, 333)])
-def test_forward_rescale_rounds_match_reference(d, causal, rounds, head, sq, sk):
-    """The interleaved rescale's shape knobs (FlashForward.RESCALE_ROUNDS, EXP2_BEFORE_PV_WAIT):
-    the same results with O in 2 or 8 parts and the P V wait before any exponential, after all
-    of them, or between."""
+@pytest.mark.parametrize("d,mask_name,choices,window,sq,sk,key_ramp", CHOICES)
+def test_forward_schedule_choices_match_reference(d, mask_name, choices, window, sq, sk, key_ramp):
+    """Each Tiles schedule choice on and off (uniform pipeline, Q in registers, the lazy rescale
+    and its threshold, three mask loops or the nest, the pinned lazy tail, rescale rounds,
+    hoisted Q descriptors, the interleaved or early rescale): the kernel takes the choice and
+    its results match the reference."""
     from numba_fa3 import mask
     from numba_fa3.forward import FlashForward
-    kern = type("Rounds", (FlashForward,), {"INTERLEAVED_RESCALE": True, "RESCALE_ROUNDS": rounds,
-                                            "EXP2_BEFORE_PV_WAIT": head})(
-        "bf16", d, mask.MASK_CAUSAL if causal else mask.MASK_NONE)
-    _knob_kernel_matches_reference(kern, d, causal, (-1, -1), sq, sk, seed=13)
-
-
-def _table_knob_matches_reference(knob, attr, value, d, mask_name, window, sq, sk, seed, key_ramp=None,
-                                  shape=(2, 4, 2)):
-    """A FlashForward with a tiles-table knob overridden (FlashForward.<knob> = value): the
-    kernel takes it (its <attr> reads value), and its results match the reference."""
-    from numba_fa3 import mask
-    from numba_fa3.forward import FlashForward
+    from numba_fa3.tiles import tiles_for
     kind = {"full": mask.MASK_NONE, "causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[mask_name]
-    kern = type(f"Knob_{knob}", (FlashForward,), {knob: value})("bf16", d, kind)
-    assert getattr(kern, attr) == value
-    _knob_kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=seed, key_ramp=key_ramp,
-                                   shape=shape)
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,uniform,window,sq,sk", [
-    (128, "causal", False, (-1, -1), 901, 700), (256, "full", False, (-1, -1), 700, 901),
-    (64, "full", True, (-1, -1), 1000, 333), (128, "local", True, (300, 40), 901, 700),
-    (256, "causal", True, (-1, -1), 901, 700), (96, "full", True, (-1, -1), 700, 901)])
-def test_forward_uniform_pipeline_matches_reference(d, mask_name, uniform, window, sq, sk):
-    """Tiles.uniform_pipeline (predicated stage releases, ordered after the first exponentials;
-    FlashForward.UNIFORM_PIPELINE), each where the table does not choose it: the same results,
-    rows that see no key included."""
-    _table_knob_matches_reference("UNIFORM_PIPELINE", "uniform_pipeline", uniform, d, mask_name, window, sq, sk,
-                                  seed=17)
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,q_regs,window,sq,sk", [
-    (128, "full", False, (-1, -1), 901, 700), (128, "causal", False, (-1, -1), 700, 901),
-    (96, "full", True, (-1, -1), 700, 901), (96, "local", True, (300, 40), 901, 700),
-    (64, "causal", False, (-1, -1), 901, 700), (192, "causal", True, (-1, -1), 333, 1000)])
-def test_forward_q_in_registers_matches_reference(d, mask_name, q_regs, window, sq, sk):
-    """Tiles.q_in_registers (Q's wgmma A fragments loaded by ldmatrix through the swizzle, its
-    buffer released at once; FlashForward.Q_IN_REGISTERS), each where the table does not choose
-    it, hdim 96's padded chunk included: the same results, rows that see no key included."""
-    _table_knob_matches_reference("Q_IN_REGISTERS", "q_in_registers", q_regs, d, mask_name, window, sq, sk, seed=19)
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,threshold,window,sq,sk", [
-    (128, "causal", 8.0, (-1, -1), 901, 700), (256, "causal", 8.0, (-1, -1), 700, 901),
-    (256, "local", 2.0, (300, 40), 901, 700), (64, "full", 8.0, (-1, -1), 1000, 333),
-    (192, "full", 8.0, (-1, -1), 700, 901), (96, "causal", 4.0, (-1, -1), 901, 700),
-    (256, "full", 0.0, (-1, -1), 700, 901), (128, "full", 0.0, (-1, -1), 901, 700)])
-def test_forward_lazy_rescale_matches_reference(d, mask_name, threshold, window, sq, sk):
-    """Tiles.rescale_threshold (FlashForward.RESCALE_THRESHOLD): the running max moves only past
-    the threshold and O is rescaled only then.  The keys' scale ramps up toward the keys the
-    loop visits last, so the max moves past it in some steps and stays in others (and at 2.0,
-    often); hdim 192 takes the rescale before the P V issue, the others at the step's end; with
-    sq > sk causal, rows that see no key give 0 and LSE -inf."""
-    _table_knob_matches_reference("RESCALE_THRESHOLD", "rescale_threshold", threshold, d, mask_name, window, sq,
-                                  sk, seed=29, key_ramp=(6.0, 0.5))
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,sequential,window,sq,sk", [
-    (128, "local", False, (300, 40), 901, 700), (128, "local", True, (200, 0), 700, 901),
-    (128, "causal", False, (-1, -1), 901, 700), (64, "local", True, (300, 40), 901, 700),
-    (256, "causal", True, (-1, -1), 700, 901), (96, "local", True, (150, 300), 1000, 333),
-    (192, "causal", False, (-1, -1), 901, 700)])
-def test_forward_mask_loops_match_reference(d, mask_name, sequential, window, sq, sk):
-    """Tiles.sequential_mask_loops (FlashForward.SEQUENTIAL_MASK_LOOPS): the masked and plain key
-    blocks in three loops in a row or in the loop nest, both ways at hdim 128; windows with a left
-    edge run the third loop; rows that see no key included."""
-    _table_knob_matches_reference("SEQUENTIAL_MASK_LOOPS", "sequential_mask_loops", sequential, d, mask_name,
-                                  window, sq, sk, seed=31, key_ramp=(6.0, 0.5))
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,tail,window,sq,sk", [
-    (128, "causal", False, (-1, -1), 901, 700), (128, "local", True, (300, 40), 901, 700),
-    (128, "full", True, (-1, -1), 700, 901), (256, "full", True, (-1, -1), 1000, 333),
-    (256, "causal", True, (-1, -1), 901, 700), (192, "causal", False, (-1, -1), 700, 901)])
-def test_forward_lazy_tail_after_wait_matches_reference(d, mask_name, tail, window, sq, sk):
-    """Tiles.lazy_tail_after_wait (FlashForward.LAZY_TAIL_AFTER_WAIT): the lazy rescale's
-    exponentials after the P V wait take their bias through O, on and off, with keys ramped so
-    that the max moves in some steps."""
-    _table_knob_matches_reference("LAZY_TAIL_AFTER_WAIT", "lazy_tail_after_wait", tail, d, mask_name, window, sq,
-                                  sk, seed=37, key_ramp=(6.0, 0.5))
-
-
-@gpu
-@pytest.mark.parametrize("d,mask_name,window,sq,sk,shape", [
-    (256, "full", (-1, -1), 2049, 2049, (4, 8, 2)), (256, "causal", (-1, -1), 1500, 1000, (4, 8, 2)),
-    (256, "local", (300, 40), 1000, 1300, (4, 8, 4)), (192, "causal", (-1, -1), 1500, 2049, (4, 8, 1)),
-    (192, "full", (-1, -1), 333, 1000, (2, 4, 2))])
-def test_forward_o_through_v_matches_reference(d, mask_name, window, sq, sk, shape):
-    """Tiles.o_through_v (FlashForward.O_THROUGH_V): O written into the V stages and TMA-stored
-    from there, at the head dims without room for its own buffer.  Most cases have several tiles
-    per CTA (4 x 8 heads x 12-17 query blocks against 132 CTAs), so the producer's next-tile V
-    loads wait on the previous tile's store; causal with sq - sk = 500 has tiles with no key block
-    at all (rows that see no key: 0 and LSE -inf)."""
-    _table_knob_matches_reference("O_THROUGH_V", "o_through_v", True, d, mask_name, window, sq, sk, seed=41,
-                                  shape=shape)
+    if window != (-1, -1) and kind == mask.MASK_NONE:
+        kind = mask.MASK_LOCAL
+    kern = FlashForward("bf16", d, kind, tiles=tiles_for(d, kind != mask.MASK_NONE).with_choices(**choices))
+    for field, value in choices.items():
+        assert getattr(kern.tiles, field) == value
+    _kernel_matches_reference(kern, d, mask_name == "causal", window, sq, sk, seed=17, key_ramp=key_ramp)
 
 
 @gpu
@@ -339,32 +230,9 @@ def test_forward_q_in_registers_schedules_match_reference():
     from numba_fa3 import mask
     from numba_fa3.forward import FlashForward, Schedule
     for schedule in (Schedule(pingpong=False, overlap=True), Schedule(pingpong=True, overlap=False)):
-        kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": True})("bf16", 128, mask.MASK_CAUSAL, schedule)
+        kern = FlashForward("bf16", 128, mask.MASK_CAUSAL, schedule)
         assert kern.q_in_registers == schedule.overlap
-        _knob_kernel_matches_reference(kern, 128, True, (-1, -1), 700, 901, seed=23)
-
-
-@gpu
-@pytest.mark.parametrize("d,causal,window,late,interleaved,sq,sk", [
-    (128, True, (-1, -1), True, False, 700, 901),
-    (192, False, (-1, -1), None, True, 901, 700),
-    (256, True, (-1, -1), False, False, 901, 700),
-    (256, False, (300, 40), False, False, 901, 700),
-    (256, False, (-1, -1), False, None, 700, 901),
-    (64, False, (-1, -1), True, False, 700, 901),
-])
-def test_forward_rescale_placement_matches_reference(d, causal, window, late, interleaved, sq, sk):
-    """Every place of the O rescale (FlashForward.LATE_RESCALE, INTERLEAVED_RESCALE), each where
-    the tiles table does not choose it: before the step's P V issue, after its wait, or after it
-    in parts among the exponentials.  Causal, a local window and unmasked; with sq > sk the first
-    rows see no key (0 and LSE -inf)."""
-    from numba_fa3 import mask
-    from numba_fa3.forward import FlashForward
-    kind = mask.MASK_CAUSAL if causal else (mask.MASK_LOCAL if window != (-1, -1) else mask.MASK_NONE)
-    kern = type("Rescale", (FlashForward,), {"LATE_RESCALE": late, "INTERLEAVED_RESCALE": interleaved})("bf16", d, kind)
-    assert kern.interleaved_rescale == bool(interleaved)
-    assert kern.late_rescale == bool(late or interleaved)
-    _knob_kernel_matches_reference(kern, d, causal, window, sq, sk, seed=7)
+        _kernel_matches_reference(kern, 128, True, (-1, -1), 700, 901, seed=23)
 
 
 @gpu

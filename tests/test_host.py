@@ -40,8 +40,9 @@ def test_inspect_numpy_dtypes_and_strides():
 def test_tile_table_fits_registers_and_shared_memory():
     """Every (head dim, mask) entry: register budget within the launch allocation, block_m one
     wgmma M per consumer, and a shared-memory plan that fits (with two Q buffers where it says)."""
-    from numba_fa3.forward import FlashForward, MAX_CONSUMERS
+    from numba_fa3.forward import FlashForward
     from numba_fa3.mask import MASK_CAUSAL, MASK_NONE
+    from primitives.warpgroup import MAX_CONSUMERS
     from numba_fa3.tiles import TILES
     from primitives import smem
     for (d, masked), t in TILES.items():
@@ -53,36 +54,32 @@ def test_tile_table_fits_registers_and_shared_memory():
 
 
 def test_trace_analysis_on_a_synthetic_trace():
-    """bench trace's arithmetic on hand-made timestamps: five phases of 1000 cycles per tile."""
+    """bench trace's arithmetic on hand-made timestamps: five phases of 1000 cycles per tile,
+    written into per-CTA slabs as the kernel lays them out (trace.split)."""
     import numpy as np
     from bench.trace import analyse, analyse_loop
-    from numba_fa3.forward import (MAX_CONSUMERS, TRACE_EVENTS, TRACE_LOOP_EVENTS, TRACE_LOOP_STEPS,
-                                   TRACE_ROLES, TRACE_TILES)
+    from numba_fa3.trace import (CTA_SLOTS, MAX_CONSUMERS, TILE_SLOTS, TRACE_EVENTS, TRACE_LOOP_EVENTS,
+                                 TRACE_LOOP_STEPS, TRACE_ROLES, TRACE_TILES, split)
     ctas = 3
-    buf = np.zeros((ctas, TRACE_ROLES, TRACE_TILES, TRACE_EVENTS), np.int64)
+    slabs = np.zeros((ctas, CTA_SLOTS), np.int64)
+    buf = slabs[:, :TILE_SLOTS].reshape(ctas, TRACE_ROLES, TRACE_TILES, TRACE_EVENTS)
+    loop = slabs[:, TILE_SLOTS:].reshape(ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS)
     for t in range(4):
         for role in (1, 2):
             buf[:, role, t, :6] = 100_000 * t + 1 + 1000 * np.arange(6)
             buf[:, role, t, 6] = 9
         buf[:, 0, t, :5] = 100_000 * t + 1 + 100 * np.arange(5)
-    r = analyse(buf.ravel(), ctas)
+    for k in range(5):
+        loop[:, :2, :4, k, :] = 1 + 3000 * k + 500 * np.arange(TRACE_LOOP_EVENTS)
+    tiles, steps_buf = split(slabs.ravel(), ctas)
+    r = analyse(tiles, ctas)
     assert r["tiles"] == ctas * 2 * 4 and r["blocks_per_tile"] == 9
     assert all(v == 0.2 for v in r["share"].values())
     assert r["block_cycles"] == 1000 / 8
-    loop = np.zeros((ctas, MAX_CONSUMERS, TRACE_TILES, TRACE_LOOP_STEPS, TRACE_LOOP_EVENTS), np.int64)
-    for k in range(5):
-        loop[:, :2, :4, k, :] = 1 + 3000 * k + 500 * np.arange(TRACE_LOOP_EVENTS)
-    steps = analyse_loop(loop.ravel(), ctas)
+    steps = analyse_loop(steps_buf, ctas)
     assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
     assert steps[1]["period"] == 3000 and steps[1]["wait_k"] == 3000 - 4 * 500 + 0
     assert steps[2]["softmax"] == 500 and steps[2]["wg1_lag"] == 0
-    # --tail: a tile's last steps, recorded last one first (row 0 = the tile's last step)
-    tail = np.zeros_like(loop)
-    n = TRACE_LOOP_STEPS
-    for k in range(n):
-        tail[:, :2, :4, n - 1 - k, :] = 1 + 3000 * k + 500 * np.arange(TRACE_LOOP_EVENTS)
-    steps = analyse_loop(tail.ravel(), ctas, tail=True)
-    assert len(steps) == n and all(s["period"] == 3000 for s in steps[1:])
 
 
 def test_maskcost_problems_mask_little():
@@ -154,17 +151,19 @@ def test_steady_timing_settles_then_times_each_in_turn(monkeypatch):
     assert order == ["a"] * 85 + ["b"] * 40 + ["b"] * 40 + ["a"] * 85
 
 
-def test_bench_variants_points_and_knobs():
-    """bench variants parses its points and only accepts real FlashForward knobs."""
+def test_bench_variants_points_and_choices():
+    """bench variants parses its points and its variants: Tiles fields and the schedule's two
+    switches, anything else refused."""
     import argparse
-    from bench.variants import parse_point
-    from numba_fa3.forward import FlashForward
+    from bench.variants import parse_point, variant_overrides
     assert parse_point("128,causal,4096") == (128, True, 4096)
     assert parse_point("256,full,2048") == (256, False, 2048)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_point("128,maybe,4096")
-    for knob in ("L2_SECTION_BYTES", "PREFETCH_Q"):
-        assert hasattr(FlashForward, knob)
+    tiles, schedule = variant_overrides(["rescale_rounds=4", "q_in_registers=False", "pingpong=False"])
+    assert tiles == {"rescale_rounds": 4, "q_in_registers": False} and schedule == {"pingpong": False}
+    with pytest.raises(SystemExit):
+        variant_overrides(["MULTICAST=True"])
 
 
 def test_cluster_launch_config():

@@ -25,7 +25,9 @@ def _assert_clean(report, what):
     assert not report["warnings"], f"{what}: ptxas warnings {report['warnings']}"
 
 
-GEMMS = list(itertools.product(["bf16", "f16"], ["bf16", "f16", "f32"], [True, False]))
+#: bf16 in every output and B layout; fp16 in once each way (the inputs change only the wgmma's type)
+GEMMS = [("bf16", out, tb) for out in ("bf16", "f16", "f32") for tb in (True, False)] + [
+    ("f16", "f16", True), ("f16", "f32", False)]
 
 
 @pytest.mark.parametrize("ab,out,transpose_b", GEMMS)
@@ -37,12 +39,18 @@ def test_gemm_specialization_compiles_clean(ab, out, transpose_b):
     _assert_clean(kc.ptxas_report(ptx), f"gemm {ab}->{out} transpose_b={transpose_b}")
 
 
-FORWARD_SPECIALIZATIONS = list(itertools.product(["bf16", "f16"], SUPPORTED_HEAD_DIMS,
-                                                 [MASK_NONE, MASK_CAUSAL, MASK_LOCAL]))
+#: every table kernel in bf16; fp16 changes only the conversions and the wgmma's type, so one
+#: kernel of each kind of epilogue (O's own buffer, stores from registers) checks it
+FORWARD_SPECIALIZATIONS = [("bf16", d, kind) for d in SUPPORTED_HEAD_DIMS
+                           for kind in (MASK_NONE, MASK_CAUSAL, MASK_LOCAL)] + [
+    ("f16", 128, MASK_CAUSAL), ("f16", 256, MASK_NONE)]
 
 
 @pytest.mark.parametrize("dtype,head_dim,mask_kind", FORWARD_SPECIALIZATIONS)
 def test_forward_specialization_compiles_clean(dtype, head_dim, mask_kind):
+    """Each table kernel: no spill, stack or ptxas warning; the wgmmas and the table's schedule
+    choices visible in its PTX (uniform pipeline: predicated releases; lazy rescale: the warp
+    vote; Q in registers: ldmatrix and no S wgmma reading A from shared memory)."""
     kern = FlashForward(dtype, head_dim, mask_kind)
     ptx = kern.compile_ptx()
     # With the intra-warpgroup overlap the S GEMM is issued for the first block and in each copy
@@ -51,6 +59,12 @@ def test_forward_specialization_compiles_clean(dtype, head_dim, mask_kind):
     # copies), and so is P V (each step copy, last block).
     copies = 1 + (1 if mask_kind == MASK_NONE else 3 if kern.sequential_mask_loops else 2)
     assert ptx.count("wgmma.mma_async") == copies * (head_dim // 16 + kern.block_n // 16)
+    assert ("@p mbarrier.arrive" in ptx) == kern.uniform_pipeline
+    assert ("vote.sync.any" in ptx) == (kern.rescale_threshold > 0)
+    assert ("ldmatrix.sync.aligned.m8n8.x4" in ptx) == kern.q_in_registers
+    ss_s_gemms = len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{kern.block_n}k16\S*\s+\{{[^}}]*\}},\s*%rd",
+                                ptx))
+    assert (ss_s_gemms == 0) == kern.q_in_registers
     _assert_wgmma_operands_untouched(ptx)
     _assert_clean(kc.ptxas_report(ptx), f"forward {dtype} d{head_dim} mask {mask_kind}")
 
@@ -62,177 +76,71 @@ LONG_SPECIALIZATIONS = [(d, kind) for d, masked in LONG_TILES
 @pytest.mark.parametrize("head_dim,mask_kind", LONG_SPECIALIZATIONS)
 def test_forward_long_query_specialization_compiles_clean(head_dim, mask_kind):
     kern = FlashForward("bf16", head_dim, mask_kind, long_queries=True)
-    assert kern.block_m == LONG_TILES[head_dim, mask_kind != MASK_NONE].block_m
-    ptx = kern.compile_ptx()
-    _assert_wgmma_operands_untouched(ptx)
-    _assert_clean(kc.ptxas_report(ptx), f"forward long-query d{head_dim} mask {mask_kind}")
+    _assert_clean(kc.ptxas_report(kern.compile_ptx()), f"forward long d{head_dim} mask {mask_kind}")
 
 
-@pytest.mark.parametrize("head_dim", [d for d in SUPPORTED_HEAD_DIMS if d > 64])
-def test_forward_multicast_specialization_compiles_clean(head_dim):
-    """The K/V multicast variant (FlashForward.MULTICAST; off by default, see bench/NOTES.md):
-    clusters of two, each CTA's share of every stage multicast, releases to both CTAs."""
-    kern = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", head_dim, MASK_NONE)
-    assert kern.multicast and kern.cluster == 2
-    ptx = kern.compile_ptx()
-    assert ".multicast::cluster" in ptx and "mbarrier.arrive.shared::cluster" in ptx
-    assert "barrier.cluster.wait" in ptx
-    _assert_wgmma_operands_untouched(ptx)
-    _assert_clean(kc.ptxas_report(ptx), f"forward multicast d{head_dim}")
-    masked = type("Multicast", (FlashForward,), {"MULTICAST": True})("bf16", head_dim, MASK_CAUSAL)
-    assert not masked.multicast and masked.cluster == 1  # its two tiles would see different keys
+def test_forward_varlen_softcap_and_trace_builds_compile():
+    """The varlen kernel (O from registers, row-checked) with soft-cap compiles clean; the trace
+    build (a diagnostic: its stores of timestamps take a few registers' spill) without wgmma
+    serialization."""
+    kern = FlashForward("bf16", 128, MASK_CAUSAL, varlen=True, softcap=True)
+    _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 varlen softcap")
+    ptx = FlashForward("bf16", 128, MASK_NONE, trace=True).compile_ptx()
+    assert "%clock64" in ptx and not kc.ptxas_report(ptx)["warnings"]
 
 
-@pytest.mark.parametrize("head_dim,mask_kind", [(256, MASK_NONE), (256, MASK_CAUSAL), (192, MASK_LOCAL)])
-def test_forward_o_through_v_compiles_clean(head_dim, mask_kind):
-    """Tiles.o_through_v (FlashForward.O_THROUGH_V, off in the table): O goes out by TMA store from
-    the V stages, after a sync of every consumer warpgroup; the producer waits on `o_free` before
-    a tile's first V load.  No spill, no C7510, the wgmma operands untouched."""
-    kern = type("OThroughV", (FlashForward,), {"O_THROUGH_V": True})("bf16", head_dim, mask_kind)
-    assert kern.o_through_v and kern.tma_store and kern.q_stages == 1
-    assert kern.smem.offsets["o"] == kern.smem.offsets["v"]
-    assert kern.chunks * kern.q_chunk <= kern.smem.sizes["v"]
-    ptx = kern.compile_ptx()
-    store = "cp.async.bulk.tensor.4d.global.shared::cta"
-    assert store in ptx and "cp.async.bulk.wait_group.read 0" in ptx
-    assert store not in FlashForward("bf16", head_dim, mask_kind).compile_ptx()  # the table's: from registers
-    _assert_wgmma_operands_untouched(ptx)
-    _assert_clean(kc.ptxas_report(ptx), f"forward O through V d{head_dim} mask {mask_kind}")
-
-
-def test_forward_o_through_v_only_where_o_has_no_buffer():
-    """Where O's own buffer fits (D <= 128) the knob changes nothing; varlen keeps its stores from
-    registers (a tile's rows must not spill into the next sequence); multicast (the peer writes
-    this CTA's V stages) does not take it either."""
-    knob = type("OThroughV", (FlashForward,), {"O_THROUGH_V": True})
-    for d in (64, 96, 128):
-        k = knob("bf16", d, MASK_NONE)
-        assert not k.o_through_v and k.tma_store and k.smem.offsets["o"] != k.smem.offsets["v"]
-    assert not knob("bf16", 256, MASK_NONE, varlen=True).o_through_v
-    both = type("Both", (FlashForward,), {"O_THROUGH_V": True, "MULTICAST": True})("bf16", 256, MASK_NONE)
-    assert both.multicast and not both.o_through_v and not both.tma_store
-    assert not FlashForward("bf16", 256, MASK_NONE).o_through_v
-
-
-def test_forward_wait_suspend_knob_compiles_clean():
-    """FlashForward.WAIT_SUSPEND_NS (off by default; measured in bench/NOTES.md, session 7):
-    every mbarrier wait of the kernel passes try_wait the suspend-time hint."""
-    kern = type("Suspend", (FlashForward,), {"WAIT_SUSPEND_NS": 10_000_000})("bf16", 128, MASK_NONE)
-    ptx = kern.compile_ptx()
-    waits = [line for line in ptx.split("\n") if "mbarrier.try_wait.parity" in line]
-    assert waits and all(w.count(",") == 3 for w in waits), waits  # P, [bar], parity, hint
-    _assert_clean(kc.ptxas_report(ptx), "forward wait-suspend d128")
-
-
-@pytest.mark.parametrize("head_dim,mask_kind,override,hoisted", [
-    (128, MASK_NONE, None, 8), (128, MASK_CAUSAL, None, 8), (64, MASK_NONE, None, 4),
-    (256, MASK_NONE, None, 12), (256, MASK_CAUSAL, None, 0),
-    (256, MASK_NONE, True, 16), (128, MASK_NONE, False, 0), (128, MASK_NONE, 99, 8), (256, MASK_CAUSAL, 8, 8),
+@pytest.mark.parametrize("head_dim,mask_kind,choice,hoisted", [
+    (128, MASK_NONE, None, 0), (64, MASK_NONE, None, 4), (256, MASK_NONE, None, 12), (256, MASK_CAUSAL, None, 0),
+    (256, MASK_NONE, True, 16), (96, MASK_NONE, False, 0), (96, MASK_NONE, 99, 6), (256, MASK_CAUSAL, 8, 8),
 ])
-def test_forward_hoisted_q_descriptor_count(head_dim, mask_kind, override, hoisted):
-    """Tiles.hoist_q_descriptors (True: every K step, an int: that many) and its override knob."""
-    kern = type("Hoist", (FlashForward,), {"HOIST_Q_DESCRIPTORS": override})("bf16", head_dim, mask_kind)
-    assert kern.hoisted_q_steps == hoisted
+def test_forward_hoisted_q_descriptor_count(head_dim, mask_kind, choice, hoisted):
+    """Tiles.hoist_q_descriptors (True: every K step, an int: that many, at most every step);
+    none where Q is in registers (hdim 128), whose S GEMMs take no A descriptor."""
+    tiles = tiles_for(head_dim, mask_kind != MASK_NONE)
+    if choice is not None:
+        tiles = tiles.with_choices(hoist_q_descriptors=choice)
+    kern = FlashForward("bf16", head_dim, mask_kind, tiles=tiles)
+    assert kern.qk.steps == head_dim // 16
+    assert kern.qk.hoisted == hoisted
 
 
-@pytest.mark.parametrize("head_dim,mask_kind", [(128, MASK_NONE), (256, MASK_CAUSAL)])
-def test_forward_split_row_max_knob_compiles_clean(head_dim, mask_kind):
-    """FlashForward.SPLIT_ROW_MAX (off by default, not yet measured): the second row's max
-    reduction takes the first row's exponent base as an order dependency."""
-    kern = type("Split", (FlashForward,), {"SPLIT_ROW_MAX": True})("bf16", head_dim, mask_kind)
-    base = FlashForward("bf16", head_dim, mask_kind).compile_ptx()
-    ptx = kern.compile_ptx()
-    # one order-dependency FMA per softmax of the loop steps (plain, and masked where there is one)
-    assert ptx.count("fma.rn.f32") > base.count("fma.rn.f32")
-    _assert_clean(kc.ptxas_report(ptx), f"forward split row max d{head_dim}")
-
-
-@pytest.mark.parametrize("head_dim,block_n,rounds,head,p_edges,o_edges", [
-    (128, 128, None, None, (0, 32, 64), (0, 32, 64)),  # the table's shape at hdim 128 (Tiles.rescale_rounds 2)
-    (128, 128, 4, None, (0, 16, 32, 48, 64), (0, 16, 32, 48, 64)),
-    (256, 80, 4, None, (0, 10, 20, 30, 40), (0, 32, 64, 96, 128)),
-    (128, 128, 2, 0, (0, 0, 64), (0, 32, 64)),
-    (64, 128, 8, 8, (0, 8, 16, 24, 32, 40, 48, 56, 64), tuple(range(0, 33, 4))),
+@pytest.mark.parametrize("head_dim,block_n,rounds,p_edges,o_edges", [
+    (128, 128, 2, (0, 32, 64), (0, 32, 64)),  # the table's shape at hdim 128
+    (128, 128, 4, (0, 16, 32, 48, 64), (0, 16, 32, 48, 64)),
+    (256, 80, 4, (0, 10, 20, 30, 40), (0, 32, 64, 96, 128)),
+    (64, 128, 8, (0, 8, 16, 24, 32, 40, 48, 56, 64), tuple(range(0, 33, 4))),
 ])
-def test_forward_rescale_rounds_edges(head_dim, block_n, rounds, head, p_edges, o_edges):
-    """The interleaved rescale's parts (FlashForward.rescale_rounds): P's head before the P V wait,
+def test_forward_rescale_rounds_edges(head_dim, block_n, rounds, p_edges, o_edges):
+    """The interleaved rescale's parts (mainloop.rescale_rounds): P's head before the P V wait,
     the rest and O split evenly, O's parts on whole 8-column groups."""
-    tiles = dataclasses.replace(tiles_for(head_dim, False), block_n=block_n)
-    kern = type("Rounds", (FlashForward,), {"RESCALE_ROUNDS": rounds, "EXP2_BEFORE_PV_WAIT": head})(
-        "bf16", head_dim, MASK_NONE, tiles=tiles)
-    assert kern.rescale_rounds() == (p_edges, o_edges)
+    from numba_fa3.mainloop import rescale_rounds
+    assert rescale_rounds(block_n, head_dim, rounds) == (p_edges, o_edges)
 
 
-@pytest.mark.parametrize("rounds,head,match", [(1, None, "RESCALE_ROUNDS"), (3, None, "RESCALE_ROUNDS"),
-                                               (32, None, "RESCALE_ROUNDS"), (4, 65, "EXP2_BEFORE_PV_WAIT")])
-def test_forward_rescale_rounds_bad_shapes(rounds, head, match):
-    kern = type("Rounds", (FlashForward,), {"RESCALE_ROUNDS": rounds, "EXP2_BEFORE_PV_WAIT": head})(
-        "bf16", 128, MASK_NONE)
-    with pytest.raises(ValueError, match=match):
-        kern.rescale_rounds()
-
-
-def test_forward_rescale_rounds_compile_clean():
-    """Eight rounds with the P V wait before any exponential (hdim 128 causal): no spill."""
-    kern = type("Rounds", (FlashForward,), {"INTERLEAVED_RESCALE": True, "RESCALE_ROUNDS": 8,
-                                            "EXP2_BEFORE_PV_WAIT": 0})("bf16", 128, MASK_CAUSAL)
-    _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 causal, 8 rescale rounds")
-
-
-@pytest.mark.parametrize("head_dim,mask_kind", [(128, MASK_CAUSAL), (256, MASK_NONE), (64, MASK_NONE)])
-def test_forward_uniform_pipeline_ptx(head_dim, mask_kind):
-    """Tiles.uniform_pipeline: no release behind a lane branch (predicated arrives instead), no
-    REDUX of the stage addresses, the same PTX otherwise clean; off, the opposite."""
-    on = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True})("bf16", head_dim, mask_kind)
-    off = type("Branchy", (FlashForward,), {"UNIFORM_PIPELINE": False})("bf16", head_dim, mask_kind)
-    assert on.uniform_pipeline and not off.uniform_pipeline
-    ptx_on, ptx_off = on.compile_ptx(), off.compile_ptx()
-    assert "@p mbarrier.arrive" in ptx_on and "@p mbarrier.arrive" not in ptx_off
-    assert ptx_on.count("redux.sync") < ptx_off.count("redux.sync")
-    _assert_clean(kc.ptxas_report(ptx_on), f"forward d{head_dim} uniform pipeline")
-
-
-@pytest.mark.parametrize("head_dim,mask_kind,late,interleaved", [
-    (128, MASK_NONE, None, None), (256, MASK_CAUSAL, None, None),  # interleaved: the branch ends the step
-    (192, MASK_NONE, False, False), (128, MASK_CAUSAL, True, False)])  # before the P V issue, after its wait
-def test_forward_lazy_rescale_ptx(head_dim, mask_kind, late, interleaved):
-    """Tiles.rescale_threshold (FlashForward.RESCALE_THRESHOLD) at every place of the rescale: O's
-    multiplies behind a warp vote, compiled clean (no spill, no wgmma serialization); off, no vote."""
-    knobs = {"LATE_RESCALE": late, "INTERLEAVED_RESCALE": interleaved}
-    on = type("Lazy", (FlashForward,), dict(knobs, RESCALE_THRESHOLD=8.0))("bf16", head_dim, mask_kind)
-    off = type("Eager", (FlashForward,), dict(knobs, RESCALE_THRESHOLD=0.0))("bf16", head_dim, mask_kind)
-    assert on.rescale_threshold == 8.0 and off.rescale_threshold == 0.0
-    ptx_on = on.compile_ptx()
-    assert "vote.sync.any" in ptx_on and "vote.sync.any" not in off.compile_ptx()
-    _assert_clean(kc.ptxas_report(ptx_on), f"forward d{head_dim} lazy rescale")
+@pytest.mark.parametrize("rounds", [1, 3, 32])
+def test_forward_rescale_rounds_bad_shapes(rounds):
+    from numba_fa3.mainloop import rescale_rounds
+    with pytest.raises(ValueError, match="rescale_rounds"):
+        rescale_rounds(128, 128, rounds)
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 8.5, float("nan")])
 def test_forward_lazy_rescale_threshold_range(threshold):
     with pytest.raises(ValueError, match="rescale threshold"):
-        type("Lazy", (FlashForward,), {"RESCALE_THRESHOLD": threshold})("bf16", 128, MASK_NONE)
+        FlashForward("bf16", 128, MASK_NONE, tiles=tiles_for(128).with_choices(rescale_threshold=threshold))
 
 
-def test_forward_lazy_tail_needs_the_lazy_rescale():
-    kern = type("Tail", (FlashForward,), {"LAZY_TAIL_AFTER_WAIT": True, "RESCALE_THRESHOLD": 0.0})(
-        "bf16", 128, MASK_CAUSAL)
-    assert not kern.lazy_tail_after_wait
+def test_forward_schedule_choices_that_need_another():
+    """The lazy tail needs the lazy rescale; the uniform pipeline the interleaved rescale (the
+    release order); Q in registers the overlap (ptxas clobbers the fragments in the serial loop)."""
+    t = tiles_for(128, True)
+    assert not FlashForward("bf16", 128, MASK_CAUSAL, tiles=t.with_choices(rescale_threshold=0.0)).lazy_tail_after_wait
+    assert not FlashForward("bf16", 128, MASK_NONE,
+                            tiles=tiles_for(128).with_choices(interleaved_rescale=False)).uniform_pipeline
+    assert not FlashForward("bf16", 128, MASK_CAUSAL, Schedule(True, False)).q_in_registers
 
 
-def test_forward_uniform_pipeline_needs_the_interleaved_rescale():
-    kern = type("Uniform", (FlashForward,), {"UNIFORM_PIPELINE": True, "INTERLEAVED_RESCALE": False})(
-        "bf16", 128, MASK_NONE)
-    assert not kern.uniform_pipeline
-
-
-def test_forward_partly_hoisted_q_descriptors_compile_clean():
-    """Part of Q's descriptors hoisted, the rest built per wgmma (hdim 256 full takes 12 of 16):
-    the mixed path compiles clean where the table does not choose it."""
-    kern = type("Hoist8", (FlashForward,), {"HOIST_Q_DESCRIPTORS": 4})("bf16", 128, MASK_CAUSAL)
-    _assert_clean(kc.ptxas_report(kern.compile_ptx()), "forward d128 causal, 4 Q descriptors hoisted")
-
-
-@pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False)])
 def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     kern = FlashForward("bf16", 128, MASK_CAUSAL, Schedule(pingpong, overlap))
     ptx = kern.compile_ptx()
@@ -438,18 +346,3 @@ def test_zero_after_and_arrive_if_ptx():
     ptx = kc.compile_ptx(k, (types.float32[:], types.float32), 128)
     assert "cvt.rzi.u32.f32" in ptx and "fma.rn.f32" in ptx
     assert "@p mbarrier.arrive.shared::cta.b64" in ptx
-
-
-@pytest.mark.parametrize("head_dim,mask_kind,q_regs", [(128, MASK_NONE, True), (96, MASK_CAUSAL, True),
-                                                       (128, MASK_CAUSAL, False)])
-def test_forward_q_in_registers_ptx(head_dim, mask_kind, q_regs):
-    """Tiles.q_in_registers: Q's fragments come from ldmatrix and every S wgmma takes A from
-    registers (none from a descriptor), compiled clean with Q's registers untouched while a wgmma
-    reads them; off, no ldmatrix in the kernel."""
-    kern = type("QRegs", (FlashForward,), {"Q_IN_REGISTERS": q_regs})("bf16", head_dim, mask_kind)
-    ptx = kern.compile_ptx()
-    assert ("ldmatrix.sync.aligned.m8n8.x4" in ptx) == q_regs
-    ss_s_gemms = len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{kern.block_n}k16\S*\s+\{{[^}}]*\}},\s*%rd", ptx))
-    assert (ss_s_gemms == 0) == q_regs
-    _assert_wgmma_operands_untouched(ptx)
-    _assert_clean(kc.ptxas_report(ptx), f"forward d{head_dim} Q in registers={q_regs}")

@@ -1,0 +1,107 @@
+"""Which work tile a CTA runs, and where its sequence lies: one interface for the attention
+kernels, in both directions.
+
+A work tile is (block, head, batch): `block` is a query block for the forward (the key blocks it
+visits: `mask.block_range`) or a key block for a kernel that walks query blocks (the backward:
+`mask.query_block_range`).  Tiles are claimed from `primitives.scheduler` (dynamic persistent:
+an atomic counter); `tile_scheduler(...)` gives the device functions that map a linear tile to
+coordinates (`coords`) and a batch entry to its sequence (`seq`: dense or packed varlen).
+
+Order.  Without a mask, blocks vary fastest, so the CTAs running at one time share a few
+(batch, head) pairs' K and V in L2.  Causal: the pairs go in sections whose K and V fit in a
+third of L2 together (`l2_section`), longest tiles first across each section; short sequences
+(fewer than SECTION_MIN_BLOCKS blocks) go pair by pair, ending on `causal_tail` pairs ordered
+longest first together.  docs/decisions.md has the measurements behind each number.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from primitives.intmath import udivmod32
+from ptx_inline import memory
+
+#: K and V bytes one causal section of (batch, head) pairs may hold: a third of the H100's 50 MB
+#: L2, because the CTAs running at one time touch the whole section's K and V.
+L2_SECTION_BYTES = 16 << 20
+#: Causal runs with fewer blocks per pair keep the pair-by-pair order: the CTAs running one
+#: pair's few tiles side by side share its K and V as they load.
+SECTION_MIN_BLOCKS = 16
+#: Short causal runs end on this many waves of tiles ordered longest first.
+CAUSAL_TAIL_WAVES = 2
+#: Bytes per element of the 16-bit operands whose K/V size sets the sections.
+ELEMENT_BYTES = 2
+
+
+def tile_scheduler(longest_first, varlen):
+    """SimpleNamespace(coords(p, tile) -> (block, head, batch), seq(p, b) -> (q0, sq, k0, sk)):
+    `p` a parameter record with fields m_blocks, heads, batch, section, tail (coords) and
+    cu_q, cu_k, sq_max, sk_max, total_q, total_k (seq)."""
+
+    @cuda.jit(device=True, forceinline=True)
+    def coords(p, tile):
+        """(block, head, batch) of a linear tile; longest_first: causal sections (module doc)."""
+        blocks = p.m_blocks
+        if longest_first:
+            pairs = p.heads * p.batch
+            rest = (pairs - p.tail) * blocks
+            if tile >= rest:
+                # the run's last `tail` pairs: one section, longest first across all of them
+                mb, bh = udivmod32(tile - rest, p.tail)
+                bh = bh + (pairs - p.tail)
+            else:
+                first, r = udivmod32(tile, p.section * blocks)
+                first = first * p.section
+                mb, bh = udivmod32(r, min(p.section, pairs - p.tail - first))
+                bh = bh + first
+            mb = np.int32(blocks - 1 - mb)
+        else:
+            bh, mb = udivmod32(tile, blocks)
+        b, h = udivmod32(bh, p.heads)
+        return mb, h, b
+
+    @cuda.jit(device=True, forceinline=True)
+    def seq(p, b):
+        """(first token of Q, seqlen_q, first token of K, seqlen_k) of batch entry b: from the
+        cu_seqlens arrays (int32, B + 1 entries) with varlen, else the fixed lengths.  Entries are
+        clamped to the packed lengths, so bad cu_seqlens cannot send a store out of bounds."""
+        if varlen:
+            q0 = min(max(memory.ld_global_s32(p.cu_q + 4 * b), 0), p.total_q)
+            q1 = min(max(memory.ld_global_s32(p.cu_q + 4 * b + 4), q0), p.total_q)
+            k0 = min(max(memory.ld_global_s32(p.cu_k + 4 * b), 0), p.total_k)
+            k1 = min(max(memory.ld_global_s32(p.cu_k + 4 * b + 4), k0), p.total_k)
+            return np.int32(q0), np.int32(q1 - q0), np.int32(k0), np.int32(k1 - k0)
+        return np.int32(0), np.int32(p.sq_max), np.int32(0), np.int32(p.sk_max)
+
+    return SimpleNamespace(coords=coords, seq=seq)
+
+
+def causal_order(blocks, pairs, ctas, seqlen_k, head_dim, head_ratio):
+    """(section, tail) of a causal run: L2 sections of pairs from SECTION_MIN_BLOCKS blocks per
+    pair, else pair by pair (section 1) ending on `causal_tail` pairs."""
+    if blocks >= SECTION_MIN_BLOCKS:
+        return l2_section(seqlen_k, head_dim, head_ratio, L2_SECTION_BYTES, blocks, ctas), 0
+    return 1, causal_tail(blocks, pairs, ctas, CAUSAL_TAIL_WAVES)
+
+
+def causal_tail(blocks, pairs, ctas, waves):
+    """(batch, head) pairs at the end of a pair-by-pair causal run that are ordered longest first
+    across all of them: enough for `waves` tiles per CTA, so the last tiles claimed are short
+    ones (pair by pair to the end, the last pair's longest tile is claimed when the other CTAs
+    have a few blocks left)."""
+    if waves <= 0:
+        return 0
+    return min(pairs, -(-waves * ctas // blocks))
+
+
+def l2_section(seqlen_k, head_dim, head_ratio, budget=L2_SECTION_BYTES, blocks=1, ctas=1):
+    """(batch, head) pairs per causal section: a power of two of K/V heads whose K and V take at
+    most `budget` (at least one), times the query heads that share each (GQA); doubled while the
+    section's tiles (`blocks` per pair) would not give each of the grid's `ctas` one, since a
+    section smaller than the grid ends each of its blocks with CTAs idle for the next."""
+    kv_head = max(1, seqlen_k * 2 * head_dim * ELEMENT_BYTES)
+    kv_heads = max(1, budget // kv_head)
+    pairs = (1 << (kv_heads.bit_length() - 1)) * head_ratio
+    while pairs * blocks < ctas:
+        pairs *= 2
+    return pairs

@@ -1,0 +1,123 @@
+"""Epilogues: an accumulator tile from a consumer warpgroup's registers to global memory, shared
+by the GEMM and the attention kernels.
+
+Two ways out (PTX ISA 9.7.9.10 st, 9.7.9.17 stmatrix, 9.7.9.25 cp.async.bulk.tensor):
+- through shared memory: the fragment is written into a 128-byte swizzled staging tile
+  (`stager`: 32-bit stores of packed pairs or 64-bit stores of fp32 pairs; `stmatrix_stager`:
+  stmatrix.x4, four 8x8 16-bit matrices per warp and instruction), then one thread TMA-stores it.
+  TMA clips at the tensor's edges, so ragged tiles need no checks;
+- from registers (`row_storer`): each quad of threads transposes its row's pieces so that a
+  thread stores 16 contiguous bytes, each row checked against a limit (where a TMA box would
+  cross into the next sequence of a packed batch, or where no staging buffer fits).
+
+Fragment layout: `primitives.fragment` (thread t holds rows r = 16 (t // 32) + (t % 32) // 4 and
+r + 8; per 8-column group, packed 16-bit pairs at columns 2 (t % 4) of both rows).
+"""
+import functools
+
+import numpy as np
+from numba import cuda
+
+from ptx_inline import memory, special
+from . import fragment, smem
+from .unroll import static_range, unrolled
+
+#: Bytes of one 8-column group's packed 16-bit pair per row and thread, and of an fp32 pair.
+PAIR_BYTES_16, PAIR_BYTES_32 = 4, 8
+#: Columns in one accumulator group.
+GROUP_COLS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def stager(groups, element_bytes, chunk_bytes):
+    """stage(buf, regs, row, col_byte): write `groups` 8-column groups of a fragment into the
+    swizzled staging tile at shared address `buf` whose 128-byte chunks are `chunk_bytes` apart.
+    16-bit output: `regs` packed pairs, 2 per group (row, row + 8); fp32: 4 per group.
+    `row` is the thread's first row in the tile, `col_byte` the byte of its pair in a group
+    (2 (t % 4) * element_bytes)."""
+    group_bytes = GROUP_COLS * element_bytes
+    per_chunk = smem.SWIZZLE_BYTES // group_bytes
+    packed = element_bytes == 2
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def stage(buf, regs, row, col_byte):
+        for j in static_range(groups):
+            c, g = j // per_chunk, j % per_chunk
+            dst = buf + c * chunk_bytes
+            cb = g * group_bytes + col_byte
+            if packed:
+                memory.st_shared_b32(dst + smem.swizzle_128b(row, cb), regs[2 * j])
+                memory.st_shared_b32(dst + smem.swizzle_128b(row + 8, cb), regs[2 * j + 1])
+            else:
+                memory.st_shared_v2_f32(dst + smem.swizzle_128b(row, cb), regs[4 * j], regs[4 * j + 1])
+                memory.st_shared_v2_f32(dst + smem.swizzle_128b(row + 8, cb), regs[4 * j + 2], regs[4 * j + 3])
+    return stage
+
+
+@functools.lru_cache(maxsize=None)
+def stmatrix_stager(groups, chunk_bytes):
+    """stage(buf, packed, thread): `stager` for 16-bit output by stmatrix.x4: per warp and
+    instruction two 8-column groups of its 16 rows (matrices: rows 0-7 / 8-15 of group 2i, then
+    of group 2i + 1), lane l addressing row l % 8 (+ 8 for matrices 1 and 3), its group by l // 16.
+    The register order is the fragment's: packed[2j] row r, packed[2j + 1] row r + 8 of group j,
+    which is what the backward's transposed operands (P, dS) are staged from."""
+    if groups % 2:
+        raise ValueError("stmatrix.x4 stages groups in pairs")
+    per_chunk = smem.SWIZZLE_BYTES // (GROUP_COLS * 2)
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def stage(buf, packed, thread):
+        lane = thread % np.uint32(32)
+        row = np.uint32(16) * (thread // np.uint32(32)) + (lane & np.uint32(7)) + ((lane >> np.uint32(3)) & np.uint32(1)) * np.uint32(8)
+        second = lane >> np.uint32(4)
+        for i in static_range(groups // 2):
+            j = 2 * i
+            c, g = j // per_chunk, j % per_chunk
+            cb = np.uint32(g * GROUP_COLS * 2) + second * np.uint32(GROUP_COLS * 2)
+            memory.stmatrix_x4(buf + c * chunk_bytes + smem.swizzle_128b(row, cb),
+                               (packed[2 * j], packed[2 * j + 1], packed[2 * j + 2], packed[2 * j + 3]))
+    return stage
+
+
+@functools.lru_cache(maxsize=None)
+def row_storer(groups, element_bytes):
+    """store(packed, head, row_stride, row0, limit, quad): a 16-bit fragment of `groups`
+    8-column groups to global memory.  `head` is the address of the thread's first row at
+    column 8 * quad (quad = t % 4), `row_stride` in elements; rows at or past `limit` (row0 is
+    the thread's first row, compared with it) are not stored.  Every lane shuffles
+    (`fragment.quad_transpose`, full-warp shfl), so the check guards the stores only; each
+    st.global.v4 of a warp covers 8 rows x 64 bytes in whole sectors."""
+    if groups % 4:
+        raise ValueError("the quad transpose stores groups in fours")
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def store(packed, head, row_stride, row0, limit, quad):
+        for half in static_range(2):
+            for i in static_range(groups // 4):
+                run = fragment.quad_transpose(packed[8 * i + half], packed[8 * i + 2 + half],
+                                              packed[8 * i + 4 + half], packed[8 * i + 6 + half], quad)
+                if row0 + 8 * half < limit:
+                    memory.st_global_v4_b32(head + (8 * half * row_stride + 32 * i) * element_bytes, run)
+    return store
+
+
+@cuda.jit(device=True, forceinline=True)
+def fragment_row(thread):
+    """The thread's first row (r) of a warpgroup's accumulator fragment; its second is r + 8."""
+    return np.int32(np.uint32(16) * (thread // np.uint32(32)) + (thread % np.uint32(32)) // np.uint32(4))
+
+
+@cuda.jit(device=True, forceinline=True)
+def fragment_col(thread):
+    """The thread's first column within each 8-column group: 2 (t % 4)."""
+    return np.int32(np.uint32(2) * (thread % np.uint32(4)))
+
+
+@cuda.jit(device=True, forceinline=True)
+def rebuilt(x):
+    """`x` recomputed where it is used (the epilogue's addresses, per tile): hoisted out of the
+    tile loop they would hold registers through the main loop."""
+    return special.recompute_here(x)
