@@ -23,12 +23,13 @@ from numba import cuda, types
 from primitives import launch, mma, pipeline, scheduler, smem, warpgroup
 from primitives.epilogue import fragment_col, fragment_row
 from primitives.mma import WGMMA_M
+from primitives.pipeline import PipelineState
 from primitives.tma_desc import TENSOR_MAP_BYTES
-from ptx_inline import mbarrier, memory, special, tma
+from ptx_inline import mbarrier, special, tma
 from . import mask, softmax, tile_scheduler
 from .epilogue import make_epilogue
 from .mainloop import TileEnv, make_mainloop
-from .producer import make_producer
+from .producer import make_producer, receive_tile
 from .tiles import tiles_for
 from .trace import TraceEvent, tracer
 
@@ -184,8 +185,9 @@ class FlashForward(launch.HopperKernel):
             if TMA_STORE and tid == 0:
                 tma.fence_descriptor_acquire(p.maps + MAP_O)
             turn_start(wg)  # warpgroup 0 issues first
-            kv = pipeline.start()
-            q_state = pipeline.start()
+            # (ring positions cross the tile loop as loose int32, as in the main loop: mainloop)
+            kv_stage, kv_phase = np.int32(0), np.int32(0)
+            q_stage, q_phase = np.int32(0), np.int32(0)
             tiles = np.int32(p.m_blocks * p.heads * p.batch)
             r_local = fragment_row(utid)
             col0 = fragment_col(utid)
@@ -194,9 +196,9 @@ class FlashForward(launch.HopperKernel):
             while True:
                 if tracer_thread:
                     mark(p.trace, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
+                q_state = PipelineState(q_stage, q_phase)
                 pipeline.consumer_wait(sh.q_bars, q_state)
-                tile = np.int32(special.uniform_u32(
-                    memory.ld_shared_b32(sh.tile_slots + q_state.stage * smem.MBARRIER_BYTES)))
+                tile = receive_tile(sh.tile_slots, q_state, lane)
                 if tile >= tiles:
                     break
                 if tracer_thread:
@@ -211,12 +213,13 @@ class FlashForward(launch.HopperKernel):
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 limits = mask.row_limits(row0, sk - sq, p.left, p.right, sk, MASKED)
                 env = TileEnv(q_src, q_empty, n_min, n_max, col0, limits, lane, wg, tracer_thread, n)
-                o, st, kv = run_tile(p, sh, kv, env, mb, sq, sk)
+                o, st, kv = run_tile(p, sh, PipelineState(kv_stage, kv_phase), env, mb, sq, sk)
+                kv_stage, kv_phase = kv.stage, kv.phase
                 store(p, sh, o, st, wg, tid, r_local, col0, mb, h, b, q_off, row0, sq)
                 if tracer_thread:
                     mark(p.trace, 1 + wg, n, TraceEvent.DONE, special.clock64())
                 n = np.int32(n + 1)
-                q_state = pipeline.advance(q_state, Q_STAGES)
+                q_stage, q_phase = pipeline.advance(q_state, Q_STAGES)
             if tid == 0:
                 tma.wait_group(0)
         return consume

@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda
 
 from primitives import pipeline, warpgroup
+from primitives.pipeline import PipelineState
 from primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, pack_bf16, pack_f16, scale_regs,
                                  scale_rows, tanh_rows, zero_after, zeros)
 from primitives.unroll import constexpr, static_range, unrolled
@@ -238,6 +239,26 @@ def make_mainloop(fwd):
         pr, st = softmax.online_step(s, softmax.initial(), p.scale_log2)
         return LoopState(O_ZERO, PACK(pr), st, pipeline.advance(kv, STAGES), kv)
 
+    def make_loop(step):
+        """run(ls, nb, stop) -> (ls, nb): steps of blocks nb down to stop.  (The loop carries the
+        record's members, the ring positions as loose int32: as members of a record in the loop's
+        variables they left ptxas's uniform registers and the P V wait moved after every
+        exponential.)"""
+
+        @cuda.jit(device=True, forceinline=True)
+        def run(ls, nb, stop, env, p, sh):
+            o, pk, st = ls.o, ls.pk, ls.softmax
+            ks, kp, vs, vp = ls.k.stage, ls.k.phase, ls.v.stage, ls.v.phase
+            while nb >= stop:
+                ls = step(LoopState(o, pk, st, PipelineState(ks, kp), PipelineState(vs, vp)), nb, env, p, sh)
+                o, pk, st = ls.o, ls.pk, ls.softmax
+                ks, kp, vs, vp = ls.k.stage, ls.k.phase, ls.v.stage, ls.v.phase
+                nb = np.int32(nb - 1)
+            return LoopState(o, pk, st, PipelineState(ks, kp), PipelineState(vs, vp)), nb
+        return run
+
+    masked_steps, plain_steps = make_loop(step_masked), make_loop(step_plain)
+
     @cuda.jit(device=True, forceinline=True)
     def key_blocks(ls, nb, mb, sq, sk, env, p, sh):
         """The overlapped steps of blocks nb down to n_min: the masked copy where the mask is
@@ -247,32 +268,25 @@ def make_mainloop(fwd):
             if SEQUENTIAL:
                 # (Tiles.sequential_mask_loops) the diagonal's or right edge's blocks, the plain
                 # ones, then the left window edge's, in three loops in a row
-                stop = max(env.n_min, u_max)
-                while nb >= stop:
-                    ls = step_masked(ls, nb, env, p, sh)
-                    nb = np.int32(nb - 1)
-                stop = max(env.n_min, u_min)
-                while nb >= stop:
-                    ls = step_plain(ls, nb, env, p, sh)
-                    nb = np.int32(nb - 1)
-                while nb >= env.n_min:
-                    ls = step_masked(ls, nb, env, p, sh)
-                    nb = np.int32(nb - 1)
+                ls, nb = masked_steps(ls, nb, max(env.n_min, u_max), env, p, sh)
+                ls, nb = plain_steps(ls, nb, max(env.n_min, u_min), env, p, sh)
+                ls, nb = masked_steps(ls, nb, env.n_min, env, p, sh)
             else:
                 # (the loop nest: a masked step or the plain loop, per turn)
+                o, pk, st = ls.o, ls.pk, ls.softmax
+                ks, kp, vs, vp = ls.k.stage, ls.k.phase, ls.v.stage, ls.v.phase
                 while nb >= env.n_min:
+                    ls = LoopState(o, pk, st, PipelineState(ks, kp), PipelineState(vs, vp))
                     if nb >= u_max or nb < u_min:
                         ls = step_masked(ls, nb, env, p, sh)
                         nb = np.int32(nb - 1)
                     else:
-                        stop = max(env.n_min, u_min)
-                        while nb >= stop:
-                            ls = step_plain(ls, nb, env, p, sh)
-                            nb = np.int32(nb - 1)
+                        ls, nb = plain_steps(ls, nb, max(env.n_min, u_min), env, p, sh)
+                    o, pk, st = ls.o, ls.pk, ls.softmax
+                    ks, kp, vs, vp = ls.k.stage, ls.k.phase, ls.v.stage, ls.v.phase
+                ls = LoopState(o, pk, st, PipelineState(ks, kp), PipelineState(vs, vp))
         else:
-            while nb >= env.n_min:
-                ls = step_plain(ls, nb, env, p, sh)
-                nb = np.int32(nb - 1)
+            ls, nb = plain_steps(ls, nb, env.n_min, env, p, sh)
         return ls
 
     @cuda.jit(device=True, forceinline=True)

@@ -22,6 +22,26 @@ from . import mask
 from .trace import ProducerEvent, tracer
 
 
+@cuda.jit(device=True, forceinline=True)
+def send_tile(tile_slots, q_state, tile):
+    """The tile id into Q buffer q_state's slot (one lane; Q's full barrier publishes it)."""
+    memory.st_shared_b32(tile_slots + q_state.stage * smem.MBARRIER_BYTES, tile)
+
+
+@cuda.jit(device=True, forceinline=True)
+def receive_tile(tile_slots, q_state, lane):
+    """A consumer warp's copy of the tile id in Q buffer q_state's slot (after the buffer's full
+    barrier).  The producer rewrites the slot once every consumer warp's lane 0 has arrived on
+    the buffer's empty barrier; the warp-wide barrier after the read (bar.warp.sync, PTX ISA
+    9.7.13.2: it orders the memory accesses of the warp's threads) puts every lane's read before
+    that arrive, whose release semantics carry the order to the producer (compute-sanitizer
+    racecheck saw the other lanes' reads unordered at hdim 256, whose single Q buffer's slot is
+    rewritten every tile)."""
+    tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slots + q_state.stage * smem.MBARRIER_BYTES)))
+    cuda.syncwarp()
+    return tile
+
+
 def make_producer(fwd):
     """load(p, sh, lane) for a FlashForward `fwd`: `p` its ForwardParams, `sh` its SharedRegions."""
     BM, BN, STAGES, Q_STAGES = fwd.block_m, fwd.block_n, fwd.stages, fwd.q_stages
@@ -42,11 +62,6 @@ def make_producer(fwd):
             mark(p.trace, 0, n, event, special.clock64())
 
     @cuda.jit(device=True, forceinline=True)
-    def send_tile(sh, q_state, tile):
-        """The tile id into Q buffer q_state's slot (one lane; Q's full barrier publishes it)."""
-        memory.st_shared_b32(sh.tile_slots + q_state.stage * smem.MBARRIER_BYTES, tile)
-
-    @cuda.jit(device=True, forceinline=True)
     @unrolled
     def load(p, sh, lane):
         # The whole warp runs this loop (so ptxas keeps its warp-uniform state in uniform
@@ -63,7 +78,7 @@ def make_producer(fwd):
             if tile >= tiles:
                 pipeline.producer_wait(sh.q_bars, Q_STAGES, q_state)
                 if special.elect_one():
-                    send_tile(sh, q_state, tile)
+                    send_tile(sh.tile_slots, q_state, tile)
                     mbarrier.arrive(pipeline.full_barrier(sh.q_bars, q_state.stage))
                 break
             mb, h, b = tile_coords(p, tile)
@@ -85,7 +100,7 @@ def make_producer(fwd):
             pipeline.producer_wait(sh.q_bars, Q_STAGES, q_state)
             mark_now(p, n, ProducerEvent.Q_FREE, lane)
             if special.elect_one():
-                send_tile(sh, q_state, tile)
+                send_tile(sh.tile_slots, q_state, tile)
                 pipeline.producer_expect(sh.q_bars, q_state, Q_BYTES)
                 load_q(sh.q + q_state.stage * Q_BYTES, p.maps + MAP_Q, (h, q_off + mb * BM, bc),
                        pipeline.full_barrier(sh.q_bars, q_state.stage))
