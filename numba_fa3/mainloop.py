@@ -18,6 +18,7 @@ exponentials (`fragment.after`); with the lazy rescale (`Tiles.rescale_threshold
 end, behind a warp vote.  docs/decisions.md gives the measurements.
 """
 from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
@@ -56,9 +57,9 @@ def rescale_rounds(block_n, head_dim, rounds):
     return p_edges, o_edges
 
 
-def make_mainloop(fwd):
-    """SimpleNamespace-like pair (run_tile, release_q_now) for a FlashForward `fwd`:
-    run_tile(p, sh, kv, env, mb, sq, sk) -> (O, softmax state, K/V ring position after the tile)."""
+def _constants(fwd):
+    """The compile-time values every part of the main loop reads (bound into each factory's
+    locals: a Numba device function sees closure constants, not attributes)."""
     BM, BN, D, STAGES = fwd.block_m, fwd.block_n, fwd.head_dim, fwd.stages
     KV_STAGE = fwd.chunks * fwd.kv_chunk
     QK, PV = fwd.qk.issue, fwd.pv.issue
@@ -76,6 +77,16 @@ def make_mainloop(fwd):
     ROUNDS, P_HEAD = len(O_EDGES) - 1, P_EDGES[1]
     turn_wait, turn_pass, _ = warpgroup.pingpong(PINGPONG, fwd.consumers)
     mark, mark_step = tracer(TRACE)
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "fwd"})
+
+
+def _parts(c):
+    """The step's pieces (`c`: `_constants`): stage addresses and releases, the first S GEMM, the
+    scores' soft-cap and mask, the P V wait, the interleaved rescale's rounds."""
+    BM, BN, STAGES, KV_STAGE, QK, S_ZERO = c.BM, c.BN, c.STAGES, c.KV_STAGE, c.QK, c.S_ZERO
+    MASKED, SOFTCAP, UNIFORM, Q_REGS = c.MASKED, c.SOFTCAP, c.UNIFORM, c.Q_REGS
+    O_EDGES, P_EDGES, ROUNDS = c.O_EDGES, c.P_EDGES, c.ROUNDS
+    turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
 
     @cuda.jit(device=True, forceinline=True)
     def stage_addr(x):
@@ -160,84 +171,85 @@ def make_mainloop(fwd):
         o = scale_regs(o, st.a0, st.a1, constexpr(O_EDGES[ROUNDS - 1]), constexpr(O_EDGES[ROUNDS]))
         return o, pr
 
-    def make_step(masked):
-        # A plain step's block has no masked score in any row, so its row maxima are finite.
-        UNMASKED_STEP = not masked
+    return SimpleNamespace(stage_addr=stage_addr, release=release, release_q_now=release_q_now, release_q=release_q, s_now=s_now, masked_scores=masked_scores, pv_done=pv_done, rescale_among_exponentials=rescale_among_exponentials)
 
-        @cuda.jit(device=True, forceinline=True)
-        def step(ls, nb, env, p, sh):
-            """One step of the overlapped loop: S of block nb issued, then P V of the block
-            before (P in ls.pk); this block's softmax under both; returns the next LoopState."""
-            t = np.int32(env.n_max - 2 - nb)
-            pipeline.consumer_wait(sh.k_bars, ls.k)
-            if env.tracer:
-                mark_step(p.trace, env.wg, env.n, t, LoopEvent.K_READY)
-            turn_wait(env.wg)
-            if env.tracer:
-                mark_step(p.trace, env.wg, env.n, t, LoopEvent.TURN)
-            s = QK(S_ZERO, env.q_src, stage_addr(sh.k + ls.k.stage * KV_STAGE), 0)
-            o = ls.o
-            if not INTERLEAVE:
-                o = softmax.rescale(o, ls.softmax, LAZY)
-            pipeline.consumer_wait(sh.v_bars, ls.v)
-            o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * KV_STAGE), 1)
-            turn_pass(env.wg)
-            s = wgmma.wait_group_tied(1, s)
-            if env.tracer:
-                mark_step(p.trace, env.wg, env.n, t, LoopEvent.S_READY)
-            if not UNIFORM:
-                release(sh.k_bars, ls.k, env.lane)
-                if nb == env.n_min:
-                    release_q(env.q_empty, env.lane)
-            if SOFTCAP:
-                s = tanh_rows(s, p.softcap_scale)
-            if masked:
-                s = mask.apply(s, nb, BN, env.col0, env.limits)
-            if INTERLEAVE:
-                st, b0, b1 = softmax.online_max(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
-                pr = exp2_regs(s, p.scale_log2, b0, b1, 0, P_HEAD)
-                if UNIFORM:
-                    # the releases after the exponentials before the P V wait, which ptxas would
-                    # otherwise hoist above all of them
-                    z = zero_after(pr[P_HEAD - 1] if P_HEAD else b0)
-                    release(sh.k_bars + z, ls.k, env.lane)
-                    if nb == env.n_min:
-                        release_q(env.q_empty + z, env.lane)
-                o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
-                if TAIL_AFTER_WAIT:
-                    # (the bias through O's first register of each row: ptxas must place the
-                    # P V wait before these, as the eager rounds' multiplies make it)
-                    pr = exp2_regs(pr, p.scale_log2, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)
-                elif LAZY:
-                    pr = exp2_regs(pr, p.scale_log2, b0, b1, P_HEAD, P_REGS)
-                else:
-                    o, pr = rescale_among_exponentials(o, pr, st, b0, b1, p.scale_log2)
-                st = softmax.online_sum(pr, st)
-            else:
-                pr, st = softmax.online_step(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
-                o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
-            pk = PACK(pr)
-            if INTERLEAVE and LAZY:
-                # (last: the branch ends the step's one basic block; among the exponentials it
-                # split the softmax in two)
-                o = softmax.rescale(o, st, True)
-            return LoopState(o, pk, st, pipeline.advance(ls.k, STAGES), ls.k)
-        return step
 
-    step_masked, step_plain = make_step(True), make_step(False)
+def _step(c, h, masked):
+    """One step of the overlapped loop, with the mask or without (`masked`)."""
+    BN, STAGES, KV_STAGE, QK, PV, S_ZERO, PACK = c.BN, c.STAGES, c.KV_STAGE, c.QK, c.PV, c.S_ZERO, c.PACK
+    SOFTCAP, INTERLEAVE, UNIFORM, THRESHOLD, LAZY = c.SOFTCAP, c.INTERLEAVE, c.UNIFORM, c.THRESHOLD, c.LAZY
+    TAIL_AFTER_WAIT, P_HEAD, P_REGS = c.TAIL_AFTER_WAIT, c.P_HEAD, c.P_REGS
+    turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
+    stage_addr, release, release_q, pv_done = h.stage_addr, h.release, h.release_q, h.pv_done
+    rescale_among_exponentials = h.rescale_among_exponentials
+    # A plain step's block has no masked score in any row, so its row maxima are finite.
+    UNMASKED_STEP = not masked
 
     @cuda.jit(device=True, forceinline=True)
-    def first_block(p, sh, kv, nb, mb, sq, sk, env):
-        """The tile's first block (its last in key order): S waited for at once, its softmax."""
-        s = s_now(p, sh, kv, env)
+    def step(ls, nb, env, p, sh):
+        """One step of the overlapped loop: S of block nb issued, then P V of the block
+        before (P in ls.pk); this block's softmax under both; returns the next LoopState."""
+        t = np.int32(env.n_max - 2 - nb)
+        pipeline.consumer_wait(sh.k_bars, ls.k)
         if env.tracer:
-            mark(p.trace, 1 + env.wg, env.n, TraceEvent.FIRST_S, special.clock64())
-            mark(p.trace, 1 + env.wg, env.n, TraceEvent.BLOCKS, env.n_max - env.n_min)
-        if nb == env.n_min:  # the tile's last S GEMM is done: Q may be reloaded
-            release_q(env.q_empty, env.lane)
-        s = masked_scores(s, nb, mb, sq, sk, p, env)
-        pr, st = softmax.online_step(s, softmax.initial(), p.scale_log2)
-        return LoopState(O_ZERO, PACK(pr), st, pipeline.advance(kv, STAGES), kv)
+            mark_step(p.trace, env.wg, env.n, t, LoopEvent.K_READY)
+        turn_wait(env.wg)
+        if env.tracer:
+            mark_step(p.trace, env.wg, env.n, t, LoopEvent.TURN)
+        s = QK(S_ZERO, env.q_src, stage_addr(sh.k + ls.k.stage * KV_STAGE), 0)
+        o = ls.o
+        if not INTERLEAVE:
+            o = softmax.rescale(o, ls.softmax, LAZY)
+        pipeline.consumer_wait(sh.v_bars, ls.v)
+        o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * KV_STAGE), 1)
+        turn_pass(env.wg)
+        s = wgmma.wait_group_tied(1, s)
+        if env.tracer:
+            mark_step(p.trace, env.wg, env.n, t, LoopEvent.S_READY)
+        if not UNIFORM:
+            release(sh.k_bars, ls.k, env.lane)
+            if nb == env.n_min:
+                release_q(env.q_empty, env.lane)
+        if SOFTCAP:
+            s = tanh_rows(s, p.softcap_scale)
+        if masked:
+            s = mask.apply(s, nb, BN, env.col0, env.limits)
+        if INTERLEAVE:
+            st, b0, b1 = softmax.online_max(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
+            pr = exp2_regs(s, p.scale_log2, b0, b1, 0, P_HEAD)
+            if UNIFORM:
+                # the releases after the exponentials before the P V wait, which ptxas would
+                # otherwise hoist above all of them
+                z = zero_after(pr[P_HEAD - 1] if P_HEAD else b0)
+                release(sh.k_bars + z, ls.k, env.lane)
+                if nb == env.n_min:
+                    release_q(env.q_empty + z, env.lane)
+            o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
+            if TAIL_AFTER_WAIT:
+                # (the bias through O's first register of each row: ptxas must place the
+                # P V wait before these, as the eager rounds' multiplies make it)
+                pr = exp2_regs(pr, p.scale_log2, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)
+            elif LAZY:
+                pr = exp2_regs(pr, p.scale_log2, b0, b1, P_HEAD, P_REGS)
+            else:
+                o, pr = rescale_among_exponentials(o, pr, st, b0, b1, p.scale_log2)
+            st = softmax.online_sum(pr, st)
+        else:
+            pr, st = softmax.online_step(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
+            o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
+        pk = PACK(pr)
+        if INTERLEAVE and LAZY:
+            # (last: the branch ends the step's one basic block; among the exponentials it
+            # split the softmax in two)
+            o = softmax.rescale(o, st, True)
+        return LoopState(o, pk, st, pipeline.advance(ls.k, STAGES), ls.k)
+    return step
+
+
+def _key_blocks(c, h):
+    """key_blocks(ls, nb, mb, sq, sk, env, p, sh): the overlapped steps of a tile's blocks."""
+    BM, BN, MASKED, SEQUENTIAL = c.BM, c.BN, c.MASKED, c.SEQUENTIAL
+    step_masked, step_plain = _step(c, h, True), _step(c, h, False)
 
     def make_loop(step):
         """run(ls, nb, stop) -> (ls, nb): steps of blocks nb down to stop.  (The loop carries the
@@ -288,6 +300,32 @@ def make_mainloop(fwd):
         else:
             ls, nb = plain_steps(ls, nb, env.n_min, env, p, sh)
         return ls
+    return key_blocks
+
+
+def make_mainloop(fwd):
+    """(run_tile, release_q_now) for a FlashForward `fwd`: run_tile(p, sh, kv, env, mb, sq, sk)
+    -> (O, softmax state, K/V ring position after the tile)."""
+    c = _constants(fwd)
+    h = _parts(c)
+    STAGES, KV_STAGE, PV, O_ZERO, PACK = c.STAGES, c.KV_STAGE, c.PV, c.O_ZERO, c.PACK
+    INTERLEAVE, LAZY, OVERLAP = c.INTERLEAVE, c.LAZY, c.OVERLAP
+    mark = c.mark
+    stage_addr, release, release_q, s_now, masked_scores = h.stage_addr, h.release, h.release_q, h.s_now, h.masked_scores
+    key_blocks = _key_blocks(c, h)
+
+    @cuda.jit(device=True, forceinline=True)
+    def first_block(p, sh, kv, nb, mb, sq, sk, env):
+        """The tile's first block (its last in key order): S waited for at once, its softmax."""
+        s = s_now(p, sh, kv, env)
+        if env.tracer:
+            mark(p.trace, 1 + env.wg, env.n, TraceEvent.FIRST_S, special.clock64())
+            mark(p.trace, 1 + env.wg, env.n, TraceEvent.BLOCKS, env.n_max - env.n_min)
+        if nb == env.n_min:  # the tile's last S GEMM is done: Q may be reloaded
+            release_q(env.q_empty, env.lane)
+        s = masked_scores(s, nb, mb, sq, sk, p, env)
+        pr, st = softmax.online_step(s, softmax.initial(), p.scale_log2)
+        return LoopState(O_ZERO, PACK(pr), st, pipeline.advance(kv, STAGES), kv)
 
     @cuda.jit(device=True, forceinline=True)
     def last_pv(ls, env, p, sh):
@@ -335,4 +373,4 @@ def make_mainloop(fwd):
         release_q(env.q_empty, env.lane)
         return o, st, kv
 
-    return (run_overlapped if OVERLAP else run_serial), release_q_now
+    return (run_overlapped if OVERLAP else run_serial), h.release_q_now
