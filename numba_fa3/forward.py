@@ -198,7 +198,7 @@ class FlashForward(launch.HopperKernel):
                     mark(p.trace, 1 + wg, n, TraceEvent.WAIT_Q, special.clock64())
                 q_state = PipelineState(q_stage, q_phase)
                 pipeline.consumer_wait(sh.q_bars, q_state)
-                tile = receive_tile(sh.tile_slots, q_state, lane)
+                tile = receive_tile(sh.tile_slots, q_state)
                 if tile >= tiles:
                     break
                 if tracer_thread:
@@ -229,6 +229,7 @@ class FlashForward(launch.HopperKernel):
         run = warpgroup.specialize(make_producer(self), self.make_mma(), self.registers)
         STAGES, Q_STAGES = self.stages, self.q_stages
         CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
+        CONSUMER_THREADS = self.consumers * warpgroup.WARPGROUP_THREADS
         OFF_Q, OFF_K, OFF_V, OFF_BARS = (self.smem.offsets[k] for k in ("q", "k", "v", "barriers"))
         OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q
         RING, Q_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(Q_STAGES)
@@ -243,7 +244,7 @@ class FlashForward(launch.HopperKernel):
             if cuda.threadIdx.x == 0:
                 pipeline.init(sh.k_bars, STAGES, CONSUMER_WARPS)
                 pipeline.init(sh.v_bars, STAGES, CONSUMER_WARPS)
-                pipeline.init(sh.q_bars, Q_STAGES, CONSUMER_WARPS)
+                pipeline.init(sh.q_bars, Q_STAGES, CONSUMER_THREADS)  # (every consumer thread: mainloop)
                 mbarrier.fence_init()
             cuda.syncthreads()
             run(p, sh)

@@ -107,10 +107,12 @@ def _parts(c):
 
     @cuda.jit(device=True, forceinline=True)
     def release_q_now(q_empty, lane):
-        if UNIFORM:
-            mbarrier.arrive_if(q_empty, lane == 0)
-        elif lane == 0:
-            mbarrier.arrive(q_empty)
+        """Q's buffer (and its tile-id slot) may be rewritten: every consumer thread arrives, so
+        that its own reads of the slot (and, with Q in registers, its ldmatrix loads of Q) are
+        released before the producer's next writes.  (One arrive per warp from lane 0 left the
+        other lanes' reads ordered by nothing that compute-sanitizer racecheck follows; the
+        barrier counts every consumer thread.)"""
+        mbarrier.arrive(q_empty)
 
     @cuda.jit(device=True, forceinline=True)
     def release_q(q_empty, lane):

@@ -29,17 +29,12 @@ def send_tile(tile_slots, q_state, tile):
 
 
 @cuda.jit(device=True, forceinline=True)
-def receive_tile(tile_slots, q_state, lane):
-    """A consumer warp's copy of the tile id in Q buffer q_state's slot (after the buffer's full
-    barrier).  The producer rewrites the slot once every consumer warp's lane 0 has arrived on
-    the buffer's empty barrier; the warp-wide barrier after the read (bar.warp.sync, PTX ISA
-    9.7.13.2: it orders the memory accesses of the warp's threads) puts every lane's read before
-    that arrive, whose release semantics carry the order to the producer (compute-sanitizer
-    racecheck saw the other lanes' reads unordered at hdim 256, whose single Q buffer's slot is
-    rewritten every tile)."""
-    tile = np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slots + q_state.stage * smem.MBARRIER_BYTES)))
-    cuda.syncwarp()
-    return tile
+def receive_tile(tile_slots, q_state):
+    """A consumer thread's copy of the tile id in Q buffer q_state's slot (after the buffer's
+    full barrier).  Every consumer thread that reads it arrives on the buffer's empty barrier
+    afterwards (`mainloop` release_q_now), and the producer rewrites the slot only once that
+    phase completed: each read is released by its own thread's arrive."""
+    return np.int32(special.uniform_u32(memory.ld_shared_b32(tile_slots + q_state.stage * smem.MBARRIER_BYTES)))
 
 
 def make_producer(fwd):
