@@ -5,10 +5,13 @@
 # parametrized ones contain spaces.
 #   N=6 bash tests/run_gpu_shards.sh            # all shards, results in $OUT (default: /tmp)
 #   N=6 SHARDS="ab ad" bash tests/run_gpu_shards.sh   # rerun two shards (the split is deterministic)
+# Then tests/sanitize.py (every kernel specialization under compute-sanitizer's four tools; summary
+# in $OUT/sanitize.txt and .json), which counts in the exit status: SANITIZE=0 skips it,
+# SANITIZE_ARGS passes it options (e.g. "--quick", "--tools racecheck"), TS bounds it (seconds).
 set -u
 N=${N:-6}
 OUT=${OUT:-/tmp}
-FILES=${FILES:-"tests/test_forward.py tests/test_smem.py tests/test_tile_order.py tests/test_fragment.py tests/test_gemm.py tests/test_host.py tests/test_scheduler.py"}
+FILES=${FILES:-"tests/test_forward.py tests/test_smem.py tests/test_tile_order.py tests/test_fragment.py tests/test_gemm.py tests/test_host.py tests/test_scheduler.py tests/test_robustness.py"}
 ids=$(mktemp -d)
 python -m pytest --collect-only -q -p no:cacheprovider $FILES 2>/dev/null | grep "::" > "$ids/all"
 echo "$(wc -l < "$ids/all") tests in $N shards"
@@ -25,4 +28,8 @@ for f in "$OUT"/shard_*.txt; do
   echo "${f##*/}: ${line:-no summary (timed out?)}"
   [[ "$line" == *passed* && "$line" != *failed* && "$line" != *error* ]] || status=1
 done
+if [ "${SANITIZE:-1}" != 0 ]; then
+  timeout "${TS:-3000}" python tests/sanitize.py --out "$OUT/sanitize.json" ${SANITIZE_ARGS:-} > "$OUT/sanitize.txt" 2>&1 || status=1
+  echo "$(tail -1 "$OUT/sanitize.txt")"
+fi
 exit $status
