@@ -1,8 +1,9 @@
 """Compiling a kernel for this GPU and launching it with little Python in between.
 
 Kernels in this library take only scalars (addresses, sizes), so a launch is: normalize the
-stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles; its dispatcher does not launch
-(its per-call type resolution costs more than a short attention kernel runs).
+stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles (or `kernel_cache` finds the cubin
+on disk); its dispatcher does not launch (its per-call type resolution costs more than a short
+attention kernel runs).
 """
 import ctypes
 import functools
@@ -10,6 +11,7 @@ import threading
 
 from numba import cuda
 
+from . import kernel_cache
 from .compile import HOPPER
 
 
@@ -56,29 +58,37 @@ def cluster_config(grid, threads, smem_bytes, stream, cluster):
 
 
 class CompiledKernel:
-    """One kernel specialization compiled for sm_90a with launch bounds (threads, 1), allowed
-    `smem_bytes` of dynamic shared memory, launched in clusters of `cluster` CTAs (1: none).
+    """One kernel specialization, assembled for sm_90a with launch bounds (threads, 1) (a cubin
+    from `kernel_cache`), loaded with the driver, allowed `smem_bytes` of dynamic shared memory,
+    launched in clusters of `cluster` CTAs (1: none).
 
     Launches go straight to `cuLaunchKernel` with a parameter block packed by ctypes: Numba's own
     launch path resolves every argument's type on every call (~10 us per argument, ~250 us for
     the attention kernel's 24), which would dominate a short attention call."""
 
-    def __init__(self, fn, signature, threads, smem_bytes, cluster=1):
+    def __init__(self, name, image, signature, threads, smem_bytes, cluster=1):
         from cuda.bindings import driver as drv
-        self.threads, self.smem_bytes, self.cluster = threads, smem_bytes, cluster
-        dispatcher = cuda.jit(signature, launch_bounds=(threads, 1))(fn)
-        self._kernel = dispatcher.overloads[signature.args]
+        self.name, self.threads, self.smem_bytes, self.cluster = name, threads, smem_bytes, cluster
         self._context = cuda.current_context()
-        cufunc = self._kernel._codelibrary.get_cufunc()
-        self._set_max_dynamic_smem(cufunc, smem_bytes)
-        err, self._function = drv.cuKernelGetFunction(cufunc.handle)
-        if err != drv.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuKernelGetFunction failed: {err.name}")
-        self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._drv = drv
+        self.image = image  # the cubin, for inspection (nvdisasm)
+        # A library is not tied to a context, and Numba's primary context is current, so the
+        # kernel's function is found in it.
+        self._library = self._check(drv.cuLibraryLoadData(image, None, None, 0, None, None, 0),
+                                    "cuLibraryLoadData")
+        kernel = self._check(drv.cuLibraryGetKernel(self._library, name.encode()), "cuLibraryGetKernel")
+        self._set_max_dynamic_smem(kernel, smem_bytes, self._context.device.id)
+        self._function = self._check(drv.cuKernelGetFunction(kernel), "cuKernelGetFunction")
+        self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._local = threading.local()
         self._configs = {}          # clustered launches: CUlaunchConfig per (grid, stream)
         self._max_clusters = None   # cuOccupancyMaxActiveClusters, asked once
+
+    def _check(self, result, what):
+        err, *value = result
+        if err != self._drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"{what} failed for {self.name}: {err.name}")
+        return value[0] if len(value) == 1 else tuple(value)
 
     def max_active_clusters(self):
         """How many clusters of this kernel the device runs at once (cuOccupancyMaxActiveClusters):
@@ -101,17 +111,17 @@ class CompiledKernel:
             cfg = self._configs[key] = cluster_config(grid, self.threads, self.smem_bytes, stream, self.cluster)
         return cfg
 
-    @staticmethod
-    def _set_max_dynamic_smem(cufunc, nbytes):
-        from cuda.bindings import driver as drv
-        attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        (err,) = drv.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
-        if err != drv.CUresult.CUDA_SUCCESS:
+    def _set_max_dynamic_smem(self, kernel, nbytes, device):
+        attr = self._drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        (err,) = self._drv.cuKernelSetAttribute(attr, nbytes, kernel, device)
+        if err != self._drv.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cannot give the kernel {nbytes} B of shared memory: {err.name}")
 
     @property
     def registers(self):
-        return self._kernel.get_regs_per_thread() if hasattr(self._kernel, "get_regs_per_thread") else None
+        """Registers per thread at launch (before any setmaxnreg)."""
+        attr = self._drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
+        return self._check(self._drv.cuFuncGetAttribute(attr, self._function), "cuFuncGetAttribute")
 
     def _params(self):
         """This thread's parameter block: one ctypes value per argument and the void* array
@@ -169,8 +179,11 @@ class HopperKernel:
         return compile_ptx(self.make_kernel(), self.SIGNATURE, self.threads)
 
     def kernel(self):
+        """The loaded kernel: from the on-disk cache where compiled before (`kernel_cache`), else
+        compiled now (5-30 s) and stored."""
         if self._kernel is None:
             check_hopper()
-            self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes,
+            name, image = kernel_cache.cubin(self)
+            self._kernel = CompiledKernel(name, image, self.SIGNATURE, self.threads, self.smem.bytes,
                                           self.cluster)
         return self._kernel
