@@ -227,3 +227,19 @@ def test_compile_writes_an_entry_the_next_lookup_serves(cache, monkeypatch, capl
     assert kernel_cache.load(kernel_cache.kernel_key(_Tiny(value), CC), "_Tiny") == (name, image)
     with pytest.raises(AssertionError, match="compiled although"):
         kernel_cache.cubin(_Tiny(value + 1), CC)  # another configuration is another entry
+
+
+def test_precompile_lists_the_kernels_the_api_builds():
+    from numba_fa3 import mask, tiles
+    from numba_fa3.precompile import specializations
+    specs = specializations([64, 128], ["bf16"], ["full", "causal"], softcap=False, varlen=True, gemm=True)
+    assert len(specs) == len(set(specs))
+    forward = [args for kind, args in specs if kind == "forward"]
+    for d in (64, 128):
+        for kind in (mask.MASK_NONE, mask.MASK_CAUSAL):
+            assert ("bf16", d, kind, False, False, False) in forward      # flash_attn
+            assert ("bf16", d, kind, False, True, False) in forward       # flash_attn_varlen
+            long = tiles.has_long_tiles(d, kind != mask.MASK_NONE, tiles.LONG_QUERIES)
+            assert (("bf16", d, kind, False, False, True) in forward) == long
+    assert sorted(args for kind, args in specs if kind == "gemm") == sorted(
+        ("bf16", out, tb) for out in ("bf16", "f32") for tb in (True, False))
