@@ -61,12 +61,14 @@ def _options(d, softmax_scale, causal, window_size, softcap):
     return scale, softcap, (left, right), mask.mask_kind(causal, (left, right))
 
 
-def _output(out, like, shape):
+def _output(out, like, shape, stream):
     if out is None:
         o = tensors.empty_like_kind(like, shape, like.dtype)
         return o, tensors.TensorInfo(tensors.device_ptr(o), shape, tensors.contiguous_strides(shape), like.dtype,
                                      like.kind, o)
-    io = tensors.inspect(out, "out")
+    if type(out).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise TypeError("out=: JAX arrays are immutable; leave out=None to get a new JAX array")
+    io = tensors.inspect(out, "out", stream)
     if io.shape != shape or io.dtype != like.dtype or io.strides[-1] != 1:
         raise ValueError(f"out must be {shape} {like.dtype} with a contiguous last dim, got {io.shape} {io.dtype}")
     _check_tma([(io, "out")])
@@ -90,7 +92,7 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
     """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind, softcap=...,
     long_queries=...): the benchmark's ablation passes kernels with parts of the schedule switched
     off."""
-    iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 4, "[batch, seqlen, heads, head_dim]")
     b, sq, h, d = iq.shape
     bk, sk, hk, dk = ik.shape
@@ -108,7 +110,7 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
             raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
         iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
-    o, io = _output(out, iq, (b, sq, h, d))
+    o, io = _output(out, iq, (b, sq, h, d), stream)
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream(iq.obj)
@@ -116,13 +118,21 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
                        long_queries=tiles.has_long_tiles(d, kind != mask.MASK_NONE, sq))
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
     kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, cap, stream)
+    return _results(o, lse, iq, io, host, out, stream, return_lse)
+
+
+def _results(o, lse, like, io, host, out, stream, return_lse):
+    """The output (and LSE) as the caller's kind: NumPy back from the GPU, DLPack inputs' results
+    handed to their library now that the kernel is queued."""
     if host:
-        o = tensors.to_host(o, io.dtype)
-        lse = lse.copy_to_host()
+        o, lse = tensors.to_host(o, io.dtype), lse.copy_to_host()
+    else:
+        o = o if out is not None else tensors.to_library(o, like, io.dtype, stream)
+        lse = tensors.to_library(lse, like, "f32", stream)
     return (o, lse) if return_lse else o
 
 
-def _cu_seqlens(x, name, total, host):
+def _cu_seqlens(x, name, total, host, stream):
     """(array, device address, batch, lengths) of a cu_seqlens array (int32, batch + 1 entries),
     checked as far as can be without reading GPU memory; NumPy ones are checked fully (and get
     their device address from `_upload_cu` once every check has passed)."""
@@ -133,7 +143,7 @@ def _cu_seqlens(x, name, total, host):
         if a[0] != 0 or np.any(np.diff(a.astype(np.int64)) < 0) or a[-1] != total:
             raise ValueError(f"{name} must start at 0, not decrease, and end at the packed length {total}")
         return a.astype(np.int32), None, a.shape[0] - 1, np.diff(a.astype(np.int64))
-    info = tensors.inspect(x, name)
+    info = tensors.inspect(x, name, stream)
     if info.kind == "numpy":
         raise TypeError(f"{name} must be on the GPU like q, k, v")
     if len(info.shape) != 1 or info.shape[0] < 2 or info.strides[0] != 1:
@@ -153,7 +163,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     as in `flash_attn`, per sequence.  Returns out `[Tq, H, D]` and with return_lse the LSE
     `[H, Tq]` (float32).
     """
-    iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 3, "[total_tokens, heads, head_dim]")
     tq, h, d = iq.shape
     tk, hk, dk = ik.shape
@@ -167,8 +177,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if max_q < 0 or max_k < 0:
         raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
     host = iq.kind == "numpy"
-    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host)
-    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host)
+    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
+    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
     if bq != bk:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
     if host:
@@ -181,7 +191,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
         cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
-    o, io = _output(out, iq, (tq, h, d))
+    o, io = _output(out, iq, (tq, h, d), stream)
     lse = tensors.empty_like_kind(iq, (h, tq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream(iq.obj)
@@ -194,10 +204,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         table = descriptor_tables.get(kern.tensor_maps(*(_as_batch_of_one(x) for x in (iq, ik, iv, io))))
         kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max_k, window, scale, cap,
                     stream, cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
-    if host:
-        o = tensors.to_host(o, io.dtype)
-        lse = lse.copy_to_host()
-    return (o, lse) if return_lse else o
+    return _results(o, lse, iq, io, host, out, stream, return_lse)
 
 
 def _as_batch_of_one(info):
