@@ -17,12 +17,18 @@ from .compile import HOPPER
 
 def stream_handle(stream):
     """The raw CUstream of a stream given as None/0 (legacy default), an int handle, a Numba
-    stream, or any object with `.cuda_stream` (torch.cuda.Stream, CuPy streams)."""
+    stream, an object with `.cuda_stream` (torch.cuda.Stream) or `.ptr` (CuPy streams), or one
+    that speaks the CUDA stream protocol (`__cuda_stream__`: cuda.core)."""
     if not stream:
         return 0
     if isinstance(stream, int):
         return stream
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        return int(protocol()[1])
     handle = getattr(stream, "cuda_stream", None)
+    if handle is None and type(stream).__module__.startswith("cupy"):
+        handle = getattr(stream, "ptr", None)
     if handle is not None:
         return int(handle)
     try:
@@ -158,12 +164,35 @@ def sm_count():
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+class NoHopperGPU(RuntimeError):
+    """There is no usable Hopper GPU: no driver, no device, or another architecture."""
+
+
+#: What runs anywhere, named in the error.
+REFERENCE = "numba_fa3.reference.attention_reference"
+
+
+def _driver_failure(exc):
+    """One line of why CUDA could not start (Numba's message spans several, with advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Error at driver init") and ln != ":"] or [type(exc).__name__]
+    return lines[0].rstrip(".:")
+
+
 def check_hopper():
-    """Raise a clear error unless the current device is an sm_90 part."""
-    dev = cuda.get_current_device()
-    if dev.compute_capability != HOPPER[:2]:
-        raise RuntimeError(f"numba_fa3 kernels need a Hopper GPU (sm_90); {dev.name.decode() if isinstance(dev.name, bytes) else dev.name} "
-                           f"is sm_{dev.compute_capability[0]}{dev.compute_capability[1]}")
+    """Raise one clear NoHopperGPU (not the driver's traceback) unless the current device is an
+    sm_90 part."""
+    try:
+        dev = cuda.get_current_device()
+    except Exception as e:  # noqa: BLE001 - whatever failed, the answer is the same
+        found = f"no usable CUDA device ({_driver_failure(e)})"
+    else:
+        if tuple(dev.compute_capability) == HOPPER[:2]:
+            return
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        found = f"{name} (sm_{dev.compute_capability[0]}{dev.compute_capability[1]})"
+    raise NoHopperGPU(f"numba_fa3 needs an NVIDIA Hopper GPU (sm_90); found {found} — {REFERENCE} "
+                      f"runs anywhere (NumPy)") from None
 
 
 class HopperKernel:

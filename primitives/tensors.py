@@ -166,8 +166,11 @@ def device_ptr(arr):
 
 
 def to_device(a):
-    """Copy a NumPy array to a Numba device array (bf16/e4m3 travel as raw bits)."""
+    """Copy a NumPy array to a Numba device array (bf16/e4m3 travel as raw bits).  Without a
+    Hopper GPU, raises launch.NoHopperGPU first (a NumPy caller's first touch of the GPU)."""
     from numba import cuda
+    from .launch import check_hopper
+    check_hopper()
     a = np.ascontiguousarray(a)
     if a.dtype == _BF16:
         a = a.view(np.uint16)
