@@ -1,10 +1,10 @@
 """Public API: `flash_attn(q, k, v, ...)` and `flash_attn_varlen(q, k, v, cu_seqlens_q, ...)`.
 
 q `[B, Sq, H, D]`, k/v `[B, Sk, Hk, D]` (varlen: packed `[T, H, D]` / `[T, Hk, D]`), Hk dividing H
-(GQA/MQA); bf16 or fp16.  GPU inputs (torch CUDA tensors, Numba/CuPy device arrays) are used in
-place, strided ones too as long as the last dimension is contiguous; the result is a new array of
-the same library, or `out`.  NumPy inputs are copied to the GPU and the result comes back as
-NumPy.  Everything unsupported raises before launch.
+(GQA/MQA); bf16 or fp16.  GPU inputs (torch CUDA tensors, CuPy and Numba device arrays, JAX and
+other DLPack arrays) are used in place, strided ones too as long as the last dimension is
+contiguous; the result is a new array of the same library, or `out`.  NumPy inputs are copied to
+the GPU and the result comes back as NumPy.  Everything unsupported raises before launch.
 """
 import math
 
@@ -79,10 +79,21 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
                return_lse=False, out=None, stream=None):
     """Exact attention softmax(q k^T * scale) v, computed by the FlashAttention-3 forward kernel.
 
+    q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` with Hk dividing H (GQA/MQA), D one of
+    tiles.SUPPORTED_HEAD_DIMS (64, 96, 128, 192, 256); all three bfloat16 or all float16.
+    Array kinds: torch CUDA tensors, CuPy arrays, Numba device arrays, JAX arrays and any other
+    CUDA array that exports DLPack (used in place, no copy; the last dimension contiguous, base
+    and strides 16-byte aligned), or NumPy arrays (bfloat16 as ml_dtypes.bfloat16; copied to the
+    GPU, the result copied back).  Without a Hopper GPU, raises primitives.launch.NoHopperGPU.
     causal: bottom-right aligned when Sq != Sk (as FA2/FA3).  window_size=(left, right), -1 for
     unbounded.  softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax.
+    out: a GPU array `[B, Sq, H, D]` of q's dtype to write into (not for NumPy inputs, nor JAX,
+    whose arrays are immutable); else a new array of the inputs' library.
+    stream: where to launch: None (torch tensors: torch's current stream; others: the legacy
+    default stream), an int CUstream handle, or a stream object (Numba, CuPy, torch: anything
+    with `.cuda_stream` or `.handle`).  The call does not wait for the kernel.
     Returns out `[B, Sq, H, D]`, and with return_lse the log-sum-exp `[B, H, Sq]` (float32,
-    natural log; -inf for rows that see no key, whose output is 0).
+    natural log; -inf for rows that see no key, whose output is 0), both of the inputs' library.
     """
     return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
                     forward_kernel)
@@ -160,8 +171,10 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     cu_seqlens_k[i+1] of k and v (int32 arrays of batch + 1 entries, starting at 0).
     max_seqlen_q / max_seqlen_k must bound every sequence's length.  Empty and 1-token sequences
     are allowed (an empty key sequence gives zero output rows and LSE -inf).  Masks and softcap
-    as in `flash_attn`, per sequence.  Returns out `[Tq, H, D]` and with return_lse the LSE
-    `[H, Tq]` (float32).
+    as in `flash_attn`, per sequence.  dtypes, array kinds, `out` ([Tq, H, D]) and `stream` as in
+    `flash_attn`; cu_seqlens are int32 arrays on the GPU with GPU inputs (not read on the host)
+    and NumPy arrays with NumPy inputs (checked).  Returns out `[Tq, H, D]` and with return_lse
+    the LSE `[H, Tq]` (float32).
     """
     iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 3, "[total_tokens, heads, head_dim]")
