@@ -26,6 +26,7 @@ import enum
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import logging
@@ -81,42 +82,43 @@ def _file_digest(paths):
     return h.hexdigest()
 
 
-def _library_root():
-    """The directory that holds this library's top-level packages (the repository in a source
-    checkout, site-packages when installed)."""
-    here = pathlib.Path(__file__).resolve().parent
-    while (here.parent / "__init__.py").exists():
-        here = here.parent
-    return here.parent
+@functools.lru_cache(maxsize=None)
+def _package_dirs():
+    """The directories of PACKAGES as Python finds them (a source checkout or site-packages;
+    found by name, so the hash follows the packages wherever they are installed)."""
+    dirs = []
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [pathlib.Path(p).resolve() for p in spec.submodule_search_locations]
+    return tuple(dirs)
 
 
 @functools.lru_cache(maxsize=None)
 def source_hash():
-    """sha256 of every .py file of PACKAGES, by path relative to the library root: computed once
-    per process (a few ms)."""
-    root = _library_root()
-    files = []
-    for name in PACKAGES:
-        pkg = root / name
-        if (pkg / "__init__.py").exists():
-            files += [p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts]
+    """sha256 of every .py file of PACKAGES, each named by its path below its package's parent:
+    computed once per process (a few ms)."""
+    files = {}
+    for d in _package_dirs():
+        for p in d.rglob("*.py"):
+            if "__pycache__" not in p.parts:
+                files.setdefault(p.resolve(), p.relative_to(d.parent).as_posix())
     h = hashlib.sha256()
-    for p in sorted(files):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(p.read_bytes())
+    for path, name in sorted(files.items(), key=lambda item: item[1]):
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)
 def _outside_source_hash(module_name):
     """sha256 of the source file of a module outside PACKAGES that defines a kernel subclass
-    (a benchmark's or a test's); None where it has no file (built in a REPL)."""
-    root, mod = _library_root(), sys.modules.get(module_name)
-    path = getattr(mod, "__file__", None)
+    (a benchmark's or a test's); None where it has no file (built in a REPL) or is in PACKAGES."""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
     if not path:
         return None
     path = pathlib.Path(path).resolve()
-    if any(root / name in path.parents for name in PACKAGES):
+    if any(d in path.parents for d in _package_dirs()):
         return None  # in source_hash already
     return _file_digest([path])
 

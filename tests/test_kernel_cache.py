@@ -134,19 +134,27 @@ def test_key_follows_sources_configuration_and_toolchain():
 
 
 def test_source_hash_covers_every_package_file(tmp_path, monkeypatch):
+    dirs = []
     for pkg in kernel_cache.PACKAGES:
         (tmp_path / pkg / "sub").mkdir(parents=True)
         (tmp_path / pkg / "__init__.py").write_text("")
         (tmp_path / pkg / "sub" / "mod.py").write_text("X = 1\n")
-    monkeypatch.setattr(kernel_cache, "_library_root", lambda: tmp_path)
+        dirs.append(tmp_path / pkg)
+    monkeypatch.setattr(kernel_cache, "_package_dirs", lambda: tuple(dirs))
     digests = []
     for edit in (None, "X = 2\n", "X = 1\n"):
         if edit:
-            (tmp_path / kernel_cache.PACKAGES[-1] / "sub" / "mod.py").write_text(edit)
+            (dirs[-1] / "sub" / "mod.py").write_text(edit)
         kernel_cache.source_hash.cache_clear()
         digests.append(kernel_cache.source_hash())
     kernel_cache.source_hash.cache_clear()
     assert digests[0] != digests[1] and digests[0] == digests[2]
+
+
+def test_source_hash_finds_this_library():
+    names = {d.name for d in kernel_cache._package_dirs()}
+    assert set(kernel_cache.PACKAGES) <= names
+    assert len(kernel_cache.source_hash()) == 64
 
 
 def test_location_and_switch_follow_the_environment(tmp_path, monkeypatch):
