@@ -7,7 +7,8 @@ through the same `launch.CompiledKernel` and read the same tensor maps.
 
     python bench/mlir_gemm.py compile [--dump DIR]   # needs numba-cuda-mlir; no GPU: both kernels
         # compiled for sm_90a: compile time, registers, spills, the consumers' main-loop SASS mix;
-        # writes the numba-cuda-mlir cubin to bench/results/mlir-gemm-sm90a.cubin
+        # writes the numba-cuda-mlir kernel to bench/results/mlir-gemm-sm90a.kernel (its entry
+        # name on the first line, then the cubin)
     python bench/mlir_gemm.py time [--size 8192] [--rounds 20]   # GPU + torch, no numba-cuda-mlir:
         # both GEMMs at size^3 bf16, launches interleaved, TFLOPS and max error vs torch.matmul
 
@@ -29,7 +30,7 @@ import time
 # shadow the standard library's profile module, which numba-cuda-mlir imports).
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CUBIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mlir-gemm-sm90a.cubin")
+CUBIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mlir-gemm-sm90a.kernel")
 NACC = 128  # m64n256 fp32 accumulator: 128 registers per thread
 
 
