@@ -168,8 +168,9 @@ def toolchain():
 def canonical(value, _depth=0):
     """A JSON-able, address-free rendering of a configuration value: plain values as themselves,
     enums by name and value, dataclasses and plain objects by their public fields, containers
-    element by element, functions and classes by qualified name (their code is in the source
-    hash)."""
+    element by element, functions by qualified name and what their closures captured, classes
+    by qualified name (code is in the source hash).  Raises ValueError for a value it cannot
+    render without an address (the kernel is then compiled without the cache)."""
     if _depth > 8:
         raise ValueError("configuration nested too deeply to key a kernel on")
     rec = functools.partial(canonical, _depth=_depth + 1)
@@ -181,6 +182,13 @@ def canonical(value, _depth=0):
         return ["float", value.hex()]
     if isinstance(value, bytes):
         return ["bytes", value.hex()]
+    if isinstance(value, functools.partial):
+        return ["partial", rec(value.func), rec(value.args), rec(value.keywords)]
+    if hasattr(value, "py_func"):  # a Numba dispatcher: its Python function
+        return rec(value.py_func)
+    if isinstance(value, pytypes.FunctionType):  # by name, and what its closure captured
+        cells = [c.cell_contents for c in (value.__closure__ or ()) if _cell_filled(c)]
+        return ["function", _qualname(value), rec(value.__defaults__), rec(tuple(cells))]
     if type(value).__module__.split(".")[0] in ("numba", "numpy"):
         return [_qualname(type(value)), str(value)]   # types, signatures, dtypes, scalars
     if isinstance(value, (tuple, list)):
@@ -201,6 +209,14 @@ def canonical(value, _depth=0):
     if " at 0x" in text:
         raise ValueError(f"cannot key a kernel on {type(value).__name__} {text}")
     return [_qualname(type(value)), text]
+
+
+def _cell_filled(cell):
+    try:
+        cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return False
+    return True
 
 
 def _qualname(obj):
@@ -386,7 +402,12 @@ def cubin(kernel, cc=None):
     cc = device_cc() if cc is None else tuple(cc)
     directory = cache_dir()
     label = type(kernel).__name__
-    key = kernel_key(kernel, cc) if directory is not None else None
+    key = None
+    if directory is not None:
+        try:
+            key = kernel_key(kernel, cc)
+        except ValueError as e:  # a configuration value with no stable rendering: never guess
+            log.debug("kernel cache: %s not cached (%s)", type(kernel).__name__, e)
     if key is not None:
         entry = load(key, label, directory)
         if entry is not None:

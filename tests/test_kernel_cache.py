@@ -133,6 +133,27 @@ def test_key_follows_sources_configuration_and_toolchain():
     assert _key(clustered) != base
 
 
+def test_key_follows_functions_and_their_captures():
+    """A configuration that holds functions (a partial, a closure) is keyed on what they carry."""
+    import functools
+
+    def make(scale):
+        return lambda x: x * scale
+    keys = []
+    for fn in (functools.partial(max, 1), functools.partial(max, 2), make(1.0), make(2.0)):
+        kern = _Kernel()
+        kern.step = fn
+        keys.append(_key(kern))
+    assert len(set(keys)) == 4
+    again = _Kernel()
+    again.step = make(1.0)
+    assert _key(again) == keys[2]
+    opaque = _Kernel()
+    opaque.handle = object()
+    with pytest.raises(ValueError, match="cannot key"):
+        _key(opaque)
+
+
 def test_source_hash_covers_every_package_file(tmp_path, monkeypatch):
     dirs = []
     for pkg in kernel_cache.PACKAGES:
