@@ -1,11 +1,62 @@
-"""`python -m bench <command> [options]`, commands in COMMANDS."""
+"""`python -m bench <command> [options]`: the benchmarks and kernel inspections; `--help` lists
+them, `python -m bench <command> --help` gives a command's options."""
 import importlib
 import sys
 
-COMMANDS = ("gemm", "attention", "ablation", "profile", "launch", "chart", "trace", "variants", "maskcost", "power",
-            "sass")
+#: command -> (what it does, what it needs beyond the library)
+COMMANDS = {
+    "gemm": ("our GEMM beside torch.matmul (cuBLAS), TFLOPS per size and dtype", "GPU, bench extra"),
+    "attention": ("flash_attn beside FA3 and PyTorch SDPA (FA2, cuDNN) over FA3's Figure-5 grid, "
+                  "cold and steady TFLOPS", "GPU, bench extra; FA3's library for its column"),
+    "chart": ("the bar chart (PNG) of an attention results file", "bench extra (matplotlib)"),
+    "ablation": ("the schedule ablation (FA3 Table 2): ping-pong and/or intra-warpgroup overlap off",
+                 "GPU, bench extra"),
+    "profile": ("one forward configuration run a few times: a target for ncu / compute-sanitizer",
+                "GPU, bench extra"),
+    "launch": ("does per-call host time show? plain calls vs CUDA-graph replay", "GPU, bench extra"),
+    "trace": ("where a tile's cycles go: the %clock64 trace build of the forward kernel", "GPU, bench extra"),
+    "variants": ("A/B of FlashForward knobs (class attributes), launches interleaved",
+                 "GPU, bench extra; FA3's library for its column"),
+    "maskcost": ("what the causal mask costs beyond its work, ours and FA3's", "GPU, bench extra"),
+    "power": ("SM clock, board power and throttling per implementation under sustained load",
+              "GPU, bench extra, nvidia-smi"),
+    "sass": ("registers, spills and the main loop's instruction mix of forward-kernel variants",
+             "no GPU; test extra (ptxas, nvdisasm)"),
+}
+#: Modules of the `bench` extra (pyproject.toml); a command missing one says how to get it.
+BENCH_EXTRA = ("torch", "triton", "matplotlib")
+
+
+def usage():
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m bench <command> [options]   (python -m bench <command> --help for its options)",
+             "", "commands:"]
+    for name, (what, needs) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}  {what}")
+        lines.append(f"  {'':<{width}}  needs: {needs}")
+    lines += ["", "bench extra: pip install -e '.[bench]'  (torch, triton, matplotlib)"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        importlib.import_module(f".{command}", __package__).run(rest)
+    except ModuleNotFoundError as e:
+        root = (e.name or "").split(".")[0]
+        if root not in BENCH_EXTRA:
+            raise
+        print(f"python -m bench {command} needs {root}: install the bench extra: pip install -e '.[bench]'",
+              file=sys.stderr)
+        return 1
+    return 0
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m bench {{{','.join(COMMANDS)}}} [options]")
-    importlib.import_module(f".{sys.argv[1]}", __package__).run(sys.argv[2:])
+    sys.exit(main(sys.argv[1:]))

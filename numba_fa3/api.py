@@ -1,10 +1,10 @@
 """Public API: `flash_attn(q, k, v, ...)` and `flash_attn_varlen(q, k, v, cu_seqlens_q, ...)`.
 
 q `[B, Sq, H, D]`, k/v `[B, Sk, Hk, D]` (varlen: packed `[T, H, D]` / `[T, Hk, D]`), Hk dividing H
-(GQA/MQA); bf16 or fp16.  GPU inputs (torch CUDA tensors, Numba/CuPy device arrays) are used in
-place, strided ones too as long as the last dimension is contiguous; the result is a new array of
-the same library, or `out`.  NumPy inputs are copied to the GPU and the result comes back as
-NumPy.  Everything unsupported raises before launch.
+(GQA/MQA); bf16 or fp16.  GPU inputs (torch CUDA tensors, CuPy and Numba device arrays, JAX and
+other DLPack arrays) are used in place, strided ones too as long as the last dimension is
+contiguous; the result is a new array of the same library, or `out`.  NumPy inputs are copied to
+the GPU and the result comes back as NumPy.  Everything unsupported raises before launch.
 """
 import math
 
@@ -61,12 +61,14 @@ def _options(d, softmax_scale, causal, window_size, softcap):
     return scale, softcap, (left, right), mask.mask_kind(causal, (left, right))
 
 
-def _output(out, like, shape):
+def _output(out, like, shape, stream):
     if out is None:
         o = tensors.empty_like_kind(like, shape, like.dtype)
         return o, tensors.TensorInfo(tensors.device_ptr(o), shape, tensors.contiguous_strides(shape), like.dtype,
                                      like.kind, o)
-    io = tensors.inspect(out, "out")
+    if type(out).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise TypeError("out=: JAX arrays are immutable; leave out=None to get a new JAX array")
+    io = tensors.inspect(out, "out", stream)
     if io.shape != shape or io.dtype != like.dtype or io.strides[-1] != 1:
         raise ValueError(f"out must be {shape} {like.dtype} with a contiguous last dim, got {io.shape} {io.dtype}")
     _check_tma([(io, "out")])
@@ -77,10 +79,21 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
                return_lse=False, out=None, stream=None):
     """Exact attention softmax(q k^T * scale) v, computed by the FlashAttention-3 forward kernel.
 
+    q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` with Hk dividing H (GQA/MQA), D one of
+    tiles.SUPPORTED_HEAD_DIMS (64, 96, 128, 192, 256); all three bfloat16 or all float16.
+    Array kinds: torch CUDA tensors, CuPy arrays, Numba device arrays, JAX arrays and any other
+    CUDA array that exports DLPack (used in place, no copy; the last dimension contiguous, base
+    and strides 16-byte aligned), or NumPy arrays (bfloat16 as ml_dtypes.bfloat16; copied to the
+    GPU, the result copied back).  Without a Hopper GPU, raises primitives.launch.NoHopperGPU.
     causal: bottom-right aligned when Sq != Sk (as FA2/FA3).  window_size=(left, right), -1 for
     unbounded.  softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax.
+    out: a GPU array `[B, Sq, H, D]` of q's dtype to write into (not for NumPy inputs, nor JAX,
+    whose arrays are immutable); else a new array of the inputs' library.
+    stream: where to launch: None (torch tensors: torch's current stream; others: the legacy
+    default stream), an int CUstream handle, or a stream object (Numba, CuPy, torch: anything
+    with `.cuda_stream` or `.handle`).  The call does not wait for the kernel.
     Returns out `[B, Sq, H, D]`, and with return_lse the log-sum-exp `[B, H, Sq]` (float32,
-    natural log; -inf for rows that see no key, whose output is 0).
+    natural log; -inf for rows that see no key, whose output is 0), both of the inputs' library.
     """
     return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
                     forward_kernel)
@@ -90,7 +103,7 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
     """flash_attn with the kernel chosen by make_kernel(dtype, head_dim, mask_kind, softcap=...,
     long_queries=...): the benchmark's ablation passes kernels with parts of the schedule switched
     off."""
-    iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 4, "[batch, seqlen, heads, head_dim]")
     b, sq, h, d = iq.shape
     bk, sk, hk, dk = ik.shape
@@ -108,7 +121,7 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
             raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
         iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
-    o, io = _output(out, iq, (b, sq, h, d))
+    o, io = _output(out, iq, (b, sq, h, d), stream)
     lse = tensors.empty_like_kind(iq, (b, h, sq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream(iq.obj)
@@ -116,13 +129,21 @@ def _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, o
                        long_queries=tiles.has_long_tiles(d, kind != mask.MASK_NONE, sq))
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, iv, io))
     kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, cap, stream)
+    return _results(o, lse, iq, io, host, out, stream, return_lse)
+
+
+def _results(o, lse, like, io, host, out, stream, return_lse):
+    """The output (and LSE) as the caller's kind: NumPy back from the GPU, DLPack inputs' results
+    handed to their library now that the kernel is queued."""
     if host:
-        o = tensors.to_host(o, io.dtype)
-        lse = lse.copy_to_host()
+        o, lse = tensors.to_host(o, io.dtype), lse.copy_to_host()
+    else:
+        o = o if out is not None else tensors.to_library(o, like, io.dtype, stream)
+        lse = tensors.to_library(lse, like, "f32", stream)
     return (o, lse) if return_lse else o
 
 
-def _cu_seqlens(x, name, total, host):
+def _cu_seqlens(x, name, total, host, stream):
     """(array, device address, batch, lengths) of a cu_seqlens array (int32, batch + 1 entries),
     checked as far as can be without reading GPU memory; NumPy ones are checked fully (and get
     their device address from `_upload_cu` once every check has passed)."""
@@ -133,7 +154,7 @@ def _cu_seqlens(x, name, total, host):
         if a[0] != 0 or np.any(np.diff(a.astype(np.int64)) < 0) or a[-1] != total:
             raise ValueError(f"{name} must start at 0, not decrease, and end at the packed length {total}")
         return a.astype(np.int32), None, a.shape[0] - 1, np.diff(a.astype(np.int64))
-    info = tensors.inspect(x, name)
+    info = tensors.inspect(x, name, stream)
     if info.kind == "numpy":
         raise TypeError(f"{name} must be on the GPU like q, k, v")
     if len(info.shape) != 1 or info.shape[0] < 2 or info.strides[0] != 1:
@@ -150,10 +171,12 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     cu_seqlens_k[i+1] of k and v (int32 arrays of batch + 1 entries, starting at 0).
     max_seqlen_q / max_seqlen_k must bound every sequence's length.  Empty and 1-token sequences
     are allowed (an empty key sequence gives zero output rows and LSE -inf).  Masks and softcap
-    as in `flash_attn`, per sequence.  Returns out `[Tq, H, D]` and with return_lse the LSE
-    `[H, Tq]` (float32).
+    as in `flash_attn`, per sequence.  dtypes, array kinds, `out` ([Tq, H, D]) and `stream` as in
+    `flash_attn`; cu_seqlens are int32 arrays on the GPU with GPU inputs (not read on the host)
+    and NumPy arrays with NumPy inputs (checked).  Returns out `[Tq, H, D]` and with return_lse
+    the LSE `[H, Tq]` (float32).
     """
-    iq, ik, iv = (tensors.inspect(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 3, "[total_tokens, heads, head_dim]")
     tq, h, d = iq.shape
     tk, hk, dk = ik.shape
@@ -167,8 +190,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if max_q < 0 or max_k < 0:
         raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
     host = iq.kind == "numpy"
-    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host)
-    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host)
+    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
+    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
     if bq != bk:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
     if host:
@@ -181,7 +204,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
         cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
-    o, io = _output(out, iq, (tq, h, d))
+    o, io = _output(out, iq, (tq, h, d), stream)
     lse = tensors.empty_like_kind(iq, (h, tq), "f32")
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream(iq.obj)
@@ -194,10 +217,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         table = descriptor_tables.get(kern.tensor_maps(*(_as_batch_of_one(x) for x in (iq, ik, iv, io))))
         kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max_k, window, scale, cap,
                     stream, cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
-    if host:
-        o = tensors.to_host(o, io.dtype)
-        lse = lse.copy_to_host()
-    return (o, lse) if return_lse else o
+    return _results(o, lse, iq, io, host, out, stream, return_lse)
 
 
 def _as_batch_of_one(info):

@@ -1,8 +1,9 @@
 """Compiling a kernel for this GPU and launching it with little Python in between.
 
 Kernels in this library take only scalars (addresses, sizes), so a launch is: normalize the
-stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles; its dispatcher does not launch
-(its per-call type resolution costs more than a short attention kernel runs).
+stream, pack the scalars, call `cuLaunchKernel`.  Numba compiles (or `kernel_cache` finds the cubin
+on disk); its dispatcher does not launch (its per-call type resolution costs more than a short
+attention kernel runs).
 """
 import ctypes
 import functools
@@ -11,17 +12,24 @@ from collections import namedtuple
 
 from numba import cuda, types
 
+from . import kernel_cache
 from .compile import HOPPER
 
 
 def stream_handle(stream):
     """The raw CUstream of a stream given as None/0 (legacy default), an int handle, a Numba
-    stream, or any object with `.cuda_stream` (torch.cuda.Stream, CuPy streams)."""
+    stream, an object with `.cuda_stream` (torch.cuda.Stream) or `.ptr` (CuPy streams), or one
+    that speaks the CUDA stream protocol (`__cuda_stream__`: cuda.core)."""
     if not stream:
         return 0
     if isinstance(stream, int):
         return stream
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        return int(protocol()[1])
     handle = getattr(stream, "cuda_stream", None)
+    if handle is None and type(stream).__module__.startswith("cupy"):
+        handle = getattr(stream, "ptr", None)
     if handle is not None:
         return int(handle)
     try:
@@ -76,29 +84,37 @@ def cluster_config(grid, threads, smem_bytes, stream, cluster):
 
 
 class CompiledKernel:
-    """One kernel specialization compiled for sm_90a with launch bounds (threads, 1), allowed
-    `smem_bytes` of dynamic shared memory, launched in clusters of `cluster` CTAs (1: none).
+    """One kernel specialization, assembled for sm_90a with launch bounds (threads, 1) (a cubin
+    from `kernel_cache`), loaded with the driver, allowed `smem_bytes` of dynamic shared memory,
+    launched in clusters of `cluster` CTAs (1: none).
 
     Launches go straight to `cuLaunchKernel` with a parameter block packed by ctypes: Numba's own
     launch path resolves every argument's type on every call (~10 us per argument, ~250 us for
     the attention kernel's 24), which would dominate a short attention call."""
 
-    def __init__(self, fn, signature, threads, smem_bytes, cluster=1):
+    def __init__(self, name, image, signature, threads, smem_bytes, cluster=1):
         from cuda.bindings import driver as drv
-        self.threads, self.smem_bytes, self.cluster = threads, smem_bytes, cluster
-        dispatcher = cuda.jit(signature, launch_bounds=(threads, 1))(fn)
-        self._kernel = dispatcher.overloads[signature.args]
+        self.name, self.threads, self.smem_bytes, self.cluster = name, threads, smem_bytes, cluster
         self._context = cuda.current_context()
-        cufunc = self._kernel._codelibrary.get_cufunc()
-        self._set_max_dynamic_smem(cufunc, smem_bytes)
-        err, self._function = drv.cuKernelGetFunction(cufunc.handle)
-        if err != drv.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"cuKernelGetFunction failed: {err.name}")
-        self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._drv = drv
+        self.image = image  # the cubin, for inspection (nvdisasm)
+        # A library is not tied to a context, and Numba's primary context is current, so the
+        # kernel's function is found in it.
+        self._library = self._check(drv.cuLibraryLoadData(image, None, None, 0, None, None, 0),
+                                    "cuLibraryLoadData")
+        kernel = self._check(drv.cuLibraryGetKernel(self._library, name.encode()), "cuLibraryGetKernel")
+        self._set_max_dynamic_smem(kernel, smem_bytes, self._context.device.id)
+        self._function = self._check(drv.cuKernelGetFunction(kernel), "cuKernelGetFunction")
+        self._ctypes = [_CTYPES[str(a)] for a in signature.args]
         self._local = threading.local()
         self._configs = {}          # clustered launches: CUlaunchConfig per (grid, stream)
         self._max_clusters = None   # cuOccupancyMaxActiveClusters, asked once
+
+    def _check(self, result, what):
+        err, *value = result
+        if err != self._drv.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"{what} failed for {self.name}: {err.name}")
+        return value[0] if len(value) == 1 else tuple(value)
 
     def max_active_clusters(self):
         """How many clusters of this kernel the device runs at once (cuOccupancyMaxActiveClusters):
@@ -121,17 +137,17 @@ class CompiledKernel:
             cfg = self._configs[key] = cluster_config(grid, self.threads, self.smem_bytes, stream, self.cluster)
         return cfg
 
-    @staticmethod
-    def _set_max_dynamic_smem(cufunc, nbytes):
-        from cuda.bindings import driver as drv
-        attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        (err,) = drv.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
-        if err != drv.CUresult.CUDA_SUCCESS:
+    def _set_max_dynamic_smem(self, kernel, nbytes, device):
+        attr = self._drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        (err,) = self._drv.cuKernelSetAttribute(attr, nbytes, kernel, device)
+        if err != self._drv.CUresult.CUDA_SUCCESS:
             raise RuntimeError(f"cannot give the kernel {nbytes} B of shared memory: {err.name}")
 
     @property
     def registers(self):
-        return self._kernel.get_regs_per_thread() if hasattr(self._kernel, "get_regs_per_thread") else None
+        """Registers per thread at launch (before any setmaxnreg)."""
+        attr = self._drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
+        return self._check(self._drv.cuFuncGetAttribute(attr, self._function), "cuFuncGetAttribute")
 
     def _params(self):
         """This thread's parameter block: one ctypes value per argument and the void* array
@@ -168,12 +184,35 @@ def sm_count():
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+class NoHopperGPU(RuntimeError):
+    """There is no usable Hopper GPU: no driver, no device, or another architecture."""
+
+
+#: What runs anywhere, named in the error.
+REFERENCE = "numba_fa3.reference.attention_reference"
+
+
+def _driver_failure(exc):
+    """One line of why CUDA could not start (Numba's message spans several, with advice)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("Error at driver init") and ln != ":"] or [type(exc).__name__]
+    return lines[0].rstrip(".:")
+
+
 def check_hopper():
-    """Raise a clear error unless the current device is an sm_90 part."""
-    dev = cuda.get_current_device()
-    if dev.compute_capability != HOPPER[:2]:
-        raise RuntimeError(f"numba_fa3 kernels need a Hopper GPU (sm_90); {dev.name.decode() if isinstance(dev.name, bytes) else dev.name} "
-                           f"is sm_{dev.compute_capability[0]}{dev.compute_capability[1]}")
+    """Raise one clear NoHopperGPU (not the driver's traceback) unless the current device is an
+    sm_90 part."""
+    try:
+        dev = cuda.get_current_device()
+    except Exception as e:  # noqa: BLE001 - whatever failed, the answer is the same
+        found = f"no usable CUDA device ({_driver_failure(e)})"
+    else:
+        if tuple(dev.compute_capability) == HOPPER[:2]:
+            return
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        found = f"{name} (sm_{dev.compute_capability[0]}{dev.compute_capability[1]})"
+    raise NoHopperGPU(f"numba_fa3 needs an NVIDIA Hopper GPU (sm_90); found {found} — {REFERENCE} "
+                      f"runs anywhere (NumPy)") from None
 
 
 class HopperKernel:
@@ -197,9 +236,12 @@ class HopperKernel:
         return compile_ptx(self.make_kernel(), self.SIGNATURE, self.threads)
 
     def kernel(self):
+        """The loaded kernel: from the on-disk cache where compiled before (`kernel_cache`), else
+        compiled now (5-30 s) and stored."""
         if self._kernel is None:
             check_hopper()
-            self._kernel = CompiledKernel(self.make_kernel(), self.SIGNATURE, self.threads, self.smem.bytes,
+            name, image = kernel_cache.cubin(self)
+            self._kernel = CompiledKernel(name, image, self.SIGNATURE, self.threads, self.smem.bytes,
                                           self.cluster)
         return self._kernel
 

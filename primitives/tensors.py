@@ -1,8 +1,10 @@
 """What a kernel launch needs to know of an array, from whatever the caller passed.
 
 Accepted: PyTorch CUDA tensors (read through `data_ptr`/`stride`, because torch's
-`__cuda_array_interface__` refuses bfloat16), other `__cuda_array_interface__` objects (Numba
-device arrays, CuPy), and NumPy arrays (host: the caller copies them).  Nothing here copies.
+`__cuda_array_interface__` refuses bfloat16), Numba device arrays and CuPy arrays (through
+`__cuda_array_interface__`), any other object that exports DLPack from a CUDA device (JAX; read by
+`dlpack.view`, since a CUDA array interface cannot say bfloat16), other `__cuda_array_interface__`
+objects, and NumPy arrays (host: the caller copies them).  Nothing here copies.
 """
 from dataclasses import dataclass
 
@@ -29,8 +31,9 @@ class TensorInfo:
     shape: tuple
     strides: tuple      # in elements
     dtype: str          # canonical name: bf16 / f16 / f32 / e4m3
-    kind: str           # "torch", "cai" (Numba, CuPy, ...), or "numpy"
+    kind: str           # "torch", "cai" (Numba, CuPy, ...), "dlpack" (JAX, ...) or "numpy"
     obj: object
+    owner: object = None  # what keeps the memory valid besides obj (a DLPack capsule)
 
     @property
     def itemsize(self):
@@ -54,8 +57,9 @@ def numpy_dtype_name(dt):
     raise TypeError(f"unsupported dtype {dt}; expected one of float16, bfloat16, float32, float8_e4m3fn, int32")
 
 
-def inspect(x, name="array"):
-    """TensorInfo of x, or a TypeError that says what was expected."""
+def inspect(x, name="array", stream=None):
+    """TensorInfo of x, or a TypeError that says what was expected.  stream: where the caller
+    will use x (a DLPack producer makes x ready there; None: the legacy default stream)."""
     mod = type(x).__module__
     if mod.startswith("torch"):
         if not x.is_cuda:
@@ -69,6 +73,9 @@ def inspect(x, name="array"):
         if any(s % x.itemsize for s in x.strides):
             raise ValueError(f"{name}: strides {x.strides} are not whole elements")
         return TensorInfo(x.ctypes.data, x.shape, tuple(s // x.itemsize for s in x.strides), dt, "numpy", x)
+    if (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+            and mod.split(".")[0] not in ("cupy", "numba", "numba_cuda")):
+        return _inspect_dlpack(x, name, stream)
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is not None:
         dt = _TYPESTR.get(cai["typestr"])
@@ -82,12 +89,33 @@ def inspect(x, name="array"):
             strides = tuple(s // item for s in cai["strides"])
         return TensorInfo(cai["data"][0], shape, strides, dt, "cai", x)
     raise TypeError(f"{name}: expected a NumPy array, a CUDA tensor or an object with "
-                    f"__cuda_array_interface__, got {type(x).__name__}")
+                    f"__cuda_array_interface__ or __dlpack__, got {type(x).__name__}")
+
+
+def _inspect_dlpack(x, name, stream):
+    from . import dlpack
+    from .launch import stream_handle
+    device_type, _ = x.__dlpack_device__()
+    if device_type == dlpack.CPU:
+        return inspect(np.asarray(x), name)  # host memory: as a NumPy array (copied to the GPU)
+    if device_type not in (dlpack.CUDA, dlpack.CUDA_MANAGED):
+        raise TypeError(f"{name}: {type(x).__name__} on DLPack device type {device_type}; "
+                        f"pass a CUDA array or a NumPy array")
+    try:
+        ptr, shape, strides, dt, (_, device_id), capsule = dlpack.view(x, stream_handle(stream))
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+    from numba import cuda
+    current = cuda.get_current_device().id
+    if device_id != current:
+        raise ValueError(f"{name} is on CUDA device {device_id}, the current device is {current}")
+    return TensorInfo(ptr, shape, strides, dt, "dlpack", x, capsule)
 
 
 def empty_like_kind(info, shape, dtype):
     """A new device array of `shape`/`dtype` of the same library as `info` (NumPy callers get a
-    Numba device array, to be copied back by the caller)."""
+    Numba device array, to be copied back by the caller; DLPack callers one that `to_library`
+    hands to their library after the launch)."""
     if info.kind == "torch":
         import torch
         tdt = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
@@ -99,6 +127,25 @@ def empty_like_kind(info, shape, dtype):
         return cupy.empty(shape, dtype=npdt)
     # Numba cannot type bfloat16 arrays, and the kernels never index them: store as uint16.
     return cuda.device_array(shape, dtype=np.uint16 if dtype == "bf16" else npdt)
+
+
+def to_library(arr, like, dtype, stream=None):
+    """A result that `empty_like_kind(like, ...)` allocated and a launch on `stream` wrote, as an
+    array of `like`'s library.  A DLPack input's result goes to its library's `from_dlpack` (the
+    array API namespace's), zero copy; that runs after the launch, so the consumer's stream is
+    ordered after the kernel (JAX arrays are immutable: JAX cannot allocate one for us to fill).
+    Other kinds are returned as they are."""
+    namespace = getattr(like.obj, "__array_namespace__", None) if like.kind == "dlpack" else None
+    if namespace is None:
+        return arr
+    from numba import cuda
+    from . import dlpack
+    cai = arr.__cuda_array_interface__
+    item = NUMPY_DTYPES[dtype].itemsize
+    shape = tuple(cai["shape"])
+    strides = contiguous_strides(shape) if cai.get("strides") is None else tuple(s // item for s in cai["strides"])
+    export = dlpack.Export(cai["data"][0], shape, strides, dtype, cuda.get_current_device().id, arr, stream)
+    return namespace().from_dlpack(export)
 
 
 def fill(arr, value):
@@ -119,8 +166,11 @@ def device_ptr(arr):
 
 
 def to_device(a):
-    """Copy a NumPy array to a Numba device array (bf16/e4m3 travel as raw bits)."""
+    """Copy a NumPy array to a Numba device array (bf16/e4m3 travel as raw bits).  Without a
+    Hopper GPU, raises launch.NoHopperGPU first (a NumPy caller's first touch of the GPU)."""
     from numba import cuda
+    from .launch import check_hopper
+    check_hopper()
     a = np.ascontiguousarray(a)
     if a.dtype == _BF16:
         a = a.view(np.uint16)

@@ -3,4 +3,5 @@
 Each function is a Numba `@intrinsic` that lowers to one inline-asm statement; docstrings name
 the PTX ISA section.  Import the modules, e.g. ``from ptx_inline import wgmma, tma, mbarrier``.
 """
+from . import _numpy_compat  # noqa: F401  (first: before numba-cuda loads)
 from . import atomic, barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma  # noqa: F401
