@@ -6,7 +6,7 @@ FLASH (FA2) and CUDNN backends, same process, same inputs.  16k tokens per batch
 Every point is timed three ways, each a row `timing` of the JSON (see bench/timing.py):
 - "do_bench": `triton.testing.do_bench` medians (L2 flushed before each launch, CUDA events) for
   the torch-side implementations, the median of `--rounds` rounds that take each in turn, the
-  order rotated by one each round (`timing.rotated`).  Until session 13 the order was fixed
+  order rotated by one each round (`timing.rotated`).  Before eea3b9c the order was fixed
   (ours, FA2, cuDNN) over 3 rounds, and each implementation's rounds drifted with the GPU's
   heat (ours at hdim 128 full 16k: 3.20, 3.37, 3.46 ms in one point); the median of 6 rotated
   rounds puts every implementation twice in each place.  FA3 cannot be timed so: it launches
@@ -15,7 +15,7 @@ Every point is timed three ways, each a row `timing` of the JSON (see bench/timi
   blocks of launches between implementations round by round and flushes L2 before each launch
   (do_bench's condition), subtracting the flushes; steady runs each back to back on its own until
   the power-capped clock settles (FA3's own `time_forward`, made longer).  Ratios to FA3 are
-  taken within one of these, never across methods: until session 7 the grid set our do_bench
+  taken within one of these, never across methods: earlier grids set our do_bench
   figure against FA3's back-to-back one (bench/NOTES.md).
 
 The JSON is rewritten after every point with `meta.complete` false, and true at the end.

@@ -3,7 +3,7 @@
 
     python -m bench chart bench/results/attention-fwd-grid-....json [--timing cold] [--out file.png]
 
-All bars of a chart come from one timing method (a row's `timing`; files from before session 7
+All bars of a chart come from one timing method (a row's `timing`; the oldest files
 have one method per implementation and no such key): by default "cold", the one that times FA3
 and the torch-side implementations alike, with L2 flushed as do_bench does.
 """

@@ -5,7 +5,7 @@ With one query block per (batch, head) (seqlen_q <= block_m) and seqlen_k >> seq
 (aligned bottom-right) masks only the last key block of each tile, the tile order is the same for
 both kernels, and all heads share one K/V head (GQA) so K/V stay in L2: the causal/full time ratio
 is then the masked kernel's own cost per step.  A ratio, both sides timed in the same stream of
-launches, so it does not drift with the clock (bench/NOTES.md, session 6).  FA3's ratio is ~1.0.
+launches, so it does not drift with the clock (bench/NOTES.md).  FA3's ratio is ~1.0.
 
     python -m bench maskcost [--hdims 128 256] [--variant NAME ATTR=VALUE ...]
 """

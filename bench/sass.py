@@ -1,6 +1,6 @@
 """The forward kernel's main loop as ptxas compiled it, on this machine, no GPU: registers and
 spills, and for each loop of the consumers' step its length and instruction mix, for the base and
-for each --variant (the syntax of `bench variants`).  Sessions 5-8 found that most of what moves
+for each --variant (the syntax of `bench variants`).  Most of what moves
 the step by a few percent is where ptxas puts things; this is the look before an A/B on the
 device, e.g. how many instructions a change saved, or whether the rescale multiplies ended up
 among the exponentials.
@@ -52,7 +52,7 @@ class Loop:
         """How many exponentials (MUFU.EX2) run before the step's P V wait (the wait for every
         wgmma group, `WARPGROUP.DEPBAR.LE gsb0, 0x0`); None if the loop has no such wait.  Where
         ptxas puts that wait among the exponentials is what moved the step by a few percent in
-        sessions 3-12."""
+        the forward's history (bench/NOTES.md)."""
         n = 0
         for op, text in self.ops:
             if op == "WARPGROUP.DEPBAR.LE" and text.replace(" ", "").endswith("gsb0,0x0"):
@@ -169,7 +169,7 @@ def a_fragment_clobbers(sass):
     """Instructions inside a loop that overwrite a register-A wgmma operand the loop's HGMMAs
     read and that ldmatrix loaded outside it (Q in registers, `Tiles.q_in_registers`): the next
     pass reads those registers again, so any write to them there is a miscompile.  Loops that
-    reload the fragments themselves (the tile loop) are left out.  Session 11: ptxas did this to
+    reload the fragments themselves (the tile loop) are left out.  ptxas 13.0 did this to
     the no-overlap ablation's step loop, though the PTX keeps the fragments live across it."""
     def loaded(ops):
         return {min(written_registers(text)) for op, text in ops if op.startswith("LDSM")}

@@ -13,8 +13,8 @@
 
 Why steady is separate: the H100 here runs these kernels at its 700 W power cap (nvidia-smi:
 throttle reason SW power cap, SM clock 1.47-1.72 GHz, a different one per kernel; bench/NOTES.md,
-session 7), and the flushes of the cold method lower the average power.  Interleaved blocks can
-also run under a clock set by the kernel before them.  In one session, ours/FA3 at hdim 128 full
+"Measurement method and noise"), and the flushes of the cold method lower the average power.  Interleaved blocks can
+also run under a clock set by the kernel before them.  In one set of runs, ours/FA3 at hdim 128 full
 16k read 0.91 interleaved (cold and back to back) and 0.97 steady.
 
 The clock also drifts under sustained load by more than the differences measured here (one

@@ -110,7 +110,7 @@ def test_exp2_before_pv_wait_synthetic():
 def test_lazy_tail_places_the_pv_wait_among_the_exponentials(head_dim, kind):
     """The table kernels with Tiles.lazy_tail_after_wait: in the plain step loop (the shortest) the
     P V wait has exponentials on both sides.  Left free, ptxas 13.0 ran all 64 before it at hdim 128
-    causal, 3% slower (bench/NOTES.md, session 12)."""
+    causal, 3% slower (bench/NOTES.md, "The P V wait and ptxas")."""
     from numba_fa3 import mask
     from numba_fa3.forward import FlashForward
     k = FlashForward("bf16", head_dim, {"causal": mask.MASK_CAUSAL, "local": mask.MASK_LOCAL}[kind])
@@ -137,7 +137,7 @@ def test_q_fragments_survive_the_step_loops(head_dim, kind, varlen):
 @pytest.mark.skipif(sass.find_nvdisasm() is None, reason="nvdisasm not installed")
 def test_no_overlap_ablation_keeps_q_in_shared_memory_for_a_reason():
     """The no-overlap ablation's step loop with Q in registers: ptxas 13.0 reuses the fragments'
-    registers for P and the mask's index math inside it (wrong results on the H100, session 10),
+    registers for P and the mask's index math inside it (wrong results on the H100),
     though the PTX keeps them live across the loop.  This is why FlashForward keeps Q in shared
     memory there; if a ptxas stops doing it, this test says the guard can go."""
     from numba_fa3 import mask
