@@ -23,7 +23,7 @@ def run(argv=None):
     args = p.parse_args(argv)
     import torch
     from triton.testing import do_bench
-    from primitives import gemm
+    from numba_fa3.primitives import gemm
     if args.old:
         return against_old(args)
 
@@ -63,10 +63,10 @@ def run(argv=None):
 def against_old(args):
     """This GEMM and another checkout's on the same inputs, launches interleaved (A B A B ...)."""
     import torch
-    from primitives import gemm
+    from numba_fa3.primitives import gemm
     from .timing import interleaved_ms
     from .variants import load_old
-    old = load_old(args.old, "primitives.gemm", "matmul")
+    old = load_old(args.old, "primitives.gemm", "matmul")  # (the old layout: top-level primitives)
     for dtype in args.dtypes:
         tdt = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
         for s in args.sizes:

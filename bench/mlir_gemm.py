@@ -35,14 +35,14 @@ NACC = 128  # m64n256 fp32 accumulator: 128 registers per thread
 
 
 def _ours():
-    from primitives.gemm import GemmKernel
+    from numba_fa3.primitives.gemm import GemmKernel
     return GemmKernel("bf16", "bf16", True)
 
 
 def kernel_source(k):
     """numba-cuda-mlir source of GemmKernel k's kernel (bf16 -> bf16, B K-major)."""
-    from primitives import smem, warpgroup
-    from primitives.tma_desc import TENSOR_MAP_BYTES
+    from numba_fa3.primitives import smem, warpgroup
+    from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
     acc = [f"a{i}" for i in range(NACC)]
     accs = ", ".join(acc)
     desc_a = smem.descriptor_base(0, smem.ATOM_BYTES)
@@ -255,7 +255,7 @@ def compile_mlir(k, dump=None):
 
 def compile_ours(k):
     """(entry name, cubin, ptx, seconds) of our GEMM, compiled as the library does (no cache)."""
-    from primitives import kernel_cache
+    from numba_fa3.primitives import kernel_cache
     start = time.perf_counter()
     name, cubin = kernel_cache.compile_cubin(k.make_kernel(), k.SIGNATURE, k.threads, kernel_cache.device_cc())
     seconds = time.perf_counter() - start
@@ -267,7 +267,7 @@ def _sass_report(label, cubin, ptx):
     the HGMMAs) of the cubin: its length and instruction mix."""
     import tempfile
     from bench.sass import disassemble, loops
-    from primitives.compile import ptxas_report
+    from numba_fa3.primitives.compile import ptxas_report
     stats = ptxas_report(ptx)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -303,8 +303,8 @@ def cmd_compile(args):
 
 def cmd_time(args):
     import torch
-    from primitives import launch, scheduler, tensors
-    from primitives.tma_desc import descriptor_tables
+    from numba_fa3.primitives import launch, scheduler, tensors
+    from numba_fa3.primitives.tma_desc import descriptor_tables
     k = _ours()
     with open(args.cubin, "rb") as f:
         name, _, cubin = f.read().partition(b"\n")

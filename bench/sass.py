@@ -189,7 +189,7 @@ def a_fragment_clobbers(sass):
 def report(kernel, dump=None, name="base"):
     """dict(registers, spills, loops=[Loop]) of one FlashForward; with `dump` its PTX, SASS and
     loops are written there as NAME.ptx, NAME.sass, NAME.loopK.txt."""
-    from primitives import compile as kc
+    from numba_fa3.primitives import compile as kc
     ptx = kernel.compile_ptx()
     with tempfile.TemporaryDirectory() as d:
         cubin = os.path.join(d, "k.cubin")

@@ -1,8 +1,8 @@
 """A first look on a new GPU: small GEMMs, with where the errors sit when they are wrong."""
 import numpy as np
 
-from primitives import gemm
-from primitives.tensors import NUMPY_DTYPES
+from numba_fa3.primitives import gemm
+from numba_fa3.primitives.tensors import NUMPY_DTYPES
 
 
 def main():

@@ -120,7 +120,7 @@ def run(argv=None):
     from numba_fa3.api import _forward
     from numba_fa3.forward import FlashForward
     from numba_fa3.trace import buffer_slots, split
-    from primitives import launch
+    from numba_fa3.primitives import launch
 
     ctas = launch.sm_count()
     trace = torch.zeros(buffer_slots(ctas), dtype=torch.int64, device="cuda")

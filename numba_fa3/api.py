@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from primitives import tensors
-from primitives.tma_desc import descriptor_tables
+from numba_fa3.primitives import tensors
+from numba_fa3.primitives.tma_desc import descriptor_tables
 from . import mask, tiles
 from .forward import forward_kernel
 from .tiles import SUPPORTED_HEAD_DIMS
@@ -84,7 +84,8 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     Array kinds: torch CUDA tensors, CuPy arrays, Numba device arrays, JAX arrays and any other
     CUDA array that exports DLPack (used in place, no copy; the last dimension contiguous, base
     and strides 16-byte aligned), or NumPy arrays (bfloat16 as ml_dtypes.bfloat16; copied to the
-    GPU, the result copied back).  Without a Hopper GPU, raises primitives.launch.NoHopperGPU.
+    GPU, the result copied back).  Without a Hopper GPU, raises
+    numba_fa3.primitives.launch.NoHopperGPU.
     causal: bottom-right aligned when Sq != Sk (as FA2/FA3).  window_size=(left, right), -1 for
     unbounded.  softcap > 0: scores become softcap * tanh(scores / softcap) before the softmax.
     out: a GPU array `[B, Sq, H, D]` of q's dtype to write into (not for NumPy inputs, nor JAX,

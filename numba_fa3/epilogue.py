@@ -10,12 +10,12 @@ of the tile loop they would hold registers through the main loop.
 import numpy as np
 from numba import cuda
 
-from primitives import epilogue, warpgroup
-from primitives.fragment import pack_bf16, pack_f16, scale_rows
-from primitives.mma import WGMMA_M
-from primitives.tma_desc import TENSOR_MAP_BYTES
-from primitives.unroll import static_range, unrolled
-from ptx_inline import barrier, memory, tma
+from numba_fa3.primitives import epilogue, warpgroup
+from numba_fa3.primitives.fragment import pack_bf16, pack_f16, scale_rows
+from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.primitives.unroll import static_range, unrolled
+from numba_fa3.ptx_inline import barrier, memory, tma
 from . import softmax
 
 #: Bytes of an LSE entry (float32), and the rows between a fragment's two rows.

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, types
 
-from primitives import launch, mma, pipeline, scheduler, smem, warpgroup
-from primitives.epilogue import fragment_col, fragment_row
-from primitives.mma import WGMMA_M
-from primitives.pipeline import PipelineState
-from primitives.tma_desc import TENSOR_MAP_BYTES
-from ptx_inline import mbarrier, special, tma
+from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
+from numba_fa3.primitives.epilogue import fragment_col, fragment_row
+from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.pipeline import PipelineState
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.ptx_inline import mbarrier, special, tma
 from . import mask, softmax, tile_scheduler
 from .epilogue import make_epilogue
 from .mainloop import TileEnv, make_mainloop

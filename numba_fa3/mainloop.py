@@ -23,12 +23,12 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from primitives import pipeline, warpgroup
-from primitives.pipeline import PipelineState
-from primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, pack_bf16, pack_f16, scale_regs,
+from numba_fa3.primitives import pipeline, warpgroup
+from numba_fa3.primitives.pipeline import PipelineState
+from numba_fa3.primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, pack_bf16, pack_f16, scale_regs,
                                  scale_rows, tanh_rows, zero_after, zeros)
-from primitives.unroll import constexpr, static_range, unrolled
-from ptx_inline import mbarrier, special, wgmma
+from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
+from numba_fa3.ptx_inline import mbarrier, special, wgmma
 from . import mask, softmax
 from .trace import LoopEvent, TraceEvent, tracer
 

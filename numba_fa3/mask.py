@@ -7,7 +7,7 @@ key block), which of them need the mask, and the mask itself on a score fragment
 import numpy as np
 from numba import cuda
 
-from primitives import fragment
+from numba_fa3.primitives import fragment
 
 #: A bound that stands for "unbounded" in int32 arithmetic.
 FAR = 1 << 30

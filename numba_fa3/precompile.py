@@ -44,7 +44,7 @@ def specializations(hdims, dtypes, masks, softcap, varlen, gemm):
 
 def _kernel(kind, args):
     if kind == "gemm":
-        from primitives.gemm import gemm_kernel
+        from numba_fa3.primitives.gemm import gemm_kernel
         return gemm_kernel(*args)
     from .forward import forward_kernel
     dtype, d, mask_kind, softcap, varlen, long_queries = args
@@ -54,7 +54,7 @@ def _kernel(kind, args):
 def build(spec, cc):
     """Compile one specialization into the cache unless there; (label, seconds or None if it was
     there already)."""
-    from primitives import kernel_cache
+    from numba_fa3.primitives import kernel_cache
     kern = _kernel(*spec)
     label = kernel_cache.describe(kern)
     if kernel_cache.load(kernel_cache.kernel_key(kern, cc), type(kern).__name__) is not None:
@@ -79,13 +79,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
-    from primitives import kernel_cache
-    from primitives.compile import _have_driver
+    from numba_fa3.primitives import kernel_cache
+    from numba_fa3.primitives.compile import _have_driver
     directory = kernel_cache.cache_dir()
     if directory is None:
         sys.exit("the kernel cache is off (NUMBA_FA3_CACHE=0): nothing to fill")
     if _have_driver():
-        from primitives.launch import check_hopper
+        from numba_fa3.primitives.launch import check_hopper
         check_hopper()
     else:
         print(f"no GPU here: compiling for sm_{kernel_cache.ASSUMED_CC[0]}{kernel_cache.ASSUMED_CC[1]} "

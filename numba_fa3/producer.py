@@ -12,12 +12,12 @@ written before Q's full barrier completes; an id past the last tile tells them t
 from numba import cuda
 import numpy as np
 
-from primitives import pipeline, scheduler, smem
-from primitives.intmath import udivmod32
-from primitives.tma_desc import TENSOR_MAP_BYTES
-from primitives.tma_load import chunk_loader, chunk_prefetcher, stage_loader
-from primitives.unroll import static_range, unrolled
-from ptx_inline import mbarrier, memory, special, tma
+from numba_fa3.primitives import pipeline, scheduler, smem
+from numba_fa3.primitives.intmath import udivmod32
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.primitives.tma_load import chunk_loader, chunk_prefetcher, stage_loader
+from numba_fa3.primitives.unroll import static_range, unrolled
+from numba_fa3.ptx_inline import mbarrier, memory, special, tma
 from . import mask
 from .trace import ProducerEvent, tracer
 

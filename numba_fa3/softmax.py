@@ -20,8 +20,8 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda
 
-from primitives import fragment
-from ptx_inline import special
+from numba_fa3.primitives import fragment
+from numba_fa3.ptx_inline import special
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from primitives.intmath import udivmod32
-from ptx_inline import memory
+from numba_fa3.primitives.intmath import udivmod32
+from numba_fa3.ptx_inline import memory
 
 #: K and V bytes one causal section of (batch, head) pairs may hold: a third of the H100's 50 MB
 #: L2, because the CTAs running at one time touch the whole section's K and V.

@@ -11,8 +11,8 @@ import enum
 
 from numba import cuda
 
-from primitives.warpgroup import MAX_CONSUMERS
-from ptx_inline import memory, special
+from numba_fa3.primitives.warpgroup import MAX_CONSUMERS
+from numba_fa3.ptx_inline import memory, special
 
 
 class TraceEvent(enum.IntEnum):

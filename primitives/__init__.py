@@ -1,2 +1,2 @@
 """Kernel building blocks (see the README); the NumPy compatibility step comes first."""
-from ptx_inline import _numpy_compat  # noqa: F401  (first: before numba-cuda loads)
+from numba_fa3.ptx_inline import _numpy_compat  # noqa: F401  (first: before numba-cuda loads)

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from ptx_inline import memory, special
+from numba_fa3.ptx_inline import memory, special
 from . import fragment, smem
 from .unroll import static_range, unrolled
 

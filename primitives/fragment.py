@@ -10,7 +10,7 @@ fully, which keeps the tuple in registers (CI fails on any stack frame).
 """
 import numpy as np
 from numba import cuda
-from ptx_inline import special
+from numba_fa3.ptx_inline import special
 
 #: Registers per 8-column group, and threads per row of a group.
 REGS_PER_GROUP = 4
@@ -44,7 +44,7 @@ from numba.core.errors import TypingError as _TypingError  # noqa: E402
 from numba.cuda.extending import intrinsic as _intrinsic  # noqa: E402
 from llvmlite import ir as _ir  # noqa: E402
 
-from ptx_inline._asm import F32 as _F32, I32 as _I32, emit as _emit  # noqa: E402
+from numba_fa3.ptx_inline._asm import F32 as _F32, I32 as _I32, emit as _emit  # noqa: E402
 
 
 def _f32_tuple(t, what):

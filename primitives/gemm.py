@@ -20,7 +20,7 @@ import functools
 import numpy as np
 from numba import cuda, types
 
-from ptx_inline import barrier, special, tma, wgmma
+from numba_fa3.ptx_inline import barrier, special, tma, wgmma
 from . import epilogue, fragment, launch, mma, pipeline, scheduler, smem, tensors, warpgroup
 from .mma import WGMMA_M
 from .unroll import constexpr, static_range, unrolled

@@ -42,7 +42,7 @@ import types as pytypes
 log = logging.getLogger("numba_fa3")
 
 #: The packages whose sources are the kernels' code (hashed into every key).
-PACKAGES = ("numba_fa3", "primitives", "ptx_inline")
+PACKAGES = ("numba_fa3", "numba_fa3.primitives", "numba_fa3.ptx_inline")
 #: The device the cubins are for where no GPU is present (the only target of this library).
 ASSUMED_CC = (9, 0)
 #: A compile slower than this says so at INFO level (logger "numba_fa3").

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ptx_inline import memory, wgmma
+from numba_fa3.ptx_inline import memory, wgmma
 from . import smem, warpgroup
 from .unroll import constexpr, static_range, unrolled
 

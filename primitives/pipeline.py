@@ -12,7 +12,7 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda
 
-from ptx_inline import mbarrier
+from numba_fa3.ptx_inline import mbarrier
 from .smem import MBARRIER_BYTES
 
 #: A position in a ring of stages: (stage, phase), both int32 (Numba would widen them to int64,

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from ptx_inline import atomic
+from numba_fa3.ptx_inline import atomic
 
 
 @cuda.jit(device=True, forceinline=True)

@@ -12,7 +12,7 @@ from llvmlite import ir
 from numba import cuda, types
 from numba.core.errors import TypingError
 
-from ptx_inline._asm import I32, I64, emit, literal_intrinsic as intrinsic
+from numba_fa3.ptx_inline._asm import I32, I64, emit, literal_intrinsic as intrinsic
 
 #: Bytes in one swizzled row, and rows in one swizzle atom.
 SWIZZLE_BYTES = 128

@@ -10,7 +10,7 @@ import functools
 
 from numba import cuda
 
-from ptx_inline import special, tma
+from numba_fa3.ptx_inline import special, tma
 from . import pipeline
 from .unroll import static_range, unrolled
 

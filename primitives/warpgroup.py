@@ -10,7 +10,7 @@ import enum
 
 from numba import cuda
 
-from ptx_inline import barrier, regs, special
+from numba_fa3.ptx_inline import barrier, regs, special
 
 WARPGROUP_THREADS = 128
 WARP_THREADS = 32

@@ -170,7 +170,7 @@ def _run_dense(spec, torch):
     import numpy as np
     from numba_fa3 import flash_attn
     from numba_fa3.reference import attention_lowprec, attention_reference
-    from primitives.tensors import NUMPY_DTYPES
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
     b, sq, sk, h, hk = spec.shape
     npdt = NUMPY_DTYPES[spec.dtype]
     rng = np.random.default_rng(_seed(spec.name))
@@ -197,7 +197,7 @@ def _run_varlen(spec, torch):
     import numpy as np
     from numba_fa3 import flash_attn_varlen
     from numba_fa3.reference import attention_lowprec, attention_reference_varlen
-    from primitives.tensors import NUMPY_DTYPES
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
     lens_q, lens_k, h, hk = spec.shape
     npdt = NUMPY_DTYPES[spec.dtype]
     rng = np.random.default_rng(_seed(spec.name))
@@ -230,8 +230,8 @@ def _run_varlen(spec, torch):
 
 def _run_gemm(spec, torch):
     import numpy as np
-    from primitives import gemm
-    from primitives.tensors import NUMPY_DTYPES
+    from numba_fa3.primitives import gemm
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
     m, n, k = spec.shape
     npdt = NUMPY_DTYPES[spec.dtype]
     rng = np.random.default_rng(_seed(spec.name))
@@ -265,7 +265,7 @@ def run_specs(names, ctas=DEFAULT_CTAS, result_path=None):
     from numba import cuda
     cuda.current_context()  # attach to the device (and the sanitizer) before the slow imports
     torch = _torch()
-    from primitives import launch
+    from numba_fa3.primitives import launch
     if ctas:
         launch.sm_count = lambda: int(ctas)  # read per launch by forward.py and gemm.py
     results = []

@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 import pytest
 
-from primitives import dlpack, tensors
+from numba_fa3.primitives import dlpack, tensors
 
 gpu = pytest.mark.gpu
 
@@ -139,7 +139,7 @@ def _array_type(name):
 @pytest.fixture
 def kernel_pointers(monkeypatch):
     """The global addresses every launch's tensor maps were encoded with, in order."""
-    from primitives.tma_desc import descriptor_tables
+    from numba_fa3.primitives.tma_desc import descriptor_tables
     seen = []
     real = descriptor_tables.get
 
@@ -171,7 +171,7 @@ def test_flash_attn_takes_and_returns_each_library_without_copies(name, kernel_p
 @gpu
 @pytest.mark.parametrize("name", sorted(LIBRARIES))
 def test_matmul_takes_and_returns_each_library_without_copies(name, kernel_pointers):
-    from primitives.gemm import matmul
+    from numba_fa3.primitives.gemm import matmul
     rng = np.random.default_rng(9)
     npdt = tensors.NUMPY_DTYPES[LIBRARIES[name]]
     a, b = rng.standard_normal((300, 256)).astype(npdt), rng.standard_normal((264, 256)).astype(npdt)

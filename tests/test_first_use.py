@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from primitives import launch, tensors
+from numba_fa3.primitives import launch, tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def _no_hopper():
 @pytest.mark.parametrize("call", ["flash_attn", "flash_attn_varlen", "matmul"])
 def test_without_a_hopper_gpu_one_clear_error(call):
     from numba_fa3 import flash_attn, flash_attn_varlen
-    from primitives.gemm import matmul
+    from numba_fa3.primitives.gemm import matmul
     rng = np.random.default_rng(11)
     bf16 = tensors.NUMPY_DTYPES["bf16"]
     with pytest.raises(launch.NoHopperGPU) as info:
@@ -61,7 +61,7 @@ def test_another_gpu_is_named(monkeypatch):
 def test_numpy_without_row_stack_still_compiles_with_numba_cuda():
     """NumPy 2.5 dropped np.row_stack, which numba-cuda registers at its first compile: the
     packages restore it before numba-cuda loads (ptx_inline/_numpy_compat.py)."""
-    import ptx_inline  # noqa: F401
+    import numba_fa3.ptx_inline as ptx_inline  # noqa: F401
     assert np.row_stack is np.vstack or np.lib.NumpyVersion(np.__version__) < "2.5.0"
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from numba_fa3 import flash_attn, flash_attn_varlen
 from numba_fa3.reference import attention_lowprec, attention_reference, attention_reference_varlen
 from numba_fa3.tiles import LONG_QUERIES, SUPPORTED_HEAD_DIMS, has_long_tiles
-from primitives.tensors import NUMPY_DTYPES
+from numba_fa3.primitives.tensors import NUMPY_DTYPES
 
 gpu = pytest.mark.gpu
 LENGTHS = [1, 17, 64, 113, 128, 129, 255, 799, 1023, 2049]

@@ -7,7 +7,7 @@ pytestmark = pytest.mark.gpu
 
 def test_quad_transpose_matches_numpy():
     from numba import cuda
-    from primitives.fragment import quad_transpose
+    from numba_fa3.primitives.fragment import quad_transpose
 
     @cuda.jit
     def kernel(src, dst):
@@ -32,7 +32,7 @@ def test_zero_after_is_zero_for_every_float():
     """fragment.zero_after(dep): 0 for finite values, both zeros, both infinities and NaN (the
     uniform pipeline adds it to barrier addresses, so anything else would corrupt them)."""
     from numba import cuda
-    from primitives.fragment import zero_after
+    from numba_fa3.primitives.fragment import zero_after
 
     @cuda.jit
     def kernel(src, dst):
@@ -54,9 +54,9 @@ def test_stmatrix_stager_matches_the_store_stager():
     64 columns, packed pairs) into the same 128-byte swizzled tile, and that tile holds element
     (row, col) of the fragment layout (primitives.fragment) at row * 128 + swizzled column."""
     from numba import cuda
-    from primitives import epilogue, smem
-    from primitives.unroll import static_range, unrolled
-    from ptx_inline import memory, special
+    from numba_fa3.primitives import epilogue, smem
+    from numba_fa3.primitives.unroll import static_range, unrolled
+    from numba_fa3.ptx_inline import memory, special
 
     groups = 8
     stage_st = epilogue.stager(groups, 2, 0)

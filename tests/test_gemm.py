@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from primitives import gemm
-from primitives.tensors import NUMPY_DTYPES
+from numba_fa3.primitives import gemm
+from numba_fa3.primitives.tensors import NUMPY_DTYPES
 
 gpu = pytest.mark.gpu
 

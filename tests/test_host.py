@@ -4,7 +4,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from primitives import launch, tensors
+from numba_fa3.primitives import launch, tensors
 
 
 class _TorchLike:
@@ -42,9 +42,9 @@ def test_tile_table_fits_registers_and_shared_memory():
     wgmma M per consumer, and a shared-memory plan that fits (with two Q buffers where it says)."""
     from numba_fa3.forward import FlashForward
     from numba_fa3.mask import MASK_CAUSAL, MASK_NONE
-    from primitives.warpgroup import MAX_CONSUMERS
+    from numba_fa3.primitives.warpgroup import MAX_CONSUMERS
     from numba_fa3.tiles import TILES
-    from primitives import smem
+    from numba_fa3.primitives import smem
     for (d, masked), t in TILES.items():
         assert 2 <= t.consumers <= MAX_CONSUMERS and t.block_m == 64 * t.consumers
         k = FlashForward("bf16", d, MASK_CAUSAL if masked else MASK_NONE)

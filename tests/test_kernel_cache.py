@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from primitives import kernel_cache, launch, smem
+from numba_fa3.primitives import kernel_cache, launch, smem
 
 SOURCES, TOOLS, CC = "s" * 64, {"numba-cuda": "x"}, (9, 0)
 
@@ -227,7 +227,7 @@ class _Tiny(launch.HopperKernel):
 
     def make_kernel(self):
         from numba import cuda
-        from ptx_inline import memory
+        from numba_fa3.ptx_inline import memory
         value = self.value
 
         def tiny(out, n):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from numba import cuda, types
 
-from primitives import compile as kc
+from numba_fa3.primitives import compile as kc
 from numba_fa3.forward import FlashForward, Schedule
 from numba_fa3.tiles import LONG_TILES, SUPPORTED_HEAD_DIMS, tiles_for
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
-from primitives.gemm import GemmKernel
-from primitives.unroll import constexpr, static_range, unrolled
-from ptx_inline import barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma
+from numba_fa3.primitives.gemm import GemmKernel
+from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
+from numba_fa3.ptx_inline import barrier, cluster, convert, mbarrier, memory, regs, special, tma, wgmma
 
 pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 
@@ -261,7 +261,7 @@ def test_partial_fragment_intrinsics_compile():
     """exp2_regs / scale_regs touch only their compile-time register range (the interleaved
     rescale's parts), `after` is one fma by zero, and bounds outside the tuple or not
     constant are typing errors."""
-    from primitives.fragment import after, exp2_regs, scale_regs
+    from numba_fa3.primitives.fragment import after, exp2_regs, scale_regs
 
     def k(out, a, x):
         acc = (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7],
@@ -330,7 +330,7 @@ def test_unrolled_constexpr_unknown_name_is_an_error():
 def test_zero_after_and_arrive_if_ptx():
     """fragment.zero_after is an fma by zero and a saturating cvt (not folded by LLVM);
     mbarrier.arrive_if is a predicated arrive, no branch."""
-    from primitives.fragment import zero_after
+    from numba_fa3.primitives.fragment import zero_after
 
     def k(out, x):
         dyn = cuda.shared.array(0, dtype=np.uint8)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from numba_fa3.reference import attention_lowprec, attention_mask, attention_reference
-from primitives.tensors import NUMPY_DTYPES
+from numba_fa3.primitives.tensors import NUMPY_DTYPES
 
 gpu = pytest.mark.gpu
 BF16 = NUMPY_DTYPES["bf16"]
@@ -66,7 +66,7 @@ def test_many_tiles_per_cta_bitwise_stable(d, mask_name, edge, monkeypatch):
     query block sees no key at all, so its tile releases Q without a key block."""
     from numba_fa3 import flash_attn
     from numba_fa3.forward import FlashForward
-    from primitives import launch
+    from numba_fa3.primitives import launch
     torch = _torch()
     b, h, hk, sq = STRESS_SHAPES[edge]
     causal = mask_name == "causal"

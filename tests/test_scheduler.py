@@ -6,7 +6,7 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from primitives.scheduler import persistent_grid
+from numba_fa3.primitives.scheduler import persistent_grid
 
 
 class Counter:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from primitives import smem
+from numba_fa3.primitives import smem
 
 #: Offsets like a K loop's: 32-byte K steps inside a 1024-byte atom row, then whole 64-column
 #: chunks further on (FlashForward's Q at hdim 128: 8 steps over two chunks).
