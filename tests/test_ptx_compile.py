@@ -187,6 +187,38 @@ def test_wgmma_forms_assemble(n, ab, trans_b):
     _assert_clean(rep, f"wgmma m64n{n} {ab}")
 
 
+@pytest.mark.parametrize("n,ab,k_extent,a_major,b_major", [
+    (128, "bf16", 64, "mn", "mn"),    # the backward's P^T dO and dS^T Q: A and B M/N-major
+    (128, "f16", 128, "k", "mn"),     # P V's shape, A from shared memory
+    (256, "e4m3", 128, "k", "k"),     # FP8: k = 32, both K-major
+])
+def test_warpgroup_mma_forms_assemble(n, ab, k_extent, a_major, b_major):
+    """primitives.mma.warpgroup_mma's forms that no table kernel uses yet assemble with the
+    operand layout in the instruction (transposed A: imm-trans-a 1) and one wgmma per K step."""
+    from numba_fa3.primitives import mma
+    chunk = 64 * 128
+    g = mma.warpgroup_mma(n, ab, k_extent, mma.Operand(a_major, chunk), mma.Operand(b_major, chunk))
+    issue, source = g.issue, g.a_source
+    zero = (np.float32(0),) * (n // 2)
+
+    @unrolled
+    def k(out, a_addr, b_addr):
+        acc = issue(zero, source(a_addr, np.uint32(cuda.threadIdx.x)), b_addr, 0)
+        acc = wgmma.wait_group_tied(0, acc)
+        s = np.float32(0)
+        for i in static_range(n // 2):
+            s += acc[i]
+        out[0] = s
+
+    ptx = kc.compile_ptx(k, (types.float32[:], types.uint32, types.uint32), 128)
+    wgmmas = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert len(wgmmas) == g.steps == k_extent // mma.WGMMA_K[ab]
+    # scale-a, scale-b, then (16-bit only) the transpose immediates of A and B
+    imm = "p, 1, 1;" if ab == "e4m3" else f"p, 1, 1, {int(a_major == 'mn')}, {int(b_major == 'mn')};"
+    assert all(line.rstrip().endswith(imm) for line in wgmmas), wgmmas
+    _assert_clean(kc.ptxas_report(ptx), f"warpgroup_mma m64n{n} {ab} A {a_major} B {b_major}")
+
+
 def test_memory_sync_and_conversion_intrinsics_assemble():
     def k(out, gaddr, tmap, x):
         dyn = cuda.shared.array(0, dtype=np.uint8)
