@@ -19,6 +19,8 @@ __all__ = [
     "attention_mask",
     "attention_reference",
     "attention_reference_varlen",
+    "attention_backward_reference",
+    "attention_backward_reference_varlen",
     "attention_lowprec",
 ]
 
@@ -219,6 +221,96 @@ def attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l[0]
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------
+# the backward pass
+# ---------------------------------------------------------------------------
+
+def _dense_backward(dout, q, k, v, scale, left, right, softcap, dtype):
+    """Exact gradients of sum(dout * out) on validated, already-cast arrays: (dq, dk, dv).
+
+    With raw scores R = scale * q k^T, capped scores T = softcap * tanh(R / softcap) (T = R
+    without a cap), P the masked row softmax of T and O = P V:
+        dV = P^T dO,  dP = dO V^T,  D = rowsum(dO * O) = rowsum(P * dP),
+        dT = P * (dP - D),  dR = dT * (1 - tanh(R / softcap)^2)  (dR = dT without a cap),
+        dQ = scale * dR K,  dK = scale * dR^T Q,
+    dK and dV summed over the query heads that share a key/value head.  Rows that see no key
+    have P = 0 and contribute nothing."""
+    b, sq, h, d = q.shape
+    sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = h // hk
+    qt = q.transpose(0, 2, 1, 3).reshape(b, hk, g, sq, d)
+    dot = dout.transpose(0, 2, 1, 3).reshape(b, hk, g, sq, dv)
+    kt = k.transpose(0, 2, 1, 3)[:, :, None]  # [B, Hk, 1, Sk, D]
+    vt = v.transpose(0, 2, 1, 3)[:, :, None]  # [B, Hk, 1, Sk, Dv]
+    r = (qt @ kt.swapaxes(-1, -2)) * dtype.type(scale)
+    t = dtype.type(softcap) * np.tanh(r / dtype.type(softcap)) if softcap > 0 else r
+    vis = attention_mask(sq, sk, window_size=(left, right))
+    t = np.where(vis, t, -np.inf)
+    m = t.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.exp(t - m)
+    l = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(l > 0, l, 1)
+    dp = dot @ vt.swapaxes(-1, -2)
+    drow = (p * dp).sum(axis=-1, keepdims=True)
+    dt = p * (dp - drow)
+    dr = dt * (1 - np.tanh(r / dtype.type(softcap)) ** 2) if softcap > 0 else dt
+    dq = (dr @ kt) * dtype.type(scale)                          # [B, Hk, G, Sq, D]
+    dk = (dr.swapaxes(-1, -2) @ qt).sum(axis=2) * dtype.type(scale)  # [B, Hk, Sk, D]
+    dvv = (p.swapaxes(-1, -2) @ dot).sum(axis=2)                # [B, Hk, Sk, Dv]
+    dq = dq.reshape(b, h, sq, d).transpose(0, 2, 1, 3)
+    return (dq.astype(dtype, copy=False), dk.transpose(0, 2, 1, 3).astype(dtype, copy=False),
+            dvv.transpose(0, 2, 1, 3).astype(dtype, copy=False))
+
+
+def attention_backward_reference(dout, q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                 softcap=0.0, dtype=np.float64):
+    """Exact gradients (dq, dk, dv) of ``sum(dout * attention_reference(q, k, v, ...))`` over dense
+    ``[B, S, H, D]`` inputs, computed in ``dtype`` (float64 or float32) from inputs of any float
+    dtype; ``dout`` is ``[B, Sq, H, Dv]``.  dk and dv are summed over the query heads of each
+    key/value head (GQA/MQA); rows that see no key give no gradient."""
+    dtype = _compute_dtype(dtype)
+    q, k, v = _check_qkv(q, k, v, 4)
+    dout = _float_array(dout, "dout")
+    want = q.shape[:3] + (v.shape[-1],)
+    if dout.shape != want:
+        raise ValueError(f"dout must have shape {want}, got {dout.shape}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    left, right = _window(causal, window_size)
+    softcap = _softcap(softcap)
+    return _dense_backward(dout.astype(dtype), q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                           scale, left, right, softcap, dtype)
+
+
+def attention_backward_reference_varlen(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None,
+                                        causal=False, window_size=(-1, -1), softcap=0.0, dtype=np.float64):
+    """`attention_backward_reference` over packed sequences (as `attention_reference_varlen`):
+    ``dout [Tq, H, Dv]``; returns ``(dq [Tq, H, D], dk [Tk, Hk, D], dv [Tk, Hk, Dv])``, zero for
+    keys of empty sequences."""
+    dtype = _compute_dtype(dtype)
+    q, k, v = _check_qkv(q, k, v, 3)
+    dout = _float_array(dout, "dout")
+    if dout.shape != q.shape[:2] + (v.shape[-1],):
+        raise ValueError(f"dout must have shape {q.shape[:2] + (v.shape[-1],)}, got {dout.shape}")
+    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if cq.shape != ck.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k lengths differ: {cq.shape[0]} vs {ck.shape[0]}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    left, right = _window(causal, window_size)
+    softcap = _softcap(softcap)
+    q, k, v, dout = q.astype(dtype), k.astype(dtype), v.astype(dtype), dout.astype(dtype)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(cq.shape[0] - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        g = _dense_backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                            scale, left, right, softcap, dtype)
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------
