@@ -1,0 +1,61 @@
+"""The NumPy model of the blocked backward (numba_fa3.blocked_backward) against the float64
+reference backward, and its query-block range against the mask."""
+import ml_dtypes
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from numba_fa3.blocked import attention_blocked
+from numba_fa3.blocked_backward import attention_backward_blocked, query_blocks
+from numba_fa3.reference import _window, attention_backward_reference, attention_mask, attention_reference
+from test_reference import cases, opts
+
+BLOCKS = st.sampled_from([16, 32, 64])
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases(max_len=60), BLOCKS, BLOCKS, st.integers(0, 2**32 - 1))
+def test_float32_blocked_backward_matches_reference(c, bm, bn, seed):
+    """With float32 storage the blocked algorithm is the exact gradient up to float32 rounding,
+    for any tiling; the forward's out and LSE come from the reference."""
+    dout = np.random.default_rng(seed).standard_normal(c["q"].shape[:3] + (c["v"].shape[-1],))
+    out, lse = attention_reference(c["q"], c["k"], c["v"], return_lse=True, **opts(c))
+    got = attention_backward_blocked(dout, c["q"], c["k"], c["v"], out, lse, block_m=bm, block_n=bn,
+                                     storage_dtype=np.float32, **opts(c))
+    want = attention_backward_reference(dout, c["q"], c["k"], c["v"], **opts(c))
+    for a, b in zip(got, want):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * max(1.0, float(np.abs(b).max())))
+
+
+@settings(max_examples=100, deadline=None)
+@given(cases(max_len=60), st.sampled_from([ml_dtypes.bfloat16, np.float16]), st.integers(0, 2**32 - 1))
+def test_low_precision_blocked_backward_is_close(c, storage, seed):
+    """bf16/fp16 storage, out and LSE from the blocked forward as a kernel pair would give them:
+    each gradient within 4 storage roundings of the float64 gradient, norm-wise (about one is
+    typical)."""
+    dout = np.random.default_rng(seed).standard_normal(c["q"].shape[:3] + (c["v"].shape[-1],))
+    out, lse = attention_blocked(c["q"], c["k"], c["v"], storage_dtype=storage, return_lse=True, **opts(c))
+    got = attention_backward_blocked(dout, c["q"], c["k"], c["v"], out, lse, storage_dtype=storage, **opts(c))
+    want = attention_backward_reference(dout, c["q"], c["k"], c["v"], **opts(c))
+    eps = float(ml_dtypes.finfo(storage).eps)
+    for a, b in zip(got, want):
+        assert np.isfinite(np.asarray(a, np.float64)).all()
+        if np.abs(b).max() > 0:
+            assert _rel(a, b) < 4 * eps, (_rel(a, b), eps)
+
+
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from([16, 64, 128]), st.sampled_from([16, 80, 128]),
+       st.one_of(st.just(-1), st.integers(0, 200)), st.one_of(st.just(-1), st.integers(0, 200)), st.booleans())
+def test_query_blocks_are_exactly_the_blocks_that_see_the_key_block(sq, sk, bm, bn, left, right, causal):
+    left, right = _window(causal, (left, right))
+    vis = attention_mask(sq, sk, window_size=(left, right))
+    for nb in range(-(-sk // bn)):
+        m_min, m_max = query_blocks(nb, bm, bn, sq, sk, left, right)
+        for mb in range(-(-sq // bm)):
+            sees = vis[mb * bm:(mb + 1) * bm, nb * bn:(nb + 1) * bn].any()
+            assert sees == (m_min <= mb < m_max), (nb, mb, m_min, m_max)
