@@ -24,15 +24,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from .reference import (
-    _check_qkv,
-    _round_to,
-    _scale,
-    _softcap,
-    _storage_dtype,
-    _window,
-    attention_mask,
-)
+from .reference import _check_qkv, _options, _round_to, _storage_dtype, attention_mask
 
 __all__ = ["attention_blocked"]
 
@@ -57,9 +49,7 @@ def attention_blocked(q, k, v, softmax_scale=None, causal=False, window_size=(-1
     """
     storage = _storage_dtype(storage_dtype)
     q, k, v = _check_qkv(q, k, v, 4)
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     bm, bn = _block(block_m, "block_m"), _block(block_n, "block_n")
 
     f32 = np.float32

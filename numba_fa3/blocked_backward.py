@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from .blocked import _block
-from .reference import _check_qkv, _round_to, _scale, _softcap, _storage_dtype, _window, attention_mask
+from .reference import _check_qkv, _options, _round_to, _storage_dtype, attention_mask
 
 __all__ = ["attention_backward_blocked", "query_blocks"]
 
@@ -48,9 +48,7 @@ def attention_backward_blocked(dout, q, k, v, out, lse, softmax_scale=None, caus
     ``out`` and natural-log ``lse [B, H, Sq]`` (as `attention_blocked` or the kernel returns them)."""
     storage = _storage_dtype(storage_dtype)
     q, k, v = _check_qkv(q, k, v, 4)
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     bm, bn = _block(block_m, "block_m"), _block(block_n, "block_n")
     f32 = np.float32
     b, sq, h, d = q.shape

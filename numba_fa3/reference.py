@@ -126,6 +126,21 @@ def _check_cu_seqlens(cu, total, name):
 # exact attention
 # ---------------------------------------------------------------------------
 
+def _options(q, softmax_scale, causal, window_size, softcap):
+    """(scale, left, right, softcap) validated, for q's head dim."""
+    left, right = _window(causal, window_size)
+    return _scale(softmax_scale, q.shape[-1]), left, right, _softcap(softcap)
+
+
+def _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k):
+    """The checked cu_seqlens of packed q and k (int64), the same number of sequences."""
+    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if cq.shape != ck.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k lengths differ: {cq.shape[0]} vs {ck.shape[0]}")
+    return cq, ck
+
+
 def attention_mask(seqlen_q, seqlen_k, causal=False, window_size=(-1, -1)):
     """Boolean ``[seqlen_q, seqlen_k]`` matrix, True where query i may see key j."""
     left, right = _window(causal, window_size)
@@ -181,9 +196,7 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(
     """
     dtype = _compute_dtype(dtype)
     q, k, v = _check_qkv(q, k, v, 4)
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     out, lse = _dense(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                       scale, left, right, softcap, dtype)
     return (out, lse) if return_lse else out
@@ -201,13 +214,8 @@ def attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
     """
     dtype = _compute_dtype(dtype)
     q, k, v = _check_qkv(q, k, v, 3)
-    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-    if cq.shape != ck.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k lengths differ: {cq.shape[0]} vs {ck.shape[0]}")
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    cq, ck = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     tq, h = q.shape[0], q.shape[1]
     out = np.zeros((tq, h, v.shape[-1]), dtype=dtype)
@@ -277,9 +285,7 @@ def attention_backward_reference(dout, q, k, v, softmax_scale=None, causal=False
     want = q.shape[:3] + (v.shape[-1],)
     if dout.shape != want:
         raise ValueError(f"dout must have shape {want}, got {dout.shape}")
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     return _dense_backward(dout.astype(dtype), q.astype(dtype), k.astype(dtype), v.astype(dtype),
                            scale, left, right, softcap, dtype)
 
@@ -294,13 +300,8 @@ def attention_backward_reference_varlen(dout, q, k, v, cu_seqlens_q, cu_seqlens_
     dout = _float_array(dout, "dout")
     if dout.shape != q.shape[:2] + (v.shape[-1],):
         raise ValueError(f"dout must have shape {q.shape[:2] + (v.shape[-1],)}, got {dout.shape}")
-    cq = _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    ck = _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-    if cq.shape != ck.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k lengths differ: {cq.shape[0]} vs {ck.shape[0]}")
-    scale = _scale(softmax_scale, q.shape[-1])
-    left, right = _window(causal, window_size)
-    softcap = _softcap(softcap)
+    cq, ck = _varlen_bounds(q, k, cu_seqlens_q, cu_seqlens_k)
+    scale, left, right, softcap = _options(q, softmax_scale, causal, window_size, softcap)
     q, k, v, dout = q.astype(dtype), k.astype(dtype), v.astype(dtype), dout.astype(dtype)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
     for b in range(cq.shape[0] - 1):
