@@ -108,25 +108,6 @@ def row_max(typingctx, acc):
 
 
 @_intrinsic
-def row_max_after(typingctx, acc, row, dep):
-    """The max over the thread's registers of one row (0: r, 1: r + 8), its first register taken
-    through `after(x, dep)`: the reduction cannot start before `dep` exists.  FA3's SASS reduces
-    row r, then row r + 8 among row r's exponentials; this asks ptxas for that order (dep = row
-    r's exponent base)."""
-    n = _f32_tuple(acc, "row_max_after")
-    if not isinstance(row, _types.IntegerLiteral) or row.literal_value not in (0, 1):
-        raise _TypingError(f"row_max_after: row must be the constant 0 or 1, got {row}")
-    k = row.literal_value
-
-    def codegen(context, builder, sig, args):
-        v = [x for i, x in enumerate(_vals(builder, args[0], n)) if int(_second_row(i)) == k]
-        d = _f32(context, builder, args[2], sig.args[2])
-        v[0] = _after(builder, v[0], d)
-        return _tree(builder, v, _fmax)
-    return _types.float32(acc, row, dep), codegen
-
-
-@_intrinsic
 def row_sum(typingctx, acc):
     """(sum of the thread's registers of row r, of row r + 8)."""
     return _row_reduce("row_sum", lambda b, x, y: b.fadd(x, y))(typingctx, acc)
