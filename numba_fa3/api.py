@@ -13,8 +13,9 @@ import numpy as np
 from numba_fa3.primitives import tensors
 from numba_fa3.primitives.tma_desc import descriptor_tables
 from . import mask, tiles
+from .backward import backward_kernel
 from .forward import forward_kernel
-from .tiles import SUPPORTED_HEAD_DIMS
+from .tiles import BACKWARD_HEAD_DIMS, SUPPORTED_HEAD_DIMS
 
 
 def _check_layout(infos, rank, what):
@@ -226,3 +227,194 @@ def _as_batch_of_one(info):
     t, h, d = info.shape
     return tensors.TensorInfo(info.ptr, (1, t, h, d), (t * info.strides[0],) + tuple(info.strides),
                               info.dtype, info.kind, info.obj)
+
+
+# --- the backward pass ---------------------------------------------------------------------------
+
+def _grad_output(given, like, name, stream):
+    """(array, TensorInfo) of a gradient output: `given` checked (a GPU array of like's shape and
+    dtype, last dim contiguous, TMA-free so any 16-byte aligned rows), or a new one."""
+    if given is None:
+        arr = tensors.empty_like_kind(like, like.shape, like.dtype)
+        return arr, tensors.TensorInfo(tensors.device_ptr(arr), like.shape, tensors.contiguous_strides(like.shape),
+                                       like.dtype, like.kind, arr)
+    if type(given).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise TypeError(f"{name}=: JAX arrays are immutable; leave {name}=None to get a new JAX array")
+    info = tensors.inspect(given, name, stream)
+    if info.kind == "numpy":
+        raise TypeError(f"{name}= must be a GPU array")
+    if info.shape != like.shape or info.dtype != like.dtype or info.strides[-1] != 1:
+        raise ValueError(f"{name} must be {like.shape} {like.dtype} with a contiguous last dim, got "
+                         f"{info.shape} {info.dtype} strides {info.strides}")
+    if info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:-1]):
+        raise ValueError(f"{name}: 16-byte aligned base and strides needed (16-byte row stores)")
+    return given, info
+
+
+def _check_lse(lse, shape, stream):
+    info = tensors.inspect(lse, "lse", stream)
+    if info.shape != shape or info.dtype != "f32":
+        raise ValueError(f"lse must be float32 {shape} (as the forward returns it), got {info.dtype} {info.shape}")
+    return info
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, deterministic=False, dq=None, dk=None, dv=None, stream=None):
+    """The gradients (dq, dk, dv) of `flash_attn(q, k, v, ...)` for the output gradient `dout`.
+
+    out and lse are the forward's output and log-sum-exp (`flash_attn(..., return_lse=True)`),
+    with the same options (softmax_scale, causal, window_size, softcap) as here.  dout and out
+    `[B, Sq, H, D]`, lse `[B, H, Sq]` float32; array kinds, dtypes and `stream` as in `flash_attn`
+    (all of dout, q, k, v, out of one dtype; NumPy in, NumPy out).  With GQA/MQA, dk and dv of a
+    key head sum its query heads'.  Rows that see no key get zero gradients.
+    deterministic: dq's float32 additions in a fixed order (key block by key block), so the result
+    is bitwise the same run to run; the default adds them as key blocks finish.
+    dq, dk, dv: GPU arrays of q's, k's, v's shapes and dtype to write into (else new arrays of the
+    inputs' library).  Supported head dims: tiles.BACKWARD_HEAD_DIMS."""
+    names = ("dout", "q", "k", "v", "out")
+    infos = [tensors.inspect(x, n, stream) for x, n in zip((dout, q, k, v, out), names)]
+    _check_layout(list(zip(infos, names)), 4, "[batch, seqlen, heads, head_dim]")
+    ido, iq, ik, iv, io = infos
+    b, sq, h, d = iq.shape
+    bk, sk, hk, dk_ = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k and v must have the same shape, got {ik.shape} and {iv.shape}")
+    if bk != b:
+        raise ValueError(f"q {iq.shape} and k {ik.shape} differ in batch")
+    if ido.shape != iq.shape or io.shape != iq.shape:
+        raise ValueError(f"dout {ido.shape} and out {io.shape} must have q's shape {iq.shape}")
+    _check_heads(h, hk, d, dk_, iv.shape[3])
+    _check_backward_head_dim(d)
+    if min(b, sq, sk, h) < 1:
+        raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
+    ilse = _check_lse(lse, (b, h, sq), stream)
+    scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
+    host = iq.kind == "numpy"
+    if host:
+        if any(x is not None for x in (dq, dk, dv)):
+            raise TypeError("dq=/dk=/dv= are for GPU inputs; NumPy inputs get new NumPy results")
+        ido, iq, ik, iv, io, ilse = (tensors.upload(x) for x in (ido, iq, ik, iv, io, ilse))
+    _check_tma([(iq, "q"), (ik, "k"), (iv, "v"), (ido, "dout")])
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream(iq.obj)
+    outs = [_grad_output(g, like, n, stream) for g, like, n in ((dq, iq, "dq"), (dk, ik, "dk"), (dv, iv, "dv"))]
+    kern = backward_kernel(iq.dtype, d, kind, softcap=cap > 0, deterministic=bool(deterministic))
+    _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, window, scale, cap, stream)
+    return _grad_results(outs, iq, host, stream)
+
+
+def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, window, scale, cap, stream,
+                  cu=(0, 0), total=(0, 0), batch_view=None):
+    """Preprocess, the main kernel, postprocess, on one stream."""
+    from . import backward_prep
+    (_, dq_i), (_, dk_i), (_, dv_i) = outs
+    varlen = total != (0, 0) or cu != (0, 0)
+    bm = kern.block_m
+    if varlen:
+        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, total_q=total[0], stream=stream)
+    else:
+        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, seqlen_q=sq, stream=stream)
+    backward_prep.preprocess(ws, ido, io, ilse, b, h, iq.shape[-1], bm, sq, stream, cu_seqlens_q=cu[0],
+                             total_q=total[0])
+    sem = None
+    if kern.deterministic:
+        sem = _zeros_i32(b * h * (-(-sq // bm)), stream)
+    view = batch_view or (lambda x: x)
+    table = descriptor_tables.get(kern.tensor_maps(view(iq), view(ik), view(iv), view(ido)))
+    kern.launch(table, ws, tensors.device_ptr(sem) if sem is not None else 0, dk_i, dv_i, b, h, hk, sq, sk,
+                window, scale, cap, stream, cu_seqlens=cu, total=total)
+    backward_prep.postprocess(ws, dq_i, b, h, iq.shape[-1], bm, sq, scale, stream, cu_seqlens_q=cu[0],
+                              total_q=total[0])
+    # the workspaces must outlive the kernels that use them: keep them until the stream passes
+    _keep_until_done((ws, sem), stream)
+
+
+def _grad_results(outs, like, host, stream):
+    res = []
+    for (arr, info), given in zip(outs, (None, None, None)):
+        if host:
+            res.append(tensors.to_host(arr, info.dtype))
+        else:
+            res.append(tensors.to_library(arr, like, info.dtype, stream) if arr is info.obj else arr)
+    return tuple(res)
+
+
+def _zeros_i32(count, stream):
+    from numba import cuda
+    from cuda.bindings import driver as drv
+    from numba_fa3.primitives.launch import stream_handle
+    arr = cuda.device_array(max(1, count), dtype=np.int32)
+    (err,) = drv.cuMemsetD32Async(tensors.device_ptr(arr), 0, max(1, count), stream_handle(stream))
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuMemsetD32Async failed: {err.name}")
+    return arr
+
+
+_PENDING = []
+
+
+def _keep_until_done(objs, stream):
+    """Hold device buffers (Numba frees them when collected) until the stream has passed the
+    launches that use them: a CUDA event per call, the held list pruned of completed ones."""
+    from cuda.bindings import driver as drv
+    from numba_fa3.primitives.launch import stream_handle
+    err, ev = drv.cuEventCreate(drv.CUevent_flags.CU_EVENT_DISABLE_TIMING)
+    drv.cuEventRecord(ev, stream_handle(stream))
+    _PENDING.append((ev, objs))
+    while _PENDING and drv.cuEventQuery(_PENDING[0][0])[0] == drv.CUresult.CUDA_SUCCESS:
+        drv.cuEventDestroy(_PENDING.pop(0)[0])
+
+
+def _check_backward_head_dim(d):
+    if d not in BACKWARD_HEAD_DIMS:
+        raise ValueError(f"the backward supports head dims {BACKWARD_HEAD_DIMS}, got {d}")
+
+
+def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               deterministic=False, dq=None, dk=None, dv=None, stream=None):
+    """`flash_attn_backward` for packed sequences: dout, q, out `[Tq, H, D]`, k, v `[Tk, Hk, D]`,
+    lse `[H, Tq]`, cu_seqlens and max_seqlen as in `flash_attn_varlen`.  Returns (dq, dk, dv) of
+    q's, k's, v's shapes."""
+    names = ("dout", "q", "k", "v", "out")
+    infos = [tensors.inspect(x, n, stream) for x, n in zip((dout, q, k, v, out), names)]
+    _check_layout(list(zip(infos, names)), 3, "[total_tokens, heads, head_dim]")
+    ido, iq, ik, iv, io = infos
+    tq, h, d = iq.shape
+    tk, hk, dk_ = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k and v must have the same shape, got {ik.shape} and {iv.shape}")
+    if ido.shape != iq.shape or io.shape != iq.shape:
+        raise ValueError(f"dout {ido.shape} and out {io.shape} must have q's shape {iq.shape}")
+    _check_heads(h, hk, d, dk_, iv.shape[2])
+    _check_backward_head_dim(d)
+    ilse = _check_lse(lse, (h, tq), stream)
+    scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_q < 0 or max_k < 0:
+        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+    host = iq.kind == "numpy"
+    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
+    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
+    if bq != bk:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
+    if host:
+        if any(x is not None for x in (dq, dk, dv)):
+            raise TypeError("dq=/dk=/dv= are for GPU inputs; NumPy inputs get new NumPy results")
+        if lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k:
+            raise ValueError(f"a sequence is longer than max_seqlen_q/k ({max_q}, {max_k})")
+        ido, iq, ik, iv, io, ilse = (tensors.upload(x) for x in (ido, iq, ik, iv, io, ilse))
+        cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
+        cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
+    _check_tma([(iq, "q"), (ik, "k"), (iv, "v"), (ido, "dout")])
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream(iq.obj)
+    outs = [_grad_output(g, like, n, stream) for g, like, n in ((dq, iq, "dq"), (dk, ik, "dk"), (dv, iv, "dv"))]
+    if tk and tq and max_q and max_k:
+        kern = backward_kernel(iq.dtype, d, kind, softcap=cap > 0, varlen=True, deterministic=bool(deterministic))
+        _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, bq, h, hk, max_q, max_k, window, scale, cap, stream,
+                      cu=(cuq_ptr, cuk_ptr), total=(tq, tk), batch_view=_as_batch_of_one)
+    else:
+        for arr, _ in outs:
+            tensors.fill(arr, 0)
+    return _grad_results(outs, iq, host, stream)

@@ -121,3 +121,28 @@ def apply(s, n_block, block_n, col0, limits):
     lo0, hi0, lo1, hi1 = limits
     base = n_block * block_n
     return fragment.mask_cols(s, col0, lo0 - base, hi0 - base, lo1 - base, hi1 - base)
+
+
+@cuda.jit(device=True, forceinline=True)
+def query_limits(key, offset, left, right, seqlen_k):
+    """[lo, hi) of the query rows that see key `key` (the transpose of `key_limits`): row i sees
+    it iff key - offset - right <= i <= key - offset + left; a key past the sequence is seen by
+    none.  Rows past seqlen_q need no bound here: the backward gives them an LSE of +inf."""
+    lo = np.int32(0)
+    if right >= 0:
+        lo = np.int32(key - offset - right)
+    hi = np.int32(FAR)
+    if left >= 0:
+        hi = np.int32(key - offset + left + 1)
+    if key >= seqlen_k:
+        hi = np.int32(-FAR)
+    return lo, hi
+
+
+@cuda.jit(device=True, forceinline=True)
+def key_row_limits(key, offset, left, right, seqlen_k):
+    """(lo0, hi0, lo1, hi1): the query ranges of a transposed fragment's two rows (keys `key` and
+    `key + 8`), for `apply` with query blocks in place of key blocks."""
+    lo0, hi0 = query_limits(key, offset, left, right, seqlen_k)
+    lo1, hi1 = query_limits(key + 8, offset, left, right, seqlen_k)
+    return lo0, hi0, lo1, hi1

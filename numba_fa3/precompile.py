@@ -22,8 +22,9 @@ DTYPES = {"bf16": "bf16", "fp16": "f16", "f16": "f16"}
 MASKS = ("full", "causal", "local")
 
 
-def specializations(hdims, dtypes, masks, softcap, varlen, gemm):
-    """(kind, arguments) of every kernel the API would build for these choices."""
+def specializations(hdims, dtypes, masks, softcap, varlen, gemm, backward=False):
+    """(kind, arguments) of every kernel the API would build for these choices (with `backward`,
+    flash_attn_backward's too: its pre- and postprocess, the main kernel in both modes)."""
     from . import mask as mk, tiles
     kinds = {"full": mk.MASK_NONE, "causal": mk.MASK_CAUSAL, "local": mk.MASK_LOCAL}
     specs = []
@@ -37,6 +38,12 @@ def specializations(hdims, dtypes, masks, softcap, varlen, gemm):
                     specs += [("forward", (dtype, d, kind, cap, False, long)) for long in longs]
                     if varlen:
                         specs.append(("forward", (dtype, d, kind, cap, True, False)))
+                    if backward and d in tiles.BACKWARD_HEAD_DIMS:
+                        specs += [("backward", (dtype, d, kind, cap, vl, det))
+                                  for vl in sorted({False, varlen}) for det in (False, True)]
+            if backward and d in tiles.BACKWARD_HEAD_DIMS:
+                for vl in sorted({False, varlen}):
+                    specs += [("preprocess", (dtype, d, vl)), ("postprocess", (dtype, d, vl))]
         if gemm:
             specs += [("gemm", (dtype, out, tb)) for out in (dtype, "f32") for tb in (True, False)]
     return specs
@@ -46,6 +53,13 @@ def _kernel(kind, args):
     if kind == "gemm":
         from numba_fa3.primitives.gemm import gemm_kernel
         return gemm_kernel(*args)
+    if kind == "backward":
+        from .backward import backward_kernel
+        dtype, d, mask_kind, softcap, varlen, deterministic = args
+        return backward_kernel(dtype, d, mask_kind, softcap=softcap, varlen=varlen, deterministic=deterministic)
+    if kind in ("preprocess", "postprocess"):
+        from . import backward_prep
+        return getattr(backward_prep, f"{kind}_kernel")(*args)
     from .forward import forward_kernel
     dtype, d, mask_kind, softcap, varlen, long_queries = args
     return forward_kernel(dtype, d, mask_kind, softcap=softcap, varlen=varlen, long_queries=long_queries)
@@ -73,6 +87,7 @@ def main(argv=None):
     p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
     p.add_argument("--softcap", action="store_true", help="also the soft-capping kernels (softcap > 0)")
     p.add_argument("--varlen", action="store_true", help="also flash_attn_varlen's kernels")
+    p.add_argument("--backward", action="store_true", help="also flash_attn_backward's kernels")
     p.add_argument("--gemm", action="store_true", help="also matmul's kernels (bf16/fp16 or fp32 out, both B layouts)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compiles at once (each is one CPU core for 5-30 s)")

@@ -76,6 +76,17 @@ def tile_scheduler(longest_first, varlen):
     return SimpleNamespace(coords=coords, seq=seq)
 
 
+@cuda.jit(device=True, forceinline=True)
+def key_block_coords(p, tile):
+    """(key block, key head, batch) of a linear tile of a kernel that walks query blocks per key
+    block (the backward; `p` has n_blocks, heads_k): key blocks vary fastest, so the CTAs running
+    at one time read the same few heads' Q and dO, which then stay in L2, and in each head the
+    blocks that the most query blocks see (the first, with a causal mask) come first."""
+    bh, nb = udivmod32(tile, p.n_blocks)
+    b, hk = udivmod32(bh, p.heads_k)
+    return nb, hk, b
+
+
 def causal_order(blocks, pairs, ctas, seqlen_k, head_dim, head_ratio):
     """(section, tail) of a causal run: L2 sections of pairs from SECTION_MIN_BLOCKS blocks per
     pair, else pair by pair (section 1) ending on `causal_tail` pairs."""

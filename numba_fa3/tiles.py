@@ -112,3 +112,45 @@ def tiles_for(head_dim, masked=False, long_queries=False):
 def has_long_tiles(head_dim, masked, seqlen_q):
     """Whether a dense run of seqlen_q query rows takes LONG_TILES' entry (a kernel of its own)."""
     return seqlen_q >= LONG_QUERIES and (head_dim, bool(masked)) in LONG_TILES
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """The backward kernel's geometry (`backward`): each consumer warpgroup owns 64 keys of the
+    key block (block_n = 64 * consumers) and holds their dK and dV (D/2 registers each per
+    thread); query blocks of block_m rows stream through `stages` shared-memory stages of Q, dO
+    and their LSE and D rows."""
+    block_m: int
+    stages: int
+    consumers: int
+    producer_registers: int
+    consumer_registers: int
+
+    @property
+    def block_n(self):
+        return 64 * self.consumers
+
+
+_BWD_TWO = dict(consumers=2, producer_registers=24, consumer_registers=240)
+
+#: head_dim -> backward tiles, one line of reason each.  Registers per consumer thread: dK + dV
+#: D, S^T and dP^T block_m / 2 each, P^T and dS^T packed block_m / 4 each, dQ D / 4 (split
+#: between the two warpgroups) or D / 2 (every other query block, where D / 2 is not whole
+#: 64-column chunks).  Shared memory: K and V (block_n x D), `stages` x (Q and dO: block_m x D),
+#: dS^T twice (block_n x block_m).
+BACKWARD_TILES = {
+    # the forward's 64-key warpgroup split with Q, dO in two stages: 16 + 16 + 2 x 16 + 16 KB
+    64: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
+    # D = 96 pads its second chunk (TMA zero-fills it) as the forward does
+    96: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
+    # dK + dV take 128 of the 240 registers; 32 + 32 + 2 x 32 + 32 KB of shared memory
+    128: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
+}
+
+BACKWARD_HEAD_DIMS = tuple(sorted(BACKWARD_TILES))
+
+
+def backward_tiles_for(head_dim):
+    if head_dim not in BACKWARD_TILES:
+        raise ValueError(f"the backward supports head dims {BACKWARD_HEAD_DIMS}, got {head_dim}")
+    return BACKWARD_TILES[head_dim]

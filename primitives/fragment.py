@@ -285,3 +285,108 @@ def quad_transpose(v0, v1, v2, v3, lane):
     if lo:
         return t0, a01, t1, a11
     return a00, t0, a10, t1
+
+
+# --- per-column work: fragments whose columns are the rows of another matrix --------------------
+# The backward computes S^T and dP^T (rows: keys, columns: queries), so the softmax statistics
+# that belong to a query (its LSE, its D = rowsum(dO * O)) vary along a fragment's columns.  A
+# thread's columns are 8 j + 2 (t % 4) + {0, 1} for its n/8 groups j: n/4 values per thread, in
+# the order `col_index` gives (`column_loader` reads them from shared memory).
+
+def col_index(i):
+    """Index into a thread's per-column values of accumulator register i."""
+    return 2 * (i // REGS_PER_GROUP) + i % 2
+
+
+def _cols_tuple(cols, n, what):
+    if not (isinstance(cols, _types.UniTuple) and cols.dtype == _types.float32 and cols.count == n // 2):
+        raise _TypingError(f"{what}: expected {n // 2} float32 column values, got {cols}")
+
+
+@_intrinsic
+def exp2_cols(typingctx, acc, scale, cols):
+    """ex2(x * scale - cols[col_index(i)]) for every register (one FFMA and one MUFU.EX2 each):
+    P^T from S^T with each query's log2-unit LSE; an LSE of +inf gives 0 for any finite x."""
+    n = _f32_tuple(acc, "exp2_cols")
+    _cols_tuple(cols, n, "exp2_cols")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        sc = _f32(context, builder, args[1], sig.args[1])
+        c = _vals(builder, args[2], n // 2)
+        out = [_emit(builder, _EXP2, [_F32], [(x, "f"), (sc, "f"), (builder.fsub(_ir.Constant(_F32, -0.0), c[col_index(i)]), "f")],
+                     clobber_memory=False, side_effect=False) for i, x in enumerate(v)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, scale, cols), codegen
+
+
+@_intrinsic
+def sub_cols_mul(typingctx, p, dp, cols):
+    """p * (dp - cols[col_index(i)]) for every register: dS^T = P^T * (dP^T - D) with each
+    query's D."""
+    n = _f32_tuple(p, "sub_cols_mul")
+    if dp != p:
+        raise _TypingError(f"sub_cols_mul: p and dp must be alike, got {p} and {dp}")
+    _cols_tuple(cols, n, "sub_cols_mul")
+
+    def codegen(context, builder, sig, args):
+        a, b = _vals(builder, args[0], n), _vals(builder, args[1], n)
+        c = _vals(builder, args[2], n // 2)
+        out = [builder.fmul(a[i], builder.fsub(b[i], c[col_index(i)])) for i in range(n)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return p(p, dp, cols), codegen
+
+
+@_intrinsic
+def tanh_slope(typingctx, t):
+    """1 - t * t for every register, packed to bf16 pairs (`pack_bf16`'s order): the soft-cap's
+    derivative, t = tanh(s / softcap), kept in half the registers from the scores to dS (whose
+    bf16/fp16 rounding for the GEMMs is as coarse)."""
+    n = _f32_tuple(t, "tanh_slope")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        one = _ir.Constant(_F32, 1.0)
+        g = [builder.fsub(one, builder.fmul(x, x)) for x in v]
+        out = [_emit(builder, "cvt.rn.bf16x2.f32 $0, $1, $2;", [_I32], [(g[2 * k + 1], "f"), (g[2 * k], "f")],
+                     clobber_memory=False, side_effect=False) for k in range(n // 2)]
+        return context.make_tuple(builder, sig.return_type, out)
+    return _types.UniTuple(_types.uint32, n // 2)(t), codegen
+
+
+@_intrinsic
+def mul_bf16_pairs(typingctx, acc, packed):
+    """acc times the bf16 pairs of `packed` (register 2k by the low half of packed[k], 2k + 1 by
+    the high half): dS times the soft-cap's slope (`tanh_slope`)."""
+    n = _f32_tuple(acc, "mul_bf16_pairs")
+    if not (isinstance(packed, _types.UniTuple) and packed.count == n // 2):
+        raise _TypingError(f"mul_bf16_pairs: expected {n // 2} packed pairs, got {packed}")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        pk = [context.cast(builder, x, sig.args[1].dtype, _types.uint32) for x in _vals(builder, args[1], n // 2)]
+        out = []
+        for i, x in enumerate(v):
+            w = pk[i // 2]
+            bits = builder.shl(w, _ir.Constant(_I32, 16)) if i % 2 == 0 else builder.and_(w, _ir.Constant(_I32, 0xFFFF0000))
+            out.append(builder.fmul(x, builder.bitcast(bits, _F32)))
+        return context.make_tuple(builder, sig.return_type, out)
+    return acc(acc, packed), codegen
+
+
+def column_loader(groups):
+    """load(addr, col0) -> the thread's 2 * groups float32 column values of a row of float32 at
+    shared address addr (one per fragment column: `col_index` order), by 8-byte loads."""
+    from numba_fa3.ptx_inline import memory
+    from .unroll import static_range, unrolled
+    group_bytes = 8 * 4
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def load(addr, col0):
+        vals = ()
+        base = addr + np.uint32(col0) * np.uint32(4)
+        for j in static_range(groups):
+            vals = vals + memory.ld_shared_v2_f32(base + j * group_bytes)
+        return vals
+    return load

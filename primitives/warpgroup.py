@@ -24,9 +24,12 @@ class NamedBarrier(enum.IntEnum):
     """Named barrier ids (id 0 is __syncthreads), each a base to which the consumer warpgroup's
     index is added.  EPILOGUE: a warpgroup's own threads around its epilogue staging buffer.
     SCHEDULER: the ping-pong turn; the warpgroup before (round robin) arrives at it when it has
-    issued its GEMMs (FA3 section 3.1, "pingpong scheduling")."""
+    issued its GEMMs (FA3 section 3.1, "pingpong scheduling").  CONSUMERS (one id, no index):
+    every consumer thread of the CTA, around a tile that all of them write and each reads (the
+    backward's dS)."""
     EPILOGUE = 1
     SCHEDULER = 1 + MAX_CONSUMERS
+    CONSUMERS = 1 + 2 * MAX_CONSUMERS
 
 
 #: (producer, consumer) registers per thread, by number of consumer warpgroups.  The budget must
@@ -98,6 +101,18 @@ _EPILOGUE = int(NamedBarrier.EPILOGUE)
 def epilogue_sync(wg):
     """The consumer warpgroup `wg`'s 128 threads meet (its epilogue staging buffer)."""
     barrier.sync(_EPILOGUE + wg, WARPGROUP_THREADS)
+
+
+def consumers_sync(consumers):
+    """sync(): every consumer thread of a CTA with `consumers` warpgroups meets (NamedBarrier
+    CONSUMERS); the producer warpgroup is not held."""
+    threads = consumers * WARPGROUP_THREADS
+    bar_id = int(NamedBarrier.CONSUMERS)
+
+    @cuda.jit(device=True, forceinline=True)
+    def sync():
+        barrier.sync(bar_id, threads)
+    return sync
 
 
 def pingpong(enabled, consumers):

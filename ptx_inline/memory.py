@@ -168,3 +168,75 @@ def ldmatrix_x4(typingctx, addr):
                    [I32] * 4, [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
         return context.make_tuple(builder, sig.return_type, out)
     return types.UniTuple(types.uint32, 4)(addr), codegen
+
+
+@intrinsic
+def ld_shared_v2_f32(typingctx, addr):
+    """`ld.shared.v2.f32 {a, b}, [addr]`: two adjacent float32 (addr 8-byte aligned), e.g. the
+    LSE of a fragment's two columns."""
+    def codegen(context, builder, sig, args):
+        out = emit(builder, "ld.shared.v2.f32 {$0, $1}, [$2];", [F32, F32],
+                   [(as_int(context, builder, args[0], sig.args[0], 32), "r")], clobber_memory=False)
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(types.float32, 2)(addr), codegen
+
+
+@intrinsic
+def ld_global_nc_v4_f32(typingctx, addr):
+    """`ld.global.nc.v4.f32 {a, b, c, d}, [addr]` (9.7.9.8): four adjacent float32 (addr 16-byte
+    aligned) through the non-coherent path, for data no thread writes during the kernel (e.g. a
+    float32 accumulator that a previous kernel filled)."""
+    def codegen(context, builder, sig, args):
+        out = emit(builder, "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", [F32] * 4,
+                   [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(types.float32, 4)(addr), codegen
+
+
+#: 16-bit elements in one 16-byte load.
+_HALVES_PER_V4 = 8
+#: The load both widenings share: four 32-bit words from the address, operand $8 (after the
+#: eight float32 outputs).
+_LD_V4_WORDS = f"ld.global.nc.v4.b32 {{w0, w1, w2, w3}}, [${_HALVES_PER_V4}];"
+
+
+def _widening_load(widen, scratch=""):
+    """An intrinsic of `addr` returning the eight 16-bit elements at addr (16-byte aligned) as
+    eight float32, element 2i from the lower half of word i and 2i + 1 from its upper half: one
+    `ld.global.nc.v4.b32` and `widen(word, first_output)`'s conversion of each word, which may use
+    the registers `scratch` declares."""
+    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS + "\n"
+    text += "".join(widen(f"w{i}", 2 * i) for i in range(_HALVES_PER_V4 // 2)) + "}"
+
+    def typer(typingctx, addr):
+        def codegen(context, builder, sig, args):
+            out = emit(builder, text, [F32] * _HALVES_PER_V4,
+                       [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(types.float32, _HALVES_PER_V4)(addr), codegen
+    return typer
+
+
+def _bf16_words(word, out):
+    # bf16 is float32's upper half: the lower element shifted up, the upper one masked.
+    return f"shl.b32 ${out}, {word}, 16;\nand.b32 ${out + 1}, {word}, 0xFFFF0000;\n"
+
+
+def _f16_words(word, out):
+    return f"mov.b32 {{h0, h1}}, {word};\ncvt.f32.f16 ${out}, h0;\ncvt.f32.f16 ${out + 1}, h1;\n"
+
+
+@intrinsic
+def ld_global_nc_v4_bf16_f32(typingctx, addr):
+    """`ld.global.nc.v4.b32` (9.7.9.8) of eight bf16 (addr 16-byte aligned), returned as eight
+    float32: exact, a bf16 being a float32 with a shorter mantissa (`shl`/`and`, "Logic and Shift
+    Instructions").  For a 16-bit row read once in 16-byte pieces and summed in float32 (the
+    backward's rowsum(dO * O))."""
+    return _widening_load(_bf16_words)(typingctx, addr)
+
+
+@intrinsic
+def ld_global_nc_v4_f16_f32(typingctx, addr):
+    """`ld.global.nc.v4.b32` (9.7.9.8) of eight fp16 (addr 16-byte aligned), returned as eight
+    float32: exact (`cvt.f32.f16`, 9.7.9.21).  As `ld_global_nc_v4_bf16_f32`."""
+    return _widening_load(_f16_words, ".reg .b16 h<2>;\n")(typingctx, addr)

@@ -154,3 +154,19 @@ def fence_descriptor_acquire(typingctx, tmap):
              [(as_int(context, builder, args[0], sig.args[0], 64), "l")])
         return context.get_dummy_value()
     return types.void(tmap), codegen
+
+
+@intrinsic
+def load_bulk(typingctx, dst, src, nbytes, bar):
+    """`cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [dst], [src], n, [bar]`
+    (9.7.9.25.4.1, the non-tensor bulk copy): `nbytes` contiguous bytes from global `src` (16-byte
+    aligned, n a multiple of 16) into shared `dst`, counted on the mbarrier `bar` as TMA tiles are.
+    The backward streams each query block's LSE and D rows so."""
+    def codegen(context, builder, sig, args):
+        emit(builder, "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];", [],
+             [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
+              (as_int(context, builder, args[1], sig.args[1], 64), "l"),
+              (as_int(context, builder, args[2], sig.args[2], 32), "r"),
+              (as_int(context, builder, args[3], sig.args[3], 32), "r")])
+        return context.get_dummy_value()
+    return types.void(dst, src, nbytes, bar), codegen

@@ -210,3 +210,32 @@ def mma_rs(n, ab="bf16", trans_b=0):
         return acc(acc, a, desc_b, scale_d), codegen
 
     return wgmma_mma_async_rs
+
+
+@literal_intrinsic
+def wait_group_hold(typingctx, n, held):
+    """`wgmma.wait_group N` passing through a tuple of register tuples (accumulators of float32,
+    A fragments of 32-bit ints): every one is tied to the wait, so none is read before it and no
+    fragment register is reused while a wgmma may still read it (9.7.15.5.1).  For kernels with
+    several GEMMs in flight at once (the backward: dV, dK and dQ)."""
+    pending = literal_int(n, "wait_group's N")
+    if not isinstance(held, types.BaseTuple) or not all(
+            isinstance(t, types.UniTuple) and (t.dtype == types.float32 or (
+                isinstance(t.dtype, types.Integer) and t.dtype.bitwidth == 32)) for t in held):
+        raise TypingError(f"wait_group_hold: expected a tuple of float32 or 32-bit int tuples, got {held}")
+
+    def codegen(context, builder, sig, args):
+        vals, outs = [], []
+        for i, t in enumerate(held):
+            part = builder.extract_value(args[1], i)
+            vals += _unpack(builder, part, t.count)
+            outs += [F32 if t.dtype == types.float32 else I32] * t.count
+        ins = [(v, str(i)) for i, v in enumerate(vals)]
+        res = emit(builder, f"wgmma.wait_group.sync.aligned {pending};", outs, ins)
+        res = res if isinstance(res, list) else [res]
+        parts, k = [], 0
+        for i, t in enumerate(held):
+            parts.append(context.make_tuple(builder, sig.return_type.types[i], res[k:k + t.count]))
+            k += t.count
+        return context.make_tuple(builder, sig.return_type, parts)
+    return held(n, held), codegen

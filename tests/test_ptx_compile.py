@@ -373,3 +373,22 @@ def test_zero_after_and_arrive_if_ptx():
     ptx = kc.compile_ptx(k, (types.float32[:], types.float32), 128)
     assert "cvt.rzi.u32.f32" in ptx and "fma.rn.f32" in ptx
     assert "@p mbarrier.arrive.shared::cta.b64" in ptx
+
+
+def test_global_vector_load_intrinsics_assemble():
+    """The 16-byte non-coherent loads: four float32, and eight bf16 / fp16 returned as float32
+    (bf16 by shift and mask, fp16 by cvt), each one ld.global.nc.v4."""
+    @unrolled
+    def k(out, gaddr):
+        a = memory.ld_global_nc_v4_f32(gaddr)
+        b = memory.ld_global_nc_v4_bf16_f32(gaddr + 16)
+        c = memory.ld_global_nc_v4_f16_f32(gaddr + 32)
+        s = a[0] + a[1] + a[2] + a[3]
+        for i in static_range(8):
+            s += b[i] * c[i]
+        memory.st_global_f32(gaddr, s)
+
+    ptx = kc.compile_ptx(k, (types.float32[:], types.uint64), 128)
+    assert ptx.count("ld.global.nc.v4.f32") == 1 and ptx.count("ld.global.nc.v4.b32") == 2
+    assert ptx.count("shl.b32") == 4 and ptx.count("and.b32") == 4 and ptx.count("cvt.f32.f16") == 8
+    _assert_clean(kc.ptxas_report(ptx), "vector load intrinsics")

@@ -1,0 +1,208 @@
+"""The FlashAttention-3 backward kernel: dK and dV per key block in registers, dQ by float32
+reductions, warp-specialized and TMA-fed like the forward (FA3 section 3, its `hopper/` backward).
+
+A kernel class composed of the library's collectives:
+- the producer (`backward_producer`): one warp loads each tile's K and V, then streams the query
+  blocks that see it (Q, dO and their LSE and D rows) through a ring of stages on mbarriers
+  (`primitives.pipeline`, `primitives.tma_load`);
+- the consumers (`backward_mainloop`): two warpgroups of 64 keys each, their GEMMs issued by
+  `primitives.mma` (S^T, dP^T from shared memory; dV, dK with P^T, dS^T from registers; dQ with
+  dS^T through shared memory, staged by `primitives.epilogue.stmatrix_stager`), the mask of
+  `mask` on transposed fragments, dK and dV stored by `primitives.epilogue.row_storer`;
+- the scheduler: dynamic persistent tiles (`primitives.scheduler`) of (key block, key head,
+  batch), key blocks fastest (`tile_scheduler.key_block_coords`); a tile runs every query head
+  of its key head's group, so GQA's dK and dV are sums in registers, not atomics.
+The preprocess (D = rowsum(dO * O), LSE in log2 units, the dQ workspace zeroed) and the
+postprocess (dQ to the input dtype, scaled) are `backward_prep`'s kernels; `api` runs the three.
+"""
+import functools
+from collections import namedtuple
+
+import numpy as np
+from numba import cuda, types
+
+from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
+from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES  # noqa: F401 - the table's unit
+from numba_fa3.ptx_inline import mbarrier, special
+from . import mask, softmax, tile_scheduler
+from .backward_mainloop import make_backward_mainloop
+from .backward_producer import STAT_BYTES, make_backward_producer
+from .tiles import backward_tiles_for
+
+#: Bytes per element of Q, K, V, dO and the gradients (bf16 or fp16).
+ELEMENT_BYTES = 2
+
+_U64, _I32, _F32, _I64 = types.uint64, types.int32, types.float32, types.int64
+#: The kernel's scalar parameters: the descriptor table (Q, K, V, dO maps), the preprocess's
+#: workspaces (LSE in log2 units, D, the float32 dQ, the deterministic mode's semaphores), the
+#: tile counter, cu_seqlens (0 when dense), dK and dV, shapes, the window, the scales, the
+#: workspaces' row strides (rows) and dK's and dV's strides (elements).
+BackwardParams = launch.params("BackwardParams", [
+    ("maps", _U64), ("lse_ptr", _U64), ("delta_ptr", _U64), ("dq_ptr", _U64), ("sem_ptr", _U64),
+    ("counter", _U64), ("cu_q", _U64), ("cu_k", _U64), ("dk_ptr", _U64), ("dv_ptr", _U64),
+    ("batch", _I32), ("heads", _I32), ("heads_k", _I32), ("head_ratio", _I32), ("sq_max", _I32),
+    ("sk_max", _I32), ("total_q", _I32), ("total_k", _I32), ("n_blocks", _I32), ("m_blocks", _I32),
+    ("left", _I32), ("right", _I32),
+    ("scale_log2", _F32), ("softcap_scale", _F32), ("grad_scale", _F32),
+    ("ws_batch_stride", _I64), ("ws_head_stride", _I64),
+    ("dk_row_stride", _I64), ("dk_head_stride", _I64), ("dk_batch_stride", _I64),
+    ("dv_row_stride", _I64), ("dv_head_stride", _I64), ("dv_batch_stride", _I64)])
+
+#: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, and the tiles.
+SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slot q do stats k v ds")
+
+
+class FlashBackward(launch.HopperKernel):
+    """One backward specialization: dtype, head dim, mask kind, soft-cap, varlen, deterministic."""
+
+    PARAMS = BackwardParams
+    #: Order of the tensor maps in the launch's descriptor table.
+    MAP_Q, MAP_K, MAP_V, MAP_DO = range(4)
+
+    def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, softcap=False, varlen=False,
+                 deterministic=False, tiles=None):
+        if dtype not in ("bf16", "f16"):
+            raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
+        t = tiles or backward_tiles_for(head_dim)
+        self.dtype, self.head_dim, self.mask_kind, self.tiles = dtype, head_dim, mask_kind, t
+        self.masked = mask_kind != mask.MASK_NONE
+        self.softcap, self.varlen, self.deterministic = bool(softcap), bool(varlen), bool(deterministic)
+        self.block_m, self.block_n, self.stages, self.consumers = t.block_m, t.block_n, t.stages, t.consumers
+        if self.consumers != 2:
+            raise ValueError("the backward's dQ split and dS buffer parity assume two consumer warpgroups")
+        if self.block_m != WGMMA_M:
+            raise ValueError(f"dQ = dS K is one m64 wgmma: block_m must be {WGMMA_M}")
+        self.threads = warpgroup.block_threads(self.consumers)
+        self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
+        self.chunk_bytes = smem.SWIZZLE_BYTES
+        self.chunk_cols = smem.SWIZZLE_BYTES // ELEMENT_BYTES
+        self.chunks = -(-head_dim // self.chunk_cols)
+        self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
+        self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
+        self.qd_bytes = self.chunks * self.q_chunk
+        self.kv_bytes = self.chunks * self.kv_chunk
+        # dS^T: block_n rows (keys) of block_m 16-bit columns (queries), one 128-byte row each
+        self.ds_bytes = self.block_n * self.block_m * ELEMENT_BYTES
+        self.stats_stage_bytes = 2 * self.block_m * STAT_BYTES
+        # dQ's columns split between the warpgroups where each half is whole 64-column chunks
+        # (K's MN-major chunks); else each warpgroup does all of dQ every other query block
+        half = head_dim // self.consumers
+        self.dq_split = half % self.chunk_cols == 0
+        self.dq_cols = half if self.dq_split else head_dim
+        self.smem = self._plan().check()
+        sched = tile_scheduler.tile_scheduler(False, self.varlen)
+        self.seq = sched.seq
+        self.workspace_row = _workspace_row(self.block_m, self.varlen)
+
+    @property
+    def sdp(self):
+        """S^T = K_w Q^T and dP^T = V_w dO^T: A the warpgroup's 64 rows of K (V), B Q (dO), K-major."""
+        return mma.warpgroup_mma(self.block_m, self.dtype, self.head_dim, mma.Operand("k", self.kv_chunk),
+                                 mma.Operand("k", self.q_chunk))
+
+    @property
+    def dkv(self):
+        """dV += P^T dO and dK += dS^T Q: A from registers, B (dO, Q) MN-major."""
+        return mma.warpgroup_mma(self.head_dim, self.dtype, self.block_m, mma.REGISTERS,
+                                 mma.Operand("mn", self.q_chunk))
+
+    @property
+    def dq(self):
+        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major."""
+        return mma.warpgroup_mma(self.dq_cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
+                                 mma.Operand("mn", self.kv_chunk))
+
+    def _plan(self):
+        plan = smem.SharedLayout()
+        plan.add("k", self.kv_bytes)
+        plan.add("v", self.kv_bytes)
+        plan.add("q", self.stages * self.qd_bytes)
+        plan.add("do", self.stages * self.qd_bytes)
+        plan.add("ds", 2 * self.ds_bytes)
+        plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
+        plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(1) + smem.MBARRIER_BYTES,
+                 align=smem.MBARRIER_BYTES)
+        return plan
+
+    def body(self):
+        run = warpgroup.specialize(make_backward_producer(self), make_backward_mainloop(self), self.registers)
+        STAGES = self.stages
+        CONSUMER_THREADS = self.consumers * warpgroup.WARPGROUP_THREADS
+        off = self.smem.offsets
+        OFF_Q, OFF_DO, OFF_STATS, OFF_K, OFF_V, OFF_DS, OFF_BARS = (
+            off[k] for k in ("q", "do", "stats", "k", "v", "ds", "barriers"))
+        RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(1)
+
+        @cuda.jit(device=True, forceinline=True)
+        def flash_backward(p):
+            dyn = cuda.shared.array(0, dtype=np.uint8)
+            base = smem.aligned_base(special.shared_address(dyn))
+            q_bars = base + OFF_BARS
+            sh = SharedRegions(q_bars, q_bars + RING, q_bars + RING + KV_RING, base + OFF_Q, base + OFF_DO,
+                               base + OFF_STATS, base + OFF_K, base + OFF_V, base + OFF_DS)
+            if cuda.threadIdx.x == 0:
+                # every consumer thread arrives on the empty barriers (its own shared reads)
+                pipeline.init(sh.q_bars, STAGES, CONSUMER_THREADS)
+                pipeline.init(sh.kv_bars, 1, CONSUMER_THREADS)
+                mbarrier.fence_init()
+            cuda.syncthreads()
+            run(p, sh)
+        return flash_backward
+
+    def tensor_maps(self, q, k, v, do):
+        """4-D maps (D, heads, seqlen, batch) of Q, K, V, dO; strides in bytes."""
+        def spec(t, rows):
+            b, s, h, d = t.shape
+            st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
+            return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, rows, 1))
+        return (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(do, self.block_m))
+
+    def launch(self, table, ws, sem_ptr, dk, dv, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale,
+               softcap, stream, cu_seqlens=(0, 0), total=(0, 0)):
+        """ws: the `backward_prep.Workspace`; dk, dv: TensorInfo of the outputs ([B, S, Hk, D],
+        or [T, Hk, D] packed); sem_ptr: the deterministic mode's zeroed int32 semaphores
+        ([B, H, m_blocks]; 0 otherwise)."""
+        n_blocks = -(-sk_max // self.block_n)
+        m_blocks = -(-sq_max // self.block_m)
+        tiles = n_blocks * heads_k * batch
+        grid = scheduler.persistent_grid(tiles, launch.sm_count())
+        if softcap:
+            tanh_scale, exp_scale = softmax_scale / softcap, softcap
+        else:
+            tanh_scale, exp_scale = 0.0, softmax_scale
+
+        def strides(t):
+            st = t.strides
+            return (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
+        stream = launch.stream_handle(stream)
+        self.launch_with(grid, stream, BackwardParams(
+            table, _ptr(ws.lse_log2), _ptr(ws.delta), _ptr(ws.dq_accum), sem_ptr,
+            scheduler.tile_counters.get(stream), cu_seqlens[0], cu_seqlens[1], dk.ptr, dv.ptr,
+            batch, heads, heads_k, heads // heads_k, sq_max, sk_max, total[0], total[1], n_blocks, m_blocks,
+            window[0], window[1], np.float32(exp_scale * softmax.LOG2E), np.float32(tanh_scale),
+            np.float32(softmax_scale), ws.batch_stride, ws.head_stride, *strides(dk), *strides(dv)))
+
+
+def _ptr(arr):
+    from numba_fa3.primitives import tensors
+    return tensors.device_ptr(arr)
+
+
+def _workspace_row(block_m, varlen):
+    """row(p, b, h, m, q_off): the first workspace row of query block m of (b, h): rows of a
+    (batch, head) are ws_head_stride apart and batches ws_batch_stride; with varlen, sequence b's
+    rows start at ((cu_seqlens_q[b] + b * block_m) // block_m) * block_m (`backward_prep`), so
+    every sequence has whole blocks of rows of its own."""
+    @cuda.jit(device=True, forceinline=True)
+    def row(p, b, h, m, q_off):
+        r = np.int64(b) * p.ws_batch_stride + np.int64(h) * p.ws_head_stride + np.int64(m * block_m)
+        if varlen:
+            r += np.int64((q_off + b * block_m) // block_m) * block_m
+        return r
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def backward_kernel(dtype, head_dim, mask_kind, softcap=False, varlen=False, deterministic=False):
+    return FlashBackward(dtype, head_dim, mask_kind, softcap=softcap, varlen=varlen, deterministic=deterministic)

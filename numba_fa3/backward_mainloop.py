@@ -1,0 +1,230 @@
+"""The backward kernel's consumers (FA3's CollectiveMainloopBwd::mma and its epilogue): each
+consumer warpgroup owns 64 keys of the tile's key block and keeps their dK and dV in registers
+while the query blocks that see the block stream by.
+
+One step (query block m of query head h), per warpgroup, S and dP computed transposed so that
+P^T and dS^T come out of the accumulators already as the A fragments of the dV and dK GEMMs:
+  S^T  = K_w Q^T          (A: the warpgroup's 64 rows of K; B: Q, both K-major)
+  dP^T = V_w dO^T         (issued behind S^T, both in flight)
+  P^T  = exp2(S^T * scale_log2 - LSE_log2[query])   (masked entries -inf -> 0)
+  dV  += P^T dO           (A: P^T packed from registers; B: dO, MN-major)
+  dS^T = P^T * (dP^T - D[query])   (times 1 - tanh^2 under a soft-cap, kept as bf16 pairs)
+  dK  += dS^T Q           (A: dS^T from registers; B: Q, MN-major)
+  dQ   = dS K             (dS^T through shared memory, where both warpgroups' halves meet:
+                           A MN-major; B: K, MN-major), added to the float32 dQ workspace by
+                           vector reductions; with `deterministic`, in key-block order (a
+                           semaphore per query block, FA3's).
+After the tile's last step: dK times the softmax scale, dK and dV stored from registers.
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import cuda
+
+from numba_fa3.primitives import epilogue, mma, pipeline, warpgroup
+from numba_fa3.primitives.epilogue import fragment_col, fragment_row
+from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, pack_f16, scale_rows,
+                                           mul_bf16_pairs, sub_cols_mul, tanh_rows, tanh_slope, zeros)
+from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.pipeline import PipelineState
+from numba_fa3.primitives.unroll import static_range, unrolled
+from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, wgmma
+from . import mask
+from .backward_producer import STAT_BYTES
+from .producer import receive_tile
+from .tile_scheduler import key_block_coords
+
+#: What every step of a tile reads: the tile's key block, batch entry and sequence placement,
+#: this thread's key rows' query limits (`mask.key_row_limits`), its first fragment column and
+#: row, and its warpgroup.
+TileEnv = namedtuple("TileEnv", "nb b q_off sq sk limits col0 r_local wg")
+#: dQ workspace element bytes (float32), and the rows between a fragment's two rows.
+ACC_BYTES, SECOND_ROW = 4, 8
+#: Spins on the deterministic mode's semaphore before giving up the order (a broken order then
+#: shows as nondeterminism in the tests instead of a hung GPU).
+SPIN_LIMIT = 1 << 24
+
+
+def dq_adder(groups):
+    """add(addr, dq): a warpgroup's m64 x (8 groups) float32 fragment added into a row-major
+    float32 matrix: `addr` is the thread's first row at its first column, `row_bytes` apart
+    (bound at build).  One 8-byte reduction per register pair: a warp's instruction covers 8 rows
+    x 32 bytes, whole sectors."""
+    def make(row_bytes):
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def add(addr, dq):
+            for g in static_range(groups):
+                atomic.red_add_v2_f32(addr + g * 8 * ACC_BYTES, dq[4 * g], dq[4 * g + 1])
+                atomic.red_add_v2_f32(addr + SECOND_ROW * row_bytes + g * 8 * ACC_BYTES, dq[4 * g + 2], dq[4 * g + 3])
+        return add
+    return make
+
+
+def make_backward_mainloop(bwd):
+    """consume(p, sh, wg, tid) for a FlashBackward `bwd`."""
+    BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
+    CONSUMERS = bwd.consumers
+    QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
+    ROW_BYTES = BM * STAT_BYTES
+    WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
+    WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
+    MASKED, SOFTCAP, VARLEN, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.varlen, bwd.deterministic
+    DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
+    DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
+    SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
+    SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
+    S_ZERO, KV_ZERO, DQ_ZERO = zeros(BM // 2), zeros(D // 2), zeros(NQ // 2)
+    PACK = pack_bf16 if bwd.dtype == "bf16" else pack_f16
+    load_cols = column_loader(BM // 8)
+    stage_ds = epilogue.stmatrix_stager(BM // 8, bwd.kv_chunk)
+    store_rows = epilogue.row_storer(D // epilogue.GROUP_COLS, 2)
+    add_dq = dq_adder(NQ // 8)(D * ACC_BYTES)
+    consumers_sync = warpgroup.consumers_sync(CONSUMERS)
+    seq_info, ws_row = bwd.seq, bwd.workspace_row
+    CONSUMER_THREADS = CONSUMERS * warpgroup.WARPGROUP_THREADS
+
+    @cuda.jit(device=True, forceinline=True)
+    def scores(s, m, p, env):
+        """The mask where this (query block, key block) needs one: the diagonal, the window's
+        edges or the keys past the sequence (queries past it have LSE +inf)."""
+        if MASKED:
+            if mask.needs_mask(env.nb, m, BM, BN, env.sq, env.sk, p.left, p.right):
+                return mask.apply(s, m, BM, env.col0, env.limits)
+        elif (env.nb + 1) * BN > env.sk:
+            return mask.apply(s, m, BM, env.col0, env.limits)
+        return s
+
+    @cuda.jit(device=True, forceinline=True)
+    def ordered(p, env, h, m, first):
+        """Deterministic mode: wait until the key blocks before this one (of those that see
+        query block m) have added their dQ, so every dQ element sums in key-block order."""
+        sem = p.sem_ptr + ((env.b * p.heads + h) * p.m_blocks + m) * 4
+        if first:
+            n_min, _ = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
+            rank = env.nb - n_min
+            spins = np.int32(0)
+            while atomic.ld_acquire_s32(sem) != rank and spins < SPIN_LIMIT:
+                spins = np.int32(spins + 1)
+        return sem
+
+    @cuda.jit(device=True, forceinline=True)
+    def dq_step(p, sh, env, ds_buf, utid, h, m):
+        """dQ for this step's query block (this warpgroup's columns), added to the workspace."""
+        dq = DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(sh.k + env.wg * DQ_PART_BYTES), 0)
+        return dq
+
+    @cuda.jit(device=True, forceinline=True)
+    def add_to_workspace(p, env, dq, h, m, ws_base, tid, does_dq):
+        first = tid == 0 and env.wg == 0
+        if DETERMINISTIC:
+            sem = ordered(p, env, h, m, first)
+            consumers_sync()
+        if does_dq:
+            col = np.int32(env.wg * NQ) if DQ_SPLIT else np.int32(0)
+            row = ws_base + np.int64(m * BM + env.r_local)
+            add_dq(p.dq_ptr + (row * D + col + env.col0) * ACC_BYTES, dq)
+        if DETERMINISTIC:
+            atomic.fence_acq_rel_gpu()
+            consumers_sync()
+            if first:
+                atomic.red_release_add_s32(sem, 1)
+
+    @cuda.jit(device=True, forceinline=True)
+    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, kw, vw, utid, tid):
+        """One query block: returns dK, dV."""
+        pipeline.consumer_wait(sh.q_bars, qs)
+        q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
+        do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
+        stats = sh.stats + qs.stage * STATS_STAGE
+        s = SDP(S_ZERO, kw, q, 0)
+        dp = SDP(S_ZERO, vw, do, 0)
+        s = wgmma.wait_group_tied(1, s)
+        if SOFTCAP:
+            s = tanh_rows(s, p.softcap_scale)
+            slope = tanh_slope(s)
+        s = scores(s, m, p, env)
+        pr = exp2_cols(s, p.scale_log2, load_cols(stats, env.col0))
+        pk = PACK(pr)
+        dv = DKV(dv, pk, do, 1)
+        if SOFTCAP:
+            # (dV waited for too: P^T's registers then hold the soft-cap's slope)
+            dp, dv, pk = wgmma.wait_group_hold(0, (dp, dv, pk))
+        else:
+            dp = wgmma.wait_group_tied(1, dp)
+        ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, env.col0))
+        if SOFTCAP:
+            ds = mul_bf16_pairs(ds, slope)
+        dsk = PACK(ds)
+        dk = DKV(dk, dsk, q, 1)
+        ds_buf = sh.ds + (j & 1) * DS_BYTES
+        stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
+        barrier.fence_proxy_async()
+        consumers_sync()
+        does_dq = DQ_SPLIT or (j & 1) == env.wg
+        if does_dq:
+            dq = dq_step(p, sh, env, ds_buf, utid, h, m)
+            dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))
+        else:
+            dq = DQ_ZERO
+            dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dk, dv, pk, dsk))
+        # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows) are
+        # released by its own arrive
+        mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
+        add_to_workspace(p, env, dq, h, m, ws_base, tid, does_dq)
+        return dk, dv
+
+    @cuda.jit(device=True, forceinline=True)
+    def store_dkdv(p, dk, dv, hk, env, k_off, utid):
+        """dK (times the softmax scale) and dV of the warpgroup's 64 keys, rows past the
+        sequence's end not stored."""
+        quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))
+        key = np.int32(env.nb * BN + env.wg * WGMMA_M + env.r_local)
+        row = np.int64(k_off) + key
+        head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + 8 * quad) * 2
+        store_rows(PACK(scale_rows(dk, p.grad_scale, p.grad_scale)), epilogue.rebuilt(head), p.dk_row_stride,
+                   key, env.sk, quad)
+        head = p.dv_ptr + (env.b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride + 8 * quad) * 2
+        store_rows(PACK(dv), epilogue.rebuilt(head), p.dv_row_stride, key, env.sk, quad)
+
+    @cuda.jit(device=True, forceinline=True)
+    def consume(p, sh, wg, tid):
+        utid = np.uint32(tid)
+        r_local = fragment_row(utid)
+        col0 = fragment_col(utid)
+        qs_stage, qs_phase = np.int32(0), np.int32(0)
+        kv_phase = np.int32(0)
+        tiles = np.int32(p.n_blocks * p.heads_k * p.batch)
+        j = np.int32(0)  # steps done: the dS buffer's parity
+        while True:
+            kv = PipelineState(np.int32(0), kv_phase)
+            pipeline.consumer_wait(sh.kv_bars, kv)
+            tile = receive_tile(sh.tile_slot, kv)
+            if tile >= tiles:
+                break
+            nb, hk, b = key_block_coords(p, tile)
+            q_off, sq, k_off, sk = seq_info(p, b)
+            key0 = np.int32(nb * BN + wg * WGMMA_M + r_local)
+            limits = mask.key_row_limits(key0, sk - sq, p.left, p.right, sk)
+            env = TileEnv(nb, b, q_off, sq, sk, limits, col0, r_local, wg)
+            kw = SDP_SRC(sh.k + wg * WG_KV_BYTES, utid)
+            vw = SDP_SRC(sh.v + wg * WG_KV_BYTES, utid)
+            m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)
+            dk, dv = KV_ZERO, KV_ZERO
+            h = np.int32(hk * p.head_ratio)
+            h_end = np.int32(h + p.head_ratio)
+            while h < h_end:
+                m = m_min
+                ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
+                while m < m_max:
+                    dk, dv = step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, kw, vw,
+                                  utid, tid)
+                    qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
+                    j = np.int32(j + 1)
+                    m = np.int32(m + 1)
+                h = np.int32(h + 1)
+            # K and V (and the tile slot) are free: every consumer thread arrives after its reads
+            mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, 1, 0))
+            kv_phase = np.int32(kv_phase ^ 1)
+            store_dkdv(p, dk, dv, hk, env, k_off, utid)
+    return consume

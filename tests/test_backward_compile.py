@@ -1,0 +1,69 @@
+"""Every backward specialization compiles to sm_90a with no spill, no stack and no wgmma
+serialization (ptxas C7510), and its PTX has the GEMMs of the step (`backward_mainloop`).
+Runs without a GPU."""
+import itertools
+import re
+
+import pytest
+
+from numba_fa3.backward import FlashBackward
+from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
+from numba_fa3.primitives import compile as kc
+from numba_fa3.tiles import BACKWARD_HEAD_DIMS
+
+pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+
+#: PTX instructions whose first operand is not a destination register.
+_NO_DESTINATION = ("st.", "stmatrix", "red.", "wgmma", "bar.", "barrier", "mbarrier", "cp.", "fence", "@", "{",
+                   "}", "ret", "bra", "setmaxnreg", "//", ".")
+
+
+def assert_wgmma_operands_unwritten(ptx):
+    """No instruction writes a register that a register-A wgmma still reads (PTX: its A fragment
+    must not be modified until a wait_group retires it), scanning the PTX in order.  Reading
+    them is allowed: the backward stages dS^T by stmatrix while dK = dS^T Q reads it."""
+    in_flight = set()
+    for n, line in enumerate(ptx.split("\n")):
+        t = line.strip()
+        m = re.match(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*\{([^}]*)\}", t)
+        if m:
+            in_flight |= {x.strip() for x in m.group(1).split(",")}
+        elif t.startswith("wgmma.wait_group.sync.aligned 0"):
+            in_flight = set()
+        elif in_flight and t and not t.startswith(_NO_DESTINATION):
+            dest = re.match(r"\S+\s+(%r\d+)", t)
+            assert not (dest and dest.group(1) in in_flight), \
+                f"PTX line {n + 1} writes a register of a running wgmma: {t}"
+
+
+SPECIALIZATIONS = list(itertools.product(["bf16", "f16"], BACKWARD_HEAD_DIMS, [MASK_NONE, MASK_CAUSAL, MASK_LOCAL],
+                                         [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("dtype,head_dim,mask_kind,softcap,varlen,deterministic", SPECIALIZATIONS)
+def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, softcap, varlen, deterministic):
+    kern = FlashBackward(dtype, head_dim, mask_kind, softcap=softcap, varlen=varlen, deterministic=deterministic)
+    ptx = kern.compile_ptx()
+    # per step: S^T and dP^T (D / 16 k-steps each), dV and dK (block_m / 16), dQ (block_n / 16)
+    steps = 2 * (head_dim // 16) + 2 * (kern.block_m // 16) + kern.block_n // 16
+    assert ptx.count("wgmma.mma_async") == steps
+    assert ("red.relaxed.gpu.global.add.v2.f32" in ptx)
+    assert ("ld.acquire.gpu.global.s32" in ptx) == deterministic
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    assert_wgmma_operands_unwritten(ptx)
+    report = kc.ptxas_report(ptx)
+    what = f"backward {dtype} d{head_dim} mask {mask_kind} softcap={softcap} varlen={varlen} det={deterministic}"
+    assert report["stack"] == 0, f"{what}: {report['stack']} B stack frame\n{report['log']}"
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{what}: spills\n{report['log']}"
+    assert not report["warnings"], f"{what}: ptxas warnings {report['warnings']}"
+
+
+def test_backward_geometry():
+    """Each warpgroup owns 64 keys; dQ's columns split into whole 64-column chunks where they
+    can (D = 128), else alternate between the warpgroups (D = 64, 96)."""
+    for d in BACKWARD_HEAD_DIMS:
+        k = FlashBackward("bf16", d, MASK_NONE)
+        assert k.block_n == 64 * k.consumers
+        assert k.dq_split == (d == 128)
+        assert k.dq_cols == (d // 2 if k.dq_split else d)
+        assert k.smem.bytes <= 227 * 1024
