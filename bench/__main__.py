@@ -7,7 +7,8 @@ import sys
 COMMANDS = {
     "gemm": ("our GEMM beside torch.matmul (cuBLAS), TFLOPS per size and dtype", "GPU, bench extra"),
     "attention": ("flash_attn beside FA3 and PyTorch SDPA (FA2, cuDNN) over FA3's Figure-5 grid, "
-                  "cold and steady TFLOPS", "GPU, bench extra; FA3's library for its column"),
+                  "cold and steady TFLOPS; --pass bwd or fwd+bwd for the backward",
+                  "GPU, bench extra; FA3's library for its column"),
     "chart": ("the bar chart (PNG) of an attention results file", "bench extra (matplotlib)"),
     "ablation": ("the schedule ablation (FA3 Table 2): ping-pong and/or intra-warpgroup overlap off",
                  "GPU, bench extra"),
@@ -22,6 +23,8 @@ COMMANDS = {
               "GPU, bench extra, nvidia-smi"),
     "sass": ("registers, spills and the main loop's instruction mix of forward-kernel variants",
              "no GPU; test extra (ptxas, nvdisasm)"),
+    "fp8-accuracy": ("FA3 Table 3 on the CPU: RMSE of the bf16 and FP8 NumPy models (per-tensor, "
+                     "per-block, Hadamard rotation) on inputs with outliers", "no GPU"),
 }
 #: Modules of the `bench` extra (pyproject.toml); a command missing one says how to get it.
 BENCH_EXTRA = ("torch", "triton", "matplotlib")
@@ -47,7 +50,8 @@ def main(argv):
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        importlib.import_module(f".{command}", __package__).run(rest)
+        # A command's module is its name with '-' as '_' (a module name is an identifier).
+        importlib.import_module(f".{command.replace('-', '_')}", __package__).run(rest)
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
         if root not in BENCH_EXTRA:

@@ -2,6 +2,10 @@
 (head dim, causal), sequence length on the x axis, one bar per implementation.
 
     python -m bench chart bench/results/attention-fwd-grid-....json [--timing cold] [--out file.png]
+    python -m bench chart bench/results/attention-bwd-....json
+
+The title names the file's pass (its rows' `mode`: forward, backward or both; the oldest files
+have no such key and are forward).
 
 All bars of a chart come from one timing method (a row's `timing`; the oldest files
 have one method per implementation and no such key): by default "cold", the one that times FA3
@@ -12,8 +16,21 @@ import json
 import os
 import sys
 
-ORDER = ["fa2-sdpa", "cudnn-sdpa", "fa3", "numba_fa3"]
-COLORS = {"fa2-sdpa": "#9e9e9e", "cudnn-sdpa": "#4c72b0", "fa3": "#dd8452", "numba_fa3": "#55a868"}
+ORDER = ["fa2-sdpa", "cudnn-sdpa", "fa3", "numba_fa3-det", "numba_fa3"]
+COLORS = {"fa2-sdpa": "#9e9e9e", "cudnn-sdpa": "#4c72b0", "fa3": "#dd8452", "numba_fa3-det": "#a6d8b0",
+          "numba_fa3": "#55a868"}
+#: A pass (a row's `mode`) -> the chart's title; TFLOPS count the backward as 2.5 forwards
+#: (bench/attention.py, PASS_FLOPS).
+TITLES = {"fwd": "Attention forward", "bwd": "Attention backward (2.5x the forward's FLOPs)",
+          "fwd+bwd": "Attention forward + backward (3.5x the forward's FLOPs)"}
+
+
+def title_of(rows):
+    """The title of a chart of `rows`, which must all be of one pass."""
+    modes = {r.get("mode", "fwd") for r in rows}
+    if len(modes) != 1:
+        raise ValueError(f"rows of several passes ({sorted(modes)}) would share bars")
+    return TITLES[modes.pop()]
 
 
 def run(argv=None):
@@ -55,7 +72,7 @@ def run(argv=None):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, ncol=len(impls), loc="upper left")
-    fig.suptitle(f"Attention forward, bf16, 16k tokens, hidden 2048 — {meta.get('device')} "
+    fig.suptitle(f"{title_of(rows)}, bf16, 16k tokens, hidden 2048 — {meta.get('device')} "
                  f"{meta.get('date')} commit {meta.get('commit')}"
                  + (f", timing {args.timing}" if rows and "timing" in rows[0] else ""), fontsize=11)
     fig.tight_layout()

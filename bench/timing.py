@@ -167,3 +167,16 @@ def fa3_forward(fa3, q, k, v, causal):
     f = fa3._fwd_fn(*fa3._args(q, None, causal, (-1, -1)))
     args = [fa3._j(x) for x in (q, k, v)]
     return lambda: f(*args)
+
+
+def fa3_backward(fa3, dout, q, k, v, causal, forward=False):
+    """A zero-argument FA3 backward on fixed inputs (FA3's JAX loader), returning (dq, dk, dv).
+    Its out and lse come from FA3's own forward, run once here (each library's lse is its own
+    convention); with forward=True every call runs that forward first (forward plus backward)."""
+    a = fa3._args(q, None, causal, (-1, -1))
+    fwd, bwd = fa3._fwd_fn(*a), fa3._bwd_fn(*a)
+    g, jq, jk, jv = (fa3._j(x) for x in (dout, q, k, v))
+    if forward:
+        return lambda: bwd(g, jq, jk, jv, *fwd(jq, jk, jv))
+    out, lse = fwd(jq, jk, jv)
+    return lambda: bwd(g, jq, jk, jv, out, lse)

@@ -8,7 +8,7 @@ P^T and dS^T come out of the accumulators already as the A fragments of the dV a
   dP^T = V_w dO^T         (issued behind S^T, both in flight)
   P^T  = exp2(S^T * scale_log2 - LSE_log2[query])   (masked entries -inf -> 0)
   dV  += P^T dO           (A: P^T packed from registers; B: dO, MN-major)
-  dS^T = P^T * (dP^T - D[query])   (times 1 - tanh^2 under a soft-cap, kept as bf16 pairs)
+  dS^T = P^T * (dP^T - D[query])   (times 1 - tanh^2 under a soft-cap, tanh recovered from P^T)
   dK  += dS^T Q           (A: dS^T from registers; B: Q, MN-major)
   dQ   = dS K             (dS^T through shared memory, where both warpgroups' halves meet:
                            A MN-major; B: K, MN-major), added to the float32 dQ workspace by
@@ -24,7 +24,7 @@ from numba import cuda
 from numba_fa3.primitives import epilogue, mma, pipeline, warpgroup
 from numba_fa3.primitives.epilogue import fragment_col, fragment_row
 from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, pack_f16, scale_rows,
-                                           mul_bf16_pairs, sub_cols_mul, tanh_rows, tanh_slope, zeros)
+                                           mul_tanh_slope, sub_cols_mul, tanh_rows, zeros)
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
 from numba_fa3.primitives.unroll import static_range, unrolled
@@ -35,9 +35,10 @@ from .producer import receive_tile
 from .tile_scheduler import key_block_coords
 
 #: What every step of a tile reads: the tile's key block, batch entry and sequence placement,
-#: this thread's key rows' query limits (`mask.key_row_limits`), its first fragment column and
-#: row, and its warpgroup.
-TileEnv = namedtuple("TileEnv", "nb b q_off sq sk limits col0 r_local wg")
+#: this thread's first key (its fragment's first row in the key block), and its warpgroup.  The
+#: thread's fragment row and column, and its keys' query limits, are recomputed where used
+#: (`epilogue.rebuilt`): held through the loop they cost registers its dK and dV need.
+TileEnv = namedtuple("TileEnv", "nb b q_off sq sk key0 wg")
 #: dQ workspace element bytes (float32), and the rows between a fragment's two rows.
 ACC_BYTES, SECOND_ROW = 4, 8
 #: Spins on the deterministic mode's semaphore before giving up the order (a broken order then
@@ -85,15 +86,20 @@ def make_backward_mainloop(bwd):
     CONSUMER_THREADS = CONSUMERS * warpgroup.WARPGROUP_THREADS
 
     @cuda.jit(device=True, forceinline=True)
-    def scores(s, m, p, env):
+    def scores(s, m, p, env, utid):
         """The mask where this (query block, key block) needs one: the diagonal, the window's
         edges or the keys past the sequence (queries past it have LSE +inf)."""
         if MASKED:
             if mask.needs_mask(env.nb, m, BM, BN, env.sq, env.sk, p.left, p.right):
-                return mask.apply(s, m, BM, env.col0, env.limits)
+                return masked(s, m, p, env, utid)
         elif (env.nb + 1) * BN > env.sk:
-            return mask.apply(s, m, BM, env.col0, env.limits)
+            return masked(s, m, p, env, utid)
         return s
+
+    @cuda.jit(device=True, forceinline=True)
+    def masked(s, m, p, env, utid):
+        limits = mask.key_row_limits(env.key0, env.sk - env.sq, p.left, p.right, env.sk)
+        return mask.apply(s, m, BM, epilogue.rebuilt(fragment_col(utid)), limits)
 
     @cuda.jit(device=True, forceinline=True)
     def ordered(p, env, h, m, first):
@@ -115,15 +121,15 @@ def make_backward_mainloop(bwd):
         return dq
 
     @cuda.jit(device=True, forceinline=True)
-    def add_to_workspace(p, env, dq, h, m, ws_base, tid, does_dq):
+    def add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq):
         first = tid == 0 and env.wg == 0
         if DETERMINISTIC:
             sem = ordered(p, env, h, m, first)
             consumers_sync()
         if does_dq:
             col = np.int32(env.wg * NQ) if DQ_SPLIT else np.int32(0)
-            row = ws_base + np.int64(m * BM + env.r_local)
-            add_dq(p.dq_ptr + (row * D + col + env.col0) * ACC_BYTES, dq)
+            row = ws_base + np.int64(m * BM + epilogue.rebuilt(fragment_row(utid)))
+            add_dq(p.dq_ptr + (row * D + col + epilogue.rebuilt(fragment_col(utid))) * ACC_BYTES, dq)
         if DETERMINISTIC:
             atomic.fence_acq_rel_gpu()
             consumers_sync()
@@ -142,19 +148,15 @@ def make_backward_mainloop(bwd):
         s = wgmma.wait_group_tied(1, s)
         if SOFTCAP:
             s = tanh_rows(s, p.softcap_scale)
-            slope = tanh_slope(s)
-        s = scores(s, m, p, env)
-        pr = exp2_cols(s, p.scale_log2, load_cols(stats, env.col0))
+        s = scores(s, m, p, env, utid)
+        col0 = epilogue.rebuilt(fragment_col(utid))
+        pr = exp2_cols(s, p.scale_log2, load_cols(stats, col0))
         pk = PACK(pr)
         dv = DKV(dv, pk, do, 1)
+        dp = wgmma.wait_group_tied(1, dp)
+        ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, col0))
         if SOFTCAP:
-            # (dV waited for too: P^T's registers then hold the soft-cap's slope)
-            dp, dv, pk = wgmma.wait_group_hold(0, (dp, dv, pk))
-        else:
-            dp = wgmma.wait_group_tied(1, dp)
-        ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, env.col0))
-        if SOFTCAP:
-            ds = mul_bf16_pairs(ds, slope)
+            ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
         dsk = PACK(ds)
         dk = DKV(dk, dsk, q, 1)
         ds_buf = sh.ds + (j & 1) * DS_BYTES
@@ -171,7 +173,7 @@ def make_backward_mainloop(bwd):
         # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows) are
         # released by its own arrive
         mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
-        add_to_workspace(p, env, dq, h, m, ws_base, tid, does_dq)
+        add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq)
         return dk, dv
 
     @cuda.jit(device=True, forceinline=True)
@@ -179,7 +181,7 @@ def make_backward_mainloop(bwd):
         """dK (times the softmax scale) and dV of the warpgroup's 64 keys, rows past the
         sequence's end not stored."""
         quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))
-        key = np.int32(env.nb * BN + env.wg * WGMMA_M + env.r_local)
+        key = env.key0
         row = np.int64(k_off) + key
         head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + 8 * quad) * 2
         store_rows(PACK(scale_rows(dk, p.grad_scale, p.grad_scale)), epilogue.rebuilt(head), p.dk_row_stride,
@@ -190,8 +192,6 @@ def make_backward_mainloop(bwd):
     @cuda.jit(device=True, forceinline=True)
     def consume(p, sh, wg, tid):
         utid = np.uint32(tid)
-        r_local = fragment_row(utid)
-        col0 = fragment_col(utid)
         qs_stage, qs_phase = np.int32(0), np.int32(0)
         kv_phase = np.int32(0)
         tiles = np.int32(p.n_blocks * p.heads_k * p.batch)
@@ -204,9 +204,8 @@ def make_backward_mainloop(bwd):
                 break
             nb, hk, b = key_block_coords(p, tile)
             q_off, sq, k_off, sk = seq_info(p, b)
-            key0 = np.int32(nb * BN + wg * WGMMA_M + r_local)
-            limits = mask.key_row_limits(key0, sk - sq, p.left, p.right, sk)
-            env = TileEnv(nb, b, q_off, sq, sk, limits, col0, r_local, wg)
+            key0 = np.int32(nb * BN + wg * WGMMA_M + fragment_row(utid))
+            env = TileEnv(nb, b, q_off, sq, sk, key0, wg)
             kw = SDP_SRC(sh.k + wg * WG_KV_BYTES, utid)
             vw = SDP_SRC(sh.v + wg * WG_KV_BYTES, utid)
             m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)

@@ -40,8 +40,9 @@ def make_backward_producer(bwd):
     load_qd = chunk_loader(CHUNKS, bwd.q_chunk, CHUNK_COLS)
 
     @cuda.jit(device=True, forceinline=True)
-    def load_block(p, sh, state, h, m, b, q_off, bc):
-        """One query block's Q, dO, LSE and D rows into the stage at `state` (whole warp)."""
+    def load_block(p, sh, state, h, m, stats_off, q_off, bc):
+        """One query block's Q, dO, LSE and D rows into the stage at `state` (whole warp);
+        stats_off: the byte offset of the head's first workspace row."""
         pipeline.producer_wait(sh.q_bars, STAGES, state)
         if special.elect_one():
             full = pipeline.full_barrier(sh.q_bars, state.stage)
@@ -49,7 +50,7 @@ def make_backward_producer(bwd):
             row = q_off + m * BM
             load_qd(sh.q + state.stage * QD_BYTES, p.maps + MAP_Q, (h, row, bc), full)
             load_qd(sh.do + state.stage * QD_BYTES, p.maps + MAP_DO, (h, row, bc), full)
-            w = ws_row(p, b, h, m, q_off) * STAT_BYTES
+            w = stats_off + np.uint32(m * ROW_BYTES)
             stats = sh.stats + state.stage * STATS_STAGE
             tma.load_bulk(stats, p.lse_ptr + w, ROW_BYTES, full)
             tma.load_bulk(stats + ROW_BYTES, p.delta_ptr + w, ROW_BYTES, full)
@@ -90,8 +91,11 @@ def make_backward_producer(bwd):
             h_end = np.int32(h + p.head_ratio)
             while h < h_end:
                 m = m_min
+                # (the head's workspace offset once: the 64-bit row arithmetic per block did not
+                # fit the producer's registers)
+                stats_off = ws_row(p, b, h, np.int32(0), q_off) * STAT_BYTES
                 while m < m_max:
-                    load_block(p, sh, qs, h, m, b, q_off, bc)
+                    load_block(p, sh, qs, h, m, stats_off, q_off, bc)
                     qs = pipeline.advance(qs, STAGES)
                     m = np.int32(m + 1)
                 h = np.int32(h + 1)

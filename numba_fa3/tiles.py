@@ -131,7 +131,7 @@ class BackwardTiles:
         return 64 * self.consumers
 
 
-_BWD_TWO = dict(consumers=2, producer_registers=24, consumer_registers=240)
+_BWD_TWO = dict(consumers=2, producer_registers=32, consumer_registers=232)
 
 #: head_dim -> backward tiles, one line of reason each.  Registers per consumer thread: dK + dV
 #: D, S^T and dP^T block_m / 2 each, P^T and dS^T packed block_m / 4 each, dQ D / 4 (split

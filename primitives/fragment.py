@@ -337,41 +337,34 @@ def sub_cols_mul(typingctx, p, dp, cols):
     return p(p, dp, cols), codegen
 
 
-@_intrinsic
-def tanh_slope(typingctx, t):
-    """1 - t * t for every register, packed to bf16 pairs (`pack_bf16`'s order): the soft-cap's
-    derivative, t = tanh(s / softcap), kept in half the registers from the scores to dS (whose
-    bf16/fp16 rounding for the GEMMs is as coarse)."""
-    n = _f32_tuple(t, "tanh_slope")
-
-    def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        one = _ir.Constant(_F32, 1.0)
-        g = [builder.fsub(one, builder.fmul(x, x)) for x in v]
-        out = [_emit(builder, "cvt.rn.bf16x2.f32 $0, $1, $2;", [_I32], [(g[2 * k + 1], "f"), (g[2 * k], "f")],
-                     clobber_memory=False, side_effect=False) for k in range(n // 2)]
-        return context.make_tuple(builder, sig.return_type, out)
-    return _types.UniTuple(_types.uint32, n // 2)(t), codegen
+_LG2 = "lg2.approx.ftz.f32 $0, $1;"
 
 
 @_intrinsic
-def mul_bf16_pairs(typingctx, acc, packed):
-    """acc times the bf16 pairs of `packed` (register 2k by the low half of packed[k], 2k + 1 by
-    the high half): dS times the soft-cap's slope (`tanh_slope`)."""
-    n = _f32_tuple(acc, "mul_bf16_pairs")
-    if not (isinstance(packed, _types.UniTuple) and packed.count == n // 2):
-        raise _TypingError(f"mul_bf16_pairs: expected {n // 2} packed pairs, got {packed}")
+def mul_tanh_slope(typingctx, ds, p, cols, inv_scale):
+    """ds * max(0, 1 - t * t) for every register, with t = (lg2(p) + cols[col_index(i)]) *
+    inv_scale recovered from P^T = exp2(t * scale - LSE_log2): the soft-cap's derivative at the
+    cost of one MUFU.LG2 each instead of t's registers held from the scores to dS.  Where P is 0
+    (masked, or underflowed) t is infinite, the slope clamps to 0 and so does ds; where P is tiny,
+    lg2's absolute error moves t by far less than dS's bf16/fp16 rounding."""
+    n = _f32_tuple(ds, "mul_tanh_slope")
+    if p != ds:
+        raise _TypingError(f"mul_tanh_slope: ds and p must be alike, got {ds} and {p}")
+    _cols_tuple(cols, n, "mul_tanh_slope")
 
     def codegen(context, builder, sig, args):
-        v = _vals(builder, args[0], n)
-        pk = [context.cast(builder, x, sig.args[1].dtype, _types.uint32) for x in _vals(builder, args[1], n // 2)]
+        d, pv = _vals(builder, args[0], n), _vals(builder, args[1], n)
+        c = _vals(builder, args[2], n // 2)
+        inv = _f32(context, builder, args[3], sig.args[3])
+        one, zero = _ir.Constant(_F32, 1.0), _ir.Constant(_F32, 0.0)
         out = []
-        for i, x in enumerate(v):
-            w = pk[i // 2]
-            bits = builder.shl(w, _ir.Constant(_I32, 16)) if i % 2 == 0 else builder.and_(w, _ir.Constant(_I32, 0xFFFF0000))
-            out.append(builder.fmul(x, builder.bitcast(bits, _F32)))
+        for i in range(n):
+            lg = _emit(builder, _LG2, [_F32], [(pv[i], "f")], clobber_memory=False, side_effect=False)
+            t = builder.fmul(builder.fadd(lg, c[col_index(i)]), inv)
+            g = _fmax(builder, builder.fsub(one, builder.fmul(t, t)), zero)
+            out.append(builder.fmul(d[i], g))
         return context.make_tuple(builder, sig.return_type, out)
-    return acc(acc, packed), codegen
+    return ds(ds, p, cols, inv_scale), codegen
 
 
 def column_loader(groups):
