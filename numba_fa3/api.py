@@ -310,15 +310,16 @@ def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, windo
     (_, dq_i), (_, dk_i), (_, dv_i) = outs
     varlen = total != (0, 0) or cu != (0, 0)
     bm = kern.block_m
+    allocate = _torch_allocator(iq) if iq.kind == "torch" else None
     if varlen:
-        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, total_q=total[0], stream=stream)
+        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, total_q=total[0], stream=stream, allocate=allocate)
     else:
-        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, seqlen_q=sq, stream=stream)
+        ws = backward_prep.workspace(b, h, iq.shape[-1], bm, seqlen_q=sq, stream=stream, allocate=allocate)
     backward_prep.preprocess(ws, ido, io, ilse, b, h, iq.shape[-1], bm, sq, stream, cu_seqlens_q=cu[0],
                              total_q=total[0])
     sem = None
     if kern.deterministic:
-        sem = _zeros_i32(b * h * (-(-sq // bm)), stream)
+        sem = _zeros_i32(b * h * (-(-sq // bm)), stream, iq)
     view = batch_view or (lambda x: x)
     table = descriptor_tables.get(kern.tensor_maps(view(iq), view(ik), view(iv), view(ido)))
     kern.launch(table, ws, tensors.device_ptr(sem) if sem is not None else 0, dk_i, dv_i, b, h, hk, sq, sk,
@@ -330,20 +331,30 @@ def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, windo
 
 
 def _grad_results(outs, like, host, stream):
-    res = []
-    for (arr, info), given in zip(outs, (None, None, None)):
-        if host:
-            res.append(tensors.to_host(arr, info.dtype))
-        else:
-            res.append(tensors.to_library(arr, like, info.dtype, stream) if arr is info.obj else arr)
-    return tuple(res)
+    """The gradients as the caller's kind: NumPy back from the GPU, new arrays of DLPack inputs
+    handed to their library (`to_library` returns the others as they are)."""
+    if host:
+        return tuple(tensors.to_host(arr, info.dtype) for arr, info in outs)
+    return tuple(tensors.to_library(arr, like, info.dtype, stream) for arr, info in outs)
 
 
-def _zeros_i32(count, stream):
+def _torch_allocator(like):
+    """allocate(shape) -> a float32 torch tensor on like's device (torch's caching allocator)."""
+    import torch
+    device = like.obj.device
+    return lambda shape: torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _zeros_i32(count, stream, like):
+    """count int32 zeros (at least one), set by a memset on `stream`."""
     from numba import cuda
     from cuda.bindings import driver as drv
     from numba_fa3.primitives.launch import stream_handle
-    arr = cuda.device_array(max(1, count), dtype=np.int32)
+    if like.kind == "torch":
+        import torch
+        arr = torch.empty(max(1, count), dtype=torch.int32, device=like.obj.device)
+    else:
+        arr = cuda.device_array(max(1, count), dtype=np.int32)
     (err,) = drv.cuMemsetD32Async(tensors.device_ptr(arr), 0, max(1, count), stream_handle(stream))
     if err != drv.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuMemsetD32Async failed: {err.name}")

@@ -117,16 +117,21 @@ def workspace_layout(batch, heads, head_dim, block_m, seqlen_q=None, total_q=Non
     return layout
 
 
-def workspace(batch, heads, head_dim, block_m, seqlen_q=None, total_q=None, stream=None):
+def workspace(batch, heads, head_dim, block_m, seqlen_q=None, total_q=None, stream=None, allocate=None):
     """A new Workspace (dense unless total_q is given; see `workspace_layout`), uninitialized:
     `preprocess` writes all of it.  stream: where it will be used (a handle or stream object;
-    Numba allocates on it where its memory manager is stream-ordered)."""
+    Numba allocates on it where its memory manager is stream-ordered).  allocate(shape): a float32
+    device array from the caller's library instead (torch's caching allocator: the dQ workspace
+    is as large as q in float32, and a driver allocation per call cost more than the kernels at
+    short sequences)."""
     layout = workspace_layout(batch, heads, head_dim, block_m, seqlen_q, total_q)
-    handle = launch.stream_handle(stream)
-    on = cuda.external_stream(handle) if handle else 0
-    lse_log2 = cuda.device_array(layout.stats_shape, np.float32, stream=on)
-    delta = cuda.device_array(layout.stats_shape, np.float32, stream=on)
-    dq_accum = cuda.device_array(layout.accum_shape, np.float32, stream=on)
+    if allocate is None:
+        handle = launch.stream_handle(stream)
+        on = cuda.external_stream(handle) if handle else 0
+        allocate = lambda shape: cuda.device_array(shape, np.float32, stream=on)  # noqa: E731
+    lse_log2 = allocate(layout.stats_shape)
+    delta = allocate(layout.stats_shape)
+    dq_accum = allocate(layout.accum_shape)
     return Workspace(lse_log2, delta, dq_accum, layout.rows, layout.batch_stride, layout.head_stride,
                      layout.varlen)
 

@@ -11,7 +11,7 @@
 set -u
 N=${N:-6}
 OUT=${OUT:-/tmp}
-FILES=${FILES:-"tests/test_forward.py tests/test_smem.py tests/test_tile_order.py tests/test_fragment.py tests/test_gemm.py tests/test_host.py tests/test_scheduler.py tests/test_robustness.py tests/test_dlpack.py tests/test_kernel_cache.py tests/test_first_use.py"}
+FILES=${FILES:-"tests/test_forward.py tests/test_smem.py tests/test_tile_order.py tests/test_fragment.py tests/test_gemm.py tests/test_host.py tests/test_scheduler.py tests/test_robustness.py tests/test_dlpack.py tests/test_kernel_cache.py tests/test_first_use.py tests/test_backward.py tests/test_backward_prep.py tests/test_torch.py"}
 ids=$(mktemp -d)
 python -m pytest --collect-only -q -p no:cacheprovider $FILES 2>/dev/null | grep "::" > "$ids/all"
 echo "$(wc -l < "$ids/all") tests in $N shards"
