@@ -50,7 +50,7 @@ BackwardParams = launch.params("BackwardParams", [
     ("dv_row_stride", _I64), ("dv_head_stride", _I64), ("dv_batch_stride", _I64)])
 
 #: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, and the tiles.
-SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slot q do stats k v ds")
+SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds")
 
 
 class FlashBackward(launch.HopperKernel):
@@ -69,6 +69,7 @@ class FlashBackward(launch.HopperKernel):
         self.masked = mask_kind != mask.MASK_NONE
         self.softcap, self.varlen, self.deterministic = bool(softcap), bool(varlen), bool(deterministic)
         self.block_m, self.block_n, self.stages, self.consumers = t.block_m, t.block_n, t.stages, t.consumers
+        self.kv_stages = t.kv_stages
         if self.consumers != 2:
             raise ValueError("the backward's dQ split and dS buffer parity assume two consumer warpgroups")
         if self.block_m != WGMMA_M:
@@ -115,14 +116,15 @@ class FlashBackward(launch.HopperKernel):
 
     def _plan(self):
         plan = smem.SharedLayout()
-        plan.add("k", self.kv_bytes)
-        plan.add("v", self.kv_bytes)
+        plan.add("k", self.kv_stages * self.kv_bytes)
+        plan.add("v", self.kv_stages * self.kv_bytes)
         plan.add("q", self.stages * self.qd_bytes)
         plan.add("do", self.stages * self.qd_bytes)
         plan.add("ds", 2 * self.ds_bytes)
         plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
-        plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(1) + smem.MBARRIER_BYTES,
-                 align=smem.MBARRIER_BYTES)
+        # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
+        plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
+                 + self.kv_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
         return plan
 
     def body(self):
@@ -132,7 +134,8 @@ class FlashBackward(launch.HopperKernel):
         off = self.smem.offsets
         OFF_Q, OFF_DO, OFF_STATS, OFF_K, OFF_V, OFF_DS, OFF_BARS = (
             off[k] for k in ("q", "do", "stats", "k", "v", "ds", "barriers"))
-        RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(1)
+        KV_STAGES = self.kv_stages
+        RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(KV_STAGES)
 
         @cuda.jit(device=True, forceinline=True)
         def flash_backward(p):
@@ -144,7 +147,7 @@ class FlashBackward(launch.HopperKernel):
             if cuda.threadIdx.x == 0:
                 # every consumer thread arrives on the empty barriers (its own shared reads)
                 pipeline.init(sh.q_bars, STAGES, CONSUMER_THREADS)
-                pipeline.init(sh.kv_bars, 1, CONSUMER_THREADS)
+                pipeline.init(sh.kv_bars, KV_STAGES, CONSUMER_THREADS)
                 mbarrier.fence_init()
             cuda.syncthreads()
             run(p, sh)

@@ -67,6 +67,7 @@ def make_backward_mainloop(bwd):
     BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
     CONSUMERS = bwd.consumers
     QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
+    KV_STAGES, KV_BYTES = bwd.kv_stages, bwd.kv_bytes
     ROW_BYTES = BM * STAT_BYTES
     WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
     WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
@@ -115,10 +116,9 @@ def make_backward_mainloop(bwd):
         return sem
 
     @cuda.jit(device=True, forceinline=True)
-    def dq_step(p, sh, env, ds_buf, utid, h, m):
-        """dQ for this step's query block (this warpgroup's columns), added to the workspace."""
-        dq = DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(sh.k + env.wg * DQ_PART_BYTES), 0)
-        return dq
+    def dq_step(k_tile, env, ds_buf, utid):
+        """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K)."""
+        return DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(k_tile + env.wg * DQ_PART_BYTES), 0)
 
     @cuda.jit(device=True, forceinline=True)
     def add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq):
@@ -137,7 +137,7 @@ def make_backward_mainloop(bwd):
                 atomic.red_release_add_s32(sem, 1)
 
     @cuda.jit(device=True, forceinline=True)
-    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, kw, vw, utid, tid):
+    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
         """One query block: returns dK, dV."""
         pipeline.consumer_wait(sh.q_bars, qs)
         q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
@@ -165,7 +165,7 @@ def make_backward_mainloop(bwd):
         consumers_sync()
         does_dq = DQ_SPLIT or (j & 1) == env.wg
         if does_dq:
-            dq = dq_step(p, sh, env, ds_buf, utid, h, m)
+            dq = dq_step(k_tile, env, ds_buf, utid)
             dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))
         else:
             dq = DQ_ZERO
@@ -193,21 +193,22 @@ def make_backward_mainloop(bwd):
     def consume(p, sh, wg, tid):
         utid = np.uint32(tid)
         qs_stage, qs_phase = np.int32(0), np.int32(0)
-        kv_phase = np.int32(0)
+        kv_stage, kv_phase = np.int32(0), np.int32(0)
         tiles = np.int32(p.n_blocks * p.heads_k * p.batch)
         j = np.int32(0)  # steps done: the dS buffer's parity
         while True:
-            kv = PipelineState(np.int32(0), kv_phase)
+            kv = PipelineState(kv_stage, kv_phase)
             pipeline.consumer_wait(sh.kv_bars, kv)
-            tile = receive_tile(sh.tile_slot, kv)
+            tile = receive_tile(sh.tile_slots, kv)
             if tile >= tiles:
                 break
             nb, hk, b = key_block_coords(p, tile)
             q_off, sq, k_off, sk = seq_info(p, b)
             key0 = np.int32(nb * BN + wg * WGMMA_M + fragment_row(utid))
             env = TileEnv(nb, b, q_off, sq, sk, key0, wg)
-            kw = SDP_SRC(sh.k + wg * WG_KV_BYTES, utid)
-            vw = SDP_SRC(sh.v + wg * WG_KV_BYTES, utid)
+            k_tile = sh.k + kv.stage * KV_BYTES
+            kw = SDP_SRC(k_tile + wg * WG_KV_BYTES, utid)
+            vw = SDP_SRC(sh.v + kv.stage * KV_BYTES + wg * WG_KV_BYTES, utid)
             m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)
             dk, dv = KV_ZERO, KV_ZERO
             h = np.int32(hk * p.head_ratio)
@@ -216,14 +217,14 @@ def make_backward_mainloop(bwd):
                 m = m_min
                 ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
                 while m < m_max:
-                    dk, dv = step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, kw, vw,
-                                  utid, tid)
+                    dk, dv = step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, k_tile, kw,
+                                  vw, utid, tid)
                     qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
                     j = np.int32(j + 1)
                     m = np.int32(m + 1)
                 h = np.int32(h + 1)
             # K and V (and the tile slot) are free: every consumer thread arrives after its reads
-            mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, 1, 0))
-            kv_phase = np.int32(kv_phase ^ 1)
+            mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, KV_STAGES, kv.stage))
+            kv_stage, kv_phase = pipeline.advance(kv, KV_STAGES)
             store_dkdv(p, dk, dv, hk, env, k_off, utid)
     return consume

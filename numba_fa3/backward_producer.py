@@ -3,7 +3,8 @@ tile's K and V once, then streams the query blocks that see the tile through a r
 each stage holding a block's Q and dO (TMA tiles) and its LSE and D rows (bulk copies of the
 preprocess's padded float32 rows), all counted on the stage's one full barrier.
 
-Order per tile: K and V (after the consumers released the previous tile's), then for each query
+Order per tile: K and V (into a free buffer of the K/V ring: with two, while the consumers still
+run the tile before), then for each query
 head of the key head's group, the query blocks [m_min, m_max) that see the key block
 (`mask.query_block_range`), first to last.  The tile id reaches the consumers through a shared
 slot written before K/V's full barrier completes; an id past the last tile tells them to stop.
@@ -27,6 +28,7 @@ STAT_BYTES = 4
 def make_backward_producer(bwd):
     """load(p, sh, lane) for a FlashBackward `bwd`."""
     BM, BN, STAGES, CHUNKS, CHUNK_COLS = bwd.block_m, bwd.block_n, bwd.stages, bwd.chunks, bwd.chunk_cols
+    KV_STAGES = bwd.kv_stages
     KV_BYTES, QD_BYTES = bwd.kv_bytes, bwd.qd_bytes
     ROW_BYTES = BM * STAT_BYTES
     STAGE_TX = 2 * QD_BYTES + 2 * ROW_BYTES
@@ -66,11 +68,11 @@ def make_backward_producer(bwd):
         tiles = np.int32(p.n_blocks * p.heads_k * p.batch)
         tile = scheduler.initial_work()
         while True:
-            pipeline.producer_wait(sh.kv_bars, 1, kv)
+            pipeline.producer_wait(sh.kv_bars, KV_STAGES, kv)
             if tile >= tiles:
                 if special.elect_one():
-                    send_tile(sh.tile_slot, kv, tile)
-                    mbarrier.arrive(pipeline.full_barrier(sh.kv_bars, 0))
+                    send_tile(sh.tile_slots, kv, tile)
+                    mbarrier.arrive(pipeline.full_barrier(sh.kv_bars, kv.stage))
                 break
             nb, hk, b = key_block_coords(p, tile)
             q_off, sq, k_off, sk = seq_info(p, b)
@@ -80,12 +82,12 @@ def make_backward_producer(bwd):
                 continue
             bc = 0 if VARLEN else b
             if special.elect_one():
-                send_tile(sh.tile_slot, kv, tile)
-                full = pipeline.full_barrier(sh.kv_bars, 0)
+                send_tile(sh.tile_slots, kv, tile)
+                full = pipeline.full_barrier(sh.kv_bars, kv.stage)
                 mbarrier.arrive_expect_tx(full, 2 * KV_BYTES)
-                load_kv(sh.k, p.maps + MAP_K, (hk, k_off + nb * BN, bc), full)
-                load_kv(sh.v, p.maps + MAP_V, (hk, k_off + nb * BN, bc), full)
-            kv = pipeline.advance(kv, 1)
+                load_kv(sh.k + kv.stage * KV_BYTES, p.maps + MAP_K, (hk, k_off + nb * BN, bc), full)
+                load_kv(sh.v + kv.stage * KV_BYTES, p.maps + MAP_V, (hk, k_off + nb * BN, bc), full)
+            kv = pipeline.advance(kv, KV_STAGES)
             m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)
             h = np.int32(hk * p.head_ratio)
             h_end = np.int32(h + p.head_ratio)

@@ -125,6 +125,8 @@ class BackwardTiles:
     consumers: int
     producer_registers: int
     consumer_registers: int
+    #: K/V buffers: with two, the next tile's K and V load while this tile runs.
+    kv_stages: int = 1
 
     @property
     def block_n(self):
