@@ -25,10 +25,11 @@ def _check_layout(infos, rank, what):
         if info.strides[-1] != 1 and 0 not in info.shape:  # an empty tensor is never read
             raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
     dtypes = [i.dtype for i, _ in infos]
+    names = ", ".join(n for _, n in infos)
     if len(set(dtypes)) != 1 or dtypes[0] not in ("bf16", "f16"):
-        raise TypeError(f"q, k, v must all be bf16 or all fp16, got {', '.join(dtypes)}")
+        raise TypeError(f"{names} must all be bf16 or all fp16, got {', '.join(dtypes)}")
     if len({i.kind == "numpy" for i, _ in infos}) != 1:
-        raise TypeError("q, k, v must all be NumPy arrays or all be GPU arrays")
+        raise TypeError(f"{names} must all be NumPy arrays or all be GPU arrays")
 
 
 def _check_heads(h, hk, d, dk, dv):
@@ -243,10 +244,10 @@ def _grad_output(given, like, name, stream):
     info = tensors.inspect(given, name, stream)
     if info.kind == "numpy":
         raise TypeError(f"{name}= must be a GPU array")
-    if info.shape != like.shape or info.dtype != like.dtype or info.strides[-1] != 1:
+    if info.shape != like.shape or info.dtype != like.dtype or (info.strides[-1] != 1 and 0 not in info.shape):
         raise ValueError(f"{name} must be {like.shape} {like.dtype} with a contiguous last dim, got "
                          f"{info.shape} {info.dtype} strides {info.strides}")
-    if info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:-1]):
+    if 0 not in info.shape and (info.ptr % 16 or any((s * info.itemsize) % 16 for s in info.strides[:-1])):
         raise ValueError(f"{name}: 16-byte aligned base and strides needed (16-byte row stores)")
     return given, info
 

@@ -68,8 +68,13 @@ class FlashBackward(launch.HopperKernel):
         self.dtype, self.head_dim, self.mask_kind, self.tiles = dtype, head_dim, mask_kind, t
         self.masked = mask_kind != mask.MASK_NONE
         self.softcap, self.varlen, self.deterministic = bool(softcap), bool(varlen), bool(deterministic)
+        # deterministic with a mask: dQ's adds per query block in descending key-block order, and
+        # tiles claimed last key block first (docs/decisions.md, "The backward")
+        self.descending = self.deterministic and self.masked
         self.block_m, self.block_n, self.stages, self.consumers = t.block_m, t.block_n, t.stages, t.consumers
-        self.kv_stages = t.kv_stages
+        # one K/V buffer: a second (the next tile's K and V loading under this tile) measured
+        # within +-1.5% either way (docs/decisions.md, "The backward")
+        self.kv_stages = 1
         if self.consumers != 2:
             raise ValueError("the backward's dQ split and dS buffer parity assume two consumer warpgroups")
         if self.block_m != WGMMA_M:
@@ -89,7 +94,8 @@ class FlashBackward(launch.HopperKernel):
         # dQ's columns split between the warpgroups where each half is whole 64-column chunks
         # (K's MN-major chunks); else each warpgroup does all of dQ every other query block
         half = head_dim // self.consumers
-        self.dq_split = half % self.chunk_cols == 0
+        self.own_dq = t.own_dq and not self.deterministic
+        self.dq_split = half % self.chunk_cols == 0 and not self.own_dq
         self.dq_cols = half if self.dq_split else head_dim
         self.smem = self._plan().check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
@@ -110,8 +116,10 @@ class FlashBackward(launch.HopperKernel):
 
     @property
     def dq(self):
-        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major."""
-        return mma.warpgroup_mma(self.dq_cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
+        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major; with
+        own_dq over the warpgroup's own 64 keys."""
+        keys = WGMMA_M if self.own_dq else self.block_n
+        return mma.warpgroup_mma(self.dq_cols, self.dtype, keys, mma.Operand("mn", self.ds_bytes),
                                  mma.Operand("mn", self.kv_chunk))
 
     def _plan(self):

@@ -67,12 +67,12 @@ def make_backward_mainloop(bwd):
     BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
     CONSUMERS = bwd.consumers
     QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
-    KV_STAGES, KV_BYTES = bwd.kv_stages, bwd.kv_bytes
+    KV_STAGES, KV_BYTES, DESCENDING = bwd.kv_stages, bwd.kv_bytes, bwd.descending
     ROW_BYTES = BM * STAT_BYTES
     WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
     WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
     MASKED, SOFTCAP, VARLEN, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.varlen, bwd.deterministic
-    DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
+    DQ_SPLIT, NQ, OWN_DQ = bwd.dq_split, bwd.dq_cols, bwd.own_dq
     DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
     SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
     SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
@@ -105,11 +105,13 @@ def make_backward_mainloop(bwd):
     @cuda.jit(device=True, forceinline=True)
     def ordered(p, env, h, m, first):
         """Deterministic mode: wait until the key blocks before this one (of those that see
-        query block m) have added their dQ, so every dQ element sums in key-block order."""
+        query block m) have added their dQ, so every dQ element sums in key-block order:
+        ascending, or with a mask descending (the block on the diagonal, whose first query block
+        m is, goes first, so no block waits at its start)."""
         sem = p.sem_ptr + ((env.b * p.heads + h) * p.m_blocks + m) * 4
         if first:
-            n_min, _ = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
-            rank = env.nb - n_min
+            n_min, n_max = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
+            rank = np.int32(n_max - 1 - env.nb) if DESCENDING else np.int32(env.nb - n_min)
             spins = np.int32(0)
             while atomic.ld_acquire_s32(sem) != rank and spins < SPIN_LIMIT:
                 spins = np.int32(spins + 1)
@@ -117,7 +119,11 @@ def make_backward_mainloop(bwd):
 
     @cuda.jit(device=True, forceinline=True)
     def dq_step(k_tile, env, ds_buf, utid):
-        """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K)."""
+        """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K), or
+        with own_dq its partial sum over the warpgroup's keys."""
+        if OWN_DQ:
+            return DQ(DQ_ZERO, DQ_SRC(ds_buf + env.wg * WG_DS_BYTES, utid),
+                      special.uniform_u32(k_tile + env.wg * WG_KV_BYTES), 0)
         return DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(k_tile + env.wg * DQ_PART_BYTES), 0)
 
     @cuda.jit(device=True, forceinline=True)
@@ -131,7 +137,8 @@ def make_backward_mainloop(bwd):
             row = ws_base + np.int64(m * BM + epilogue.rebuilt(fragment_row(utid)))
             add_dq(p.dq_ptr + (row * D + col + epilogue.rebuilt(fragment_col(utid))) * ACC_BYTES, dq)
         if DETERMINISTIC:
-            atomic.fence_acq_rel_gpu()
+            # every thread's reductions are ordered before the barrier, and the release by one
+            # thread after it is cumulative: the next key block's acquire sees them all
             consumers_sync()
             if first:
                 atomic.red_release_add_s32(sem, 1)
@@ -162,8 +169,11 @@ def make_backward_mainloop(bwd):
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
         barrier.fence_proxy_async()
-        consumers_sync()
-        does_dq = DQ_SPLIT or (j & 1) == env.wg
+        if OWN_DQ:
+            warpgroup.epilogue_sync(env.wg)
+        else:
+            consumers_sync()
+        does_dq = DQ_SPLIT or OWN_DQ or (j & 1) == env.wg
         if does_dq:
             dq = dq_step(k_tile, env, ds_buf, utid)
             dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))
@@ -202,7 +212,7 @@ def make_backward_mainloop(bwd):
             tile = receive_tile(sh.tile_slots, kv)
             if tile >= tiles:
                 break
-            nb, hk, b = key_block_coords(p, tile)
+            nb, hk, b = key_block_coords(p, tile, DESCENDING)
             q_off, sq, k_off, sk = seq_info(p, b)
             key0 = np.int32(nb * BN + wg * WGMMA_M + fragment_row(utid))
             env = TileEnv(nb, b, q_off, sq, sk, key0, wg)

@@ -28,7 +28,7 @@ STAT_BYTES = 4
 def make_backward_producer(bwd):
     """load(p, sh, lane) for a FlashBackward `bwd`."""
     BM, BN, STAGES, CHUNKS, CHUNK_COLS = bwd.block_m, bwd.block_n, bwd.stages, bwd.chunks, bwd.chunk_cols
-    KV_STAGES = bwd.kv_stages
+    KV_STAGES, DESCENDING = bwd.kv_stages, bwd.descending
     KV_BYTES, QD_BYTES = bwd.kv_bytes, bwd.qd_bytes
     ROW_BYTES = BM * STAT_BYTES
     STAGE_TX = 2 * QD_BYTES + 2 * ROW_BYTES
@@ -74,7 +74,7 @@ def make_backward_producer(bwd):
                     send_tile(sh.tile_slots, kv, tile)
                     mbarrier.arrive(pipeline.full_barrier(sh.kv_bars, kv.stage))
                 break
-            nb, hk, b = key_block_coords(p, tile)
+            nb, hk, b = key_block_coords(p, tile, DESCENDING)
             q_off, sq, k_off, sk = seq_info(p, b)
             if VARLEN and nb * BN >= sk:
                 # past this sequence's keys (n_blocks counts the longest): nothing to do

@@ -77,13 +77,17 @@ def tile_scheduler(longest_first, varlen):
 
 
 @cuda.jit(device=True, forceinline=True)
-def key_block_coords(p, tile):
+def key_block_coords(p, tile, descending):
     """(key block, key head, batch) of a linear tile of a kernel that walks query blocks per key
     block (the backward; `p` has n_blocks, heads_k): key blocks vary fastest, so the CTAs running
     at one time read the same few heads' Q and dO, which then stay in L2, and in each head the
-    blocks that the most query blocks see (the first, with a causal mask) come first."""
+    blocks that the most query blocks see (the first, with a causal mask) come first; with
+    `descending` (a constant) the last come first (the deterministic backward's order: a tile
+    waits only on tiles claimed before it)."""
     bh, nb = udivmod32(tile, p.n_blocks)
     b, hk = udivmod32(bh, p.heads_k)
+    if descending:
+        nb = np.int32(p.n_blocks - 1 - nb)
     return nb, hk, b
 
 

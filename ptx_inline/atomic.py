@@ -62,13 +62,3 @@ def red_release_add_s32(typingctx, addr, value):
               (as_int(context, builder, args[1], sig.args[1], 32), "r")])
         return context.get_dummy_value()
     return types.void(addr, value), codegen
-
-
-@intrinsic
-def fence_acq_rel_gpu(typingctx):
-    """`fence.acq_rel.gpu` (9.7.13.4): this thread's earlier memory accesses (the dQ reductions)
-    are ordered before its later ones at GPU scope."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "fence.acq_rel.gpu;", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen

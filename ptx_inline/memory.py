@@ -240,3 +240,67 @@ def ld_global_nc_v4_f16_f32(typingctx, addr):
     """`ld.global.nc.v4.b32` (9.7.9.8) of eight fp16 (addr 16-byte aligned), returned as eight
     float32: exact (`cvt.f32.f16`, 9.7.9.21).  As `ld_global_nc_v4_bf16_f32`."""
     return _widening_load(_f16_words, ".reg .b16 h<2>;\n")(typingctx, addr)
+
+
+@intrinsic
+def ld_global_nc_v4_b32(typingctx, addr):
+    """`ld.global.nc.v4.b32 {a, b, c, d}, [addr]` (9.7.9.8): four 32-bit words (addr 16-byte
+    aligned) through the non-coherent path, as uint32: bit patterns that the kernel combines
+    with data, such as the sign masks of the FP8 quantizer's rotation."""
+    def codegen(context, builder, sig, args):
+        out = emit(builder, "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", [I32] * 4,
+                   [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(types.uint32, 4)(addr), codegen
+
+
+#: The flip of `_flipping_load`: each loaded word xor-ed with its mask, operands $9..$12 (after
+#: the eight float32 outputs and the address).
+_XOR_WORDS = "".join(f"xor.b32 w{i}, w{i}, ${_HALVES_PER_V4 + 1 + i};\n" for i in range(_HALVES_PER_V4 // 2))
+
+
+def _flipping_load(widen, scratch=""):
+    """As `_widening_load`, with a tuple of four uint32 masks after the address: word i is xor-ed
+    with mask i before it is widened, so a mask bit 15 or 31 negates element 2i or 2i + 1
+    (the sign bit of a bf16 or an fp16; negation is exact)."""
+    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS + "\n" + _XOR_WORDS
+    text += "".join(widen(f"w{i}", 2 * i) for i in range(_HALVES_PER_V4 // 2)) + "}"
+
+    def typer(typingctx, addr, masks):
+        _regs(masks, 4, "a sign-flipping load")
+
+        def codegen(context, builder, sig, args):
+            ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
+            ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                    for i in range(_HALVES_PER_V4 // 2)]
+            out = emit(builder, text, [F32] * _HALVES_PER_V4, ins, clobber_memory=False)
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(types.float32, _HALVES_PER_V4)(addr, masks), codegen
+    return typer
+
+
+@intrinsic
+def ld_global_nc_v4_xor_bf16_f32(typingctx, addr, masks):
+    """`ld.global.nc.v4.b32` (9.7.9.8) of eight bf16, `xor.b32` (9.7.8, "Logic and Shift
+    Instructions") of each word with a mask, widened to eight float32 as by
+    `ld_global_nc_v4_bf16_f32`: a row read once with a sign pattern applied on the way (the FP8
+    quantizer's random signs, half an instruction per element instead of one)."""
+    return _flipping_load(_bf16_words)(typingctx, addr, masks)
+
+
+@intrinsic
+def ld_global_nc_v4_xor_f16_f32(typingctx, addr, masks):
+    """As `ld_global_nc_v4_xor_bf16_f32`, for eight fp16 (`cvt.f32.f16`, 9.7.9.21)."""
+    return _flipping_load(_f16_words, ".reg .b16 h<2>;\n")(typingctx, addr, masks)
+
+
+@intrinsic
+def st_shared_cluster_f32(typingctx, addr, value):
+    """`st.shared::cluster.f32 [addr], v` (9.7.9.10): a store into the shared memory of a CTA of
+    this cluster, at a shared::cluster address from `cluster.map_shared` (sm_90)."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[1], sig.args[1], types.float32)
+        emit(builder, "st.shared::cluster.f32 [$0], $1;", [],
+             [(as_int(context, builder, args[0], sig.args[0], 32), "r"), (v, "f")])
+        return context.get_dummy_value()
+    return types.void(addr, value), codegen

@@ -1,17 +1,21 @@
-"""Every kernel specialization the library builds, run under compute-sanitizer's memcheck,
-racecheck, synccheck and initcheck on small shapes with several tiles per CTA (issue 22).
+"""Every kernel specialization the library builds (forward, backward, GEMM), run under
+compute-sanitizer's memcheck, racecheck, synccheck and initcheck on small shapes with several
+tiles per CTA (issue 22).
 
     python tests/sanitize.py                          # all tools, every spec (a Hopper machine)
     python tests/sanitize.py --quick --tools racecheck
     python tests/sanitize.py --specs 'd256_*' --split  # one child per spec: exact attribution
+    python tests/sanitize.py --specs 'bwd*' --tools racecheck,memcheck  # the backward specs
     python tests/sanitize.py --list                   # the specs and their groups, no GPU needed
 
 One child process per (tool, group of specs): `compute-sanitizer --tool T --report-api-errors no
 ... python tests/sanitize.py --child SPEC,...`.  The child runs each spec once (`run_specs`),
-checks its output against numba_fa3.reference (FA3's tolerance rule, as tests/test_forward.py;
-outputs NaN-poisoned so every element must be written) and writes its results as JSON.  The
-persistent grid is capped at --ctas CTAs in the child (`primitives.launch.sm_count` replaced), so
-each CTA runs several tiles and the producer reuses its Q buffer, tile slot and K/V stages.
+checks its output against numba_fa3.reference (FA3's tolerance rule, as tests/test_forward.py
+and tests/test_backward.py; outputs NaN-poisoned so every element must be written) and writes its
+results as JSON.  A backward spec runs the forward for out and LSE, then the backward's three
+kernels (preprocess, main kernel, postprocess).  The persistent grid is capped at --ctas CTAs in
+the child (`primitives.launch.sm_count` replaced), so each CTA runs several tiles and the producer
+reuses its Q buffer, tile slot and K/V stages (the backward's: K/V, the Q/dO ring, dS).
 
 The run fails (exit 1) on any kernel-side report (errors, hazards of any severity), on a wrong
 result, on a child that timed out or did not finish, and prints a table: one row per spec, one
@@ -46,7 +50,8 @@ TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 MARKER = "@@sanitize-spec "
 #: compute-sanitizer exits with this when it found errors (our child exits 1 on a wrong result).
 SANITIZER_ERROR_EXIT = 86
-#: Persistent grid cap in the children: with the shapes below, 4-8 tiles per CTA.
+#: Persistent grid cap in the children: with the shapes below, 4-8 forward tiles per CTA and
+#: 2-5 backward tiles (the backward's tiles are whole key blocks, fewer and longer).
 DEFAULT_CTAS = 12
 
 
@@ -55,8 +60,9 @@ DEFAULT_CTAS = 12
 @dataclass(frozen=True)
 class Spec:
     """One kernel specialization and the call that runs it.
-    dense: shape (batch, seqlen_q, seqlen_k, heads, kv_heads); varlen: (lens_q, lens_k, heads,
-    kv_heads); gemm: (m, n, k), with out (bf16 / f32) and transpose_b."""
+    dense, bwd_dense: shape (batch, seqlen_q, seqlen_k, heads, kv_heads); varlen, bwd_varlen:
+    (lens_q, lens_k, heads, kv_heads); gemm: (m, n, k), with out (bf16 / f32) and transpose_b.
+    deterministic: the backward's fixed-order dQ (its own kernel specialization)."""
     name: str
     kind: str
     group: str
@@ -68,23 +74,55 @@ class Spec:
     softcap: float = 0.0
     out: str = "bf16"
     transpose_b: bool = True
+    deterministic: bool = False
+
+    @property
+    def backward(self):
+        """Whether the spec runs flash_attn(_varlen)_backward (after the forward for out and LSE)."""
+        return self.kind.startswith("bwd_")
 
     def kernel(self):
         """What the spec builds, in words (for the table and the JSON)."""
         if self.kind == "gemm":
             return f"gemm {self.dtype}->{self.out} transpose_b={self.transpose_b}"
+        if self.backward:
+            return (f"backward {self.dtype} d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
+                    + (" varlen" if self.kind == "bwd_varlen" else "")
+                    + (" deterministic" if self.deterministic else ""))
         from numba_fa3.tiles import has_long_tiles
         long = self.kind == "dense" and has_long_tiles(self.d, self.mask != "full", self.shape[1])
         return (f"forward {self.dtype} d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
                 + (" varlen" if self.kind == "varlen" else "") + (" long-query tiles" if long else ""))
+
+    def tiles(self):
+        """The backward main kernel's persistent tiles, (key block, key head, batch) as
+        FlashBackward.launch counts them (varlen: key blocks of the longest key sequence for every
+        sequence); None for the other kinds."""
+        if not self.backward:
+            return None
+        from numba_fa3.tiles import backward_tiles_for
+        if self.kind == "bwd_dense":
+            b, _, sk, _, hk = self.shape
+        else:
+            lens_k, hk = self.shape[1], self.shape[3]
+            b, sk = len(lens_k), max(lens_k)
+        return -(-sk // backward_tiles_for(self.d).block_n) * hk * b
 
 
 def _dense(name, group, d, mask, shape, **kw):
     return Spec(name, "dense", group, shape, d=d, mask=mask, **kw)
 
 
-def _varlen(name, group, d, mask, lens_q, lens_k, h, hk, **kw):
-    return Spec(name, "varlen", group, (tuple(lens_q), tuple(lens_k), h, hk), d=d, mask=mask, **kw)
+def _varlen(name, group, d, mask, lens_q, lens_k, h, hk, kind="varlen", **kw):
+    return Spec(name, kind, group, (tuple(lens_q), tuple(lens_k), h, hk), d=d, mask=mask, **kw)
+
+
+def _bwd(name, group, d, mask, shape, **kw):
+    return Spec(name, "bwd_dense", group, shape, d=d, mask=mask, **kw)
+
+
+def _bwd_varlen(name, group, d, mask, lens_q, lens_k, h, hk, **kw):
+    return _varlen(name, group, d, mask, lens_q, lens_k, h, hk, kind="bwd_varlen", **kw)
 
 
 #: Shapes: ragged lengths, GQA, Sq != Sk; causal with Sq > Sk (d128, d192) gives tiles that see no
@@ -121,12 +159,42 @@ SPECS = [
     Spec("gemm_f32_nt", "gemm", "gemm", (777, 1000, 264), out="f32", transpose_b=True),
     Spec("gemm_f32_nn", "gemm", "gemm", (777, 1000, 264), out="f32", transpose_b=False),
 ]
+
+#: The backward, every head dim of tiles.BACKWARD_HEAD_DIMS full and causal, a local window,
+#: softcap, fp16, GQA 2:1 and MQA, Sq > Sk and Sq < Sk at odd lengths, varlen with empty and
+#: 1-token sequences, and the deterministic dQ (its semaphores waited on across CTAs).  Each spec
+#: has at least twice DEFAULT_CTAS tiles (the count after each), so CTAs load K and V again and
+#: refill the Q/dO ring and dS buffers of the tile before.  Sizes: at most 3.6e8 visible
+#: B H Sq Sk D, a third of d128_full's 1.1e9, so with the backward's 2.5x the forward's FLOPs a
+#: backward spec costs the sanitizers about what a forward one does.  Racecheck's time grows with
+#: the shared-memory traffic, so grow these shapes only with a reason.
+SPECS += [
+    _bwd("bwd64_full", "bwd64", 64, "full", (2, 300, 799, 4, 2)),                   # 28 tiles
+    _bwd("bwd64_causal", "bwd64", 64, "causal", (4, 799, 700, 4, 1)),               # 24; rows 0-98 see no key
+    _bwd("bwd96_full", "bwd96", 96, "full", (3, 601, 513, 4, 2)),                   # 30
+    _bwd("bwd96_causal_f16", "bwd96", 96, "causal", (2, 113, 799, 4, 4), dtype="f16"),  # 56
+    _bwd("bwd96_local", "bwd96", 96, "local", (2, 800, 777, 4, 2), window=(100, 40)),  # 28
+    _bwd("bwd128_full", "bwd128", 128, "full", (2, 300, 1025, 4, 2)),               # 36
+    _bwd("bwd128_causal", "bwd128", 128, "causal", (2, 799, 640, 4, 4)),            # 40; rows 0-158 see no key
+    # keys 0-135 are seen by no query: key block 0 is a tile with no query block at all
+    _bwd("bwd128_local", "bwd128", 128, "local", (2, 900, 1100, 4, 2), window=(64, 0)),  # 36
+    _bwd("bwd128_full_softcap", "bwd128", 128, "full", (2, 255, 1000, 4, 2), softcap=30.0),  # 32
+    _bwd("bwd128_causal_det", "bwd-det", 128, "causal", (2, 300, 1100, 4, 2), deterministic=True),  # 36
+    _bwd_varlen("bwd_v64_full", "bwd-varlen", 64, "full", [0, 1, 300, 129, 17, 250],
+                [5, 1, 300, 200, 0, 380], 4, 2),                                     # 36
+    _bwd_varlen("bwd_v96_local_softcap", "bwd-varlen", 96, "local", [300, 1, 450, 0, 77], [280, 0, 640, 3, 129],
+                4, 1, window=(100, 50), softcap=15.0, dtype="f16"),                  # 25
+    _bwd_varlen("bwd_v128_causal_det", "bwd-det", 128, "causal", [129, 0, 700, 1, 33],
+                [200, 17, 650, 1, 70], 4, 2, deterministic=True),                   # 60
+]
 SPECS_BY_NAME = {s.name: s for s in SPECS}
 
 #: --quick: the issue's kernels (hdim 256 full / causal), Q in registers (hdim 128), three
-#: consumer warpgroups (hdim 64 full), varlen's register epilogue, the GEMM; two groups.
+#: consumer warpgroups (hdim 64 full), varlen's register epilogue, the GEMM, the backward (dense
+#: with rows that see no key; varlen with the deterministic dQ); three groups.
 QUICK = {"quick-a": ["d256_full", "d256_causal", "d128_full"],
-         "quick-b": ["d64_full", "v128_causal", "gemm_bf16_nt"]}
+         "quick-b": ["d64_full", "v128_causal", "gemm_bf16_nt"],
+         "quick-c": ["bwd128_causal", "bwd_v128_causal_det"]}
 
 
 # --- the child: run specs, check results ---------------------------------------------------------
@@ -141,6 +209,20 @@ def _torch():
         return torch if torch.cuda.is_available() else None
     except ImportError:
         return None
+
+
+def _cuda(torch, x, dtype):
+    """A NumPy bf16/fp16 array as a torch CUDA tensor, through its bits (torch.from_numpy has no
+    bfloat16)."""
+    import numpy as np
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    return torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(tdt)
+
+
+def _numpy(t, npdt):
+    """A torch bf16/fp16 CUDA tensor back as NumPy of npdt, through its bits."""
+    import torch
+    return t.view(torch.int16).cpu().numpy().view(npdt)
 
 
 def _compare_attention(out, lse, ref, ref_lse, low, rows_without_keys=None):
@@ -179,12 +261,11 @@ def _run_dense(spec, torch):
     v = rng.standard_normal((b, sk, hk, spec.d)).astype(npdt)
     kw = dict(causal=spec.mask == "causal", window_size=spec.window, softcap=spec.softcap)
     if torch is not None:
-        tdt = torch.bfloat16 if spec.dtype == "bf16" else torch.float16
-        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(tdt) for x in (q, k, v))
+        tq, tk, tv = (_cuda(torch, x, spec.dtype) for x in (q, k, v))
         out = torch.full_like(tq, float("nan"))
         _, lse = flash_attn(tq, tk, tv, return_lse=True, out=out, **kw)
         torch.cuda.synchronize()
-        out = out.view(torch.int16).cpu().numpy().view(npdt)
+        out = _numpy(out, npdt)
         lse = lse.cpu().numpy()
     else:
         out, lse = flash_attn(q, k, v, return_lse=True, **kw)
@@ -209,13 +290,12 @@ def _run_varlen(spec, torch):
     kw = dict(causal=spec.mask == "causal", window_size=spec.window, softcap=spec.softcap)
     mq, mk = max(lens_q), max(lens_k)
     if torch is not None:
-        tdt = torch.bfloat16 if spec.dtype == "bf16" else torch.float16
-        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(tdt) for x in (q, k, v))
+        tq, tk, tv = (_cuda(torch, x, spec.dtype) for x in (q, k, v))
         out = torch.full_like(tq, float("nan"))
         cq, ck = torch.from_numpy(cu_q).cuda(), torch.from_numpy(cu_k).cuda()
         _, lse = flash_attn_varlen(tq, tk, tv, cq, ck, mq, mk, return_lse=True, out=out, **kw)
         torch.cuda.synchronize()
-        out = out.view(torch.int16).cpu().numpy().view(npdt)
+        out = _numpy(out, npdt)
         lse = lse.cpu().numpy()
     else:
         out, lse = flash_attn_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, **kw)
@@ -238,8 +318,7 @@ def _run_gemm(spec, torch):
     a = rng.standard_normal((m, k)).astype(npdt)
     b = rng.standard_normal((n, k) if spec.transpose_b else (k, n)).astype(npdt)
     if torch is not None:
-        tdt = torch.bfloat16 if spec.dtype == "bf16" else torch.float16
-        ta, tb = (torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).cuda().view(tdt) for x in (a, b))
+        ta, tb = (_cuda(torch, x, spec.dtype) for x in (a, b))
         out = torch.full((m, n), float("nan"), device="cuda",
                          dtype={"bf16": torch.bfloat16, "f32": torch.float32}[spec.out])
         gemm.matmul(ta, tb, out=out, transpose_b=spec.transpose_b)
@@ -255,7 +334,110 @@ def _run_gemm(spec, torch):
     return [] if err <= 2 * eps + 1e-6 else [f"max error {err:.3g} relative to max|ref| (bound {2 * eps:.3g})"]
 
 
-RUNNERS = {"dense": _run_dense, "varlen": _run_varlen, "gemm": _run_gemm}
+def _compare_grads(got, model, ref, npdt, no_key, no_query):
+    """FA3's tolerance rule as tests/test_backward.py applies it, messages for what is off, [] if
+    right: each of dq, dk, dv (`got`) within 2x the max error of the blocked model (`model`, the
+    same computation in the input precision, fed the kernel's out and LSE) against the float64
+    `ref`, plus eps * max|gradient|; every element written (the outputs were NaN-poisoned); dq
+    exactly 0 on the rows that see no key (`no_key`) and dk, dv exactly 0 on the keys that no
+    query sees (`no_query`), boolean masks over the sequence axis (the one before the heads)."""
+    import ml_dtypes
+    import numpy as np
+    eps = float(ml_dtypes.finfo(npdt).eps)
+    problems = []
+    for name, g, m, r in zip(("dq", "dk", "dv"), got, model, ref):
+        g = np.asarray(g, np.float64)
+        if not np.isfinite(g).all():
+            problems.append(f"{name}: {int((~np.isfinite(g)).sum())} non-finite (unwritten: NaN-poisoned)")
+            continue
+        err = np.abs(g - r).max(initial=0)
+        low = np.abs(np.asarray(m, np.float64) - r).max(initial=0)
+        atol = eps * max(1e-3, float(np.abs(r).max(initial=0)))
+        if not err <= 2 * low + atol:
+            problems.append(f"{name}: max error {err:.3g} > 2 x blocked model's {low:.3g} + {atol:.3g}")
+        unseen = no_key if name == "dq" else no_query
+        if not (np.take(g, np.flatnonzero(unseen), axis=-3) == 0).all():
+            where = "rows that see no key" if name == "dq" else "keys that no query sees"
+            problems.append(f"{name}: not 0 on {where}")
+    return problems
+
+
+def _backward(spec, torch, forward, backward, args, q, k, v, dout, npdt):
+    """The forward (out, LSE) then the backward of `spec`, `args` after the first six arguments
+    of each (varlen: cu_seqlens and max_seqlen): ([dq, dk, dv], out, lse) as NumPy, the options
+    and problems.  With torch, dq, dk, dv are preallocated and NaN-poisoned (every element must be
+    written) and must be the tensors returned; without it, NumPy in and out."""
+    kw = dict(causal=spec.mask == "causal", window_size=spec.window, softcap=spec.softcap)
+    problems = []
+    if torch is not None:
+        tq, tk, tv, tdo = (_cuda(torch, x, spec.dtype) for x in (q, k, v, dout))
+        out, lse = forward(tq, tk, tv, *args, return_lse=True, **kw)
+        pre = [torch.full_like(x, float("nan")) for x in (tq, tk, tv)]
+        got = backward(tdo, tq, tk, tv, out, lse, *args, deterministic=spec.deterministic,
+                       dq=pre[0], dk=pre[1], dv=pre[2], **kw)
+        torch.cuda.synchronize()
+        if not all(g is p for g, p in zip(got, pre)):
+            problems.append("dq, dk, dv returned are not the preallocated ones")
+        grads = [_numpy(g, npdt) for g in pre]
+        out, lse = _numpy(out, npdt), lse.cpu().numpy()
+    else:
+        out, lse = forward(q, k, v, *args, return_lse=True, **kw)
+        grads = backward(dout, q, k, v, out, lse, *args, deterministic=spec.deterministic, **kw)
+    return grads, out, lse, kw, problems
+
+
+def _run_bwd_dense(spec, torch):
+    import numpy as np
+    from numba_fa3 import flash_attn, flash_attn_backward
+    from numba_fa3.blocked_backward import attention_backward_blocked
+    from numba_fa3.reference import attention_backward_reference, attention_mask
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
+    b, sq, sk, h, hk = spec.shape
+    npdt = NUMPY_DTYPES[spec.dtype]
+    rng = np.random.default_rng(_seed(spec.name))
+    q, dout = (rng.standard_normal((b, sq, h, spec.d)).astype(npdt) for _ in range(2))
+    k, v = (rng.standard_normal((b, sk, hk, spec.d)).astype(npdt) for _ in range(2))
+    grads, out, lse, kw, problems = _backward(spec, torch, flash_attn, flash_attn_backward, (), q, k, v, dout, npdt)
+    ref = attention_backward_reference(dout, q, k, v, **kw)
+    model = attention_backward_blocked(dout, q, k, v, out, lse, storage_dtype=npdt, **kw)
+    vis = attention_mask(sq, sk, kw["causal"], kw["window_size"])
+    return problems + _compare_grads(grads, model, ref, npdt, ~vis.any(axis=1), ~vis.any(axis=0))
+
+
+def _run_bwd_varlen(spec, torch):
+    import numpy as np
+    from numba_fa3 import flash_attn_varlen, flash_attn_varlen_backward
+    from numba_fa3.blocked_backward import attention_backward_blocked
+    from numba_fa3.reference import attention_backward_reference_varlen, attention_mask
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
+    lens_q, lens_k, h, hk = spec.shape
+    npdt = NUMPY_DTYPES[spec.dtype]
+    rng = np.random.default_rng(_seed(spec.name))
+    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    q, dout = (rng.standard_normal((cu_q[-1], h, spec.d)).astype(npdt) for _ in range(2))
+    k, v = (rng.standard_normal((cu_k[-1], hk, spec.d)).astype(npdt) for _ in range(2))
+    cu = (torch.from_numpy(cu_q).cuda(), torch.from_numpy(cu_k).cuda()) if torch is not None else (cu_q, cu_k)
+    grads, out, lse, kw, problems = _backward(spec, torch, flash_attn_varlen, flash_attn_varlen_backward,
+                                              cu + (max(lens_q), max(lens_k)), q, k, v, dout, npdt)
+    ref = attention_backward_reference_varlen(dout, q, k, v, cu_q, cu_k, **kw)
+    # the blocked model per sequence, as the reference: each sequence's blocks start at its first row
+    model = [np.zeros(x.shape, np.float32) for x in (q, k, v)]
+    no_key, no_query = np.zeros(len(q), bool), np.zeros(len(k), bool)
+    for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        vis = attention_mask(lq, lk, kw["causal"], kw["window_size"])
+        no_key[rows], no_query[keys] = ~vis.any(axis=1), ~vis.any(axis=0)
+        if lq and lk:
+            g = attention_backward_blocked(dout[None, rows], q[None, rows], k[None, keys], v[None, keys],
+                                           out[None, rows], lse[None, :, rows], storage_dtype=npdt, **kw)
+            for m, x, span in zip(model, g, (rows, keys, keys)):
+                m[span] = x[0]
+    return problems + _compare_grads(grads, model, ref, npdt, no_key, no_query)
+
+
+RUNNERS = {"dense": _run_dense, "varlen": _run_varlen, "gemm": _run_gemm,
+           "bwd_dense": _run_bwd_dense, "bwd_varlen": _run_bwd_varlen}
 
 
 def run_specs(names, ctas=DEFAULT_CTAS, result_path=None):
@@ -267,7 +449,7 @@ def run_specs(names, ctas=DEFAULT_CTAS, result_path=None):
     torch = _torch()
     from numba_fa3.primitives import launch
     if ctas:
-        launch.sm_count = lambda: int(ctas)  # read per launch by forward.py and gemm.py
+        launch.sm_count = lambda: int(ctas)  # read per launch by forward.py, backward.py and gemm.py
     results = []
     for name in names:
         spec = SPECS_BY_NAME[name]
@@ -590,7 +772,8 @@ def main(argv=None):
             print(f"{g}:")
             for n in names:
                 s = SPECS_BY_NAME[n]
-                print(f"  {n:22s} {s.kernel():48s} shape {s.shape}")
+                tiles = f"  ({s.tiles()} tiles)" if s.tiles() else ""
+                print(f"  {n:22s} {s.kernel():48s} shape {s.shape}{tiles}")
         return 0
     if not hopper_available():
         print("sanitize: SKIPPED: no Hopper (sm_90) GPU here")
