@@ -94,8 +94,7 @@ class FlashBackward(launch.HopperKernel):
         # dQ's columns split between the warpgroups where each half is whole 64-column chunks
         # (K's MN-major chunks); else each warpgroup does all of dQ every other query block
         half = head_dim // self.consumers
-        self.own_dq = t.own_dq and not self.deterministic
-        self.dq_split = half % self.chunk_cols == 0 and not self.own_dq
+        self.dq_split = half % self.chunk_cols == 0
         self.dq_cols = half if self.dq_split else head_dim
         self.smem = self._plan().check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
@@ -116,10 +115,8 @@ class FlashBackward(launch.HopperKernel):
 
     @property
     def dq(self):
-        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major; with
-        own_dq over the warpgroup's own 64 keys."""
-        keys = WGMMA_M if self.own_dq else self.block_n
-        return mma.warpgroup_mma(self.dq_cols, self.dtype, keys, mma.Operand("mn", self.ds_bytes),
+        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major."""
+        return mma.warpgroup_mma(self.dq_cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
                                  mma.Operand("mn", self.kv_chunk))
 
     def _plan(self):

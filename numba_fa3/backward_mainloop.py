@@ -72,7 +72,7 @@ def make_backward_mainloop(bwd):
     WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
     WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
     MASKED, SOFTCAP, VARLEN, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.varlen, bwd.deterministic
-    DQ_SPLIT, NQ, OWN_DQ = bwd.dq_split, bwd.dq_cols, bwd.own_dq
+    DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
     DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
     SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
     SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
@@ -119,11 +119,7 @@ def make_backward_mainloop(bwd):
 
     @cuda.jit(device=True, forceinline=True)
     def dq_step(k_tile, env, ds_buf, utid):
-        """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K), or
-        with own_dq its partial sum over the warpgroup's keys."""
-        if OWN_DQ:
-            return DQ(DQ_ZERO, DQ_SRC(ds_buf + env.wg * WG_DS_BYTES, utid),
-                      special.uniform_u32(k_tile + env.wg * WG_KV_BYTES), 0)
+        """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K)."""
         return DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(k_tile + env.wg * DQ_PART_BYTES), 0)
 
     @cuda.jit(device=True, forceinline=True)
@@ -169,11 +165,8 @@ def make_backward_mainloop(bwd):
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
         barrier.fence_proxy_async()
-        if OWN_DQ:
-            warpgroup.epilogue_sync(env.wg)
-        else:
-            consumers_sync()
-        does_dq = DQ_SPLIT or OWN_DQ or (j & 1) == env.wg
+        consumers_sync()
+        does_dq = DQ_SPLIT or (j & 1) == env.wg
         if does_dq:
             dq = dq_step(k_tile, env, ds_buf, utid)
             dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))

@@ -32,17 +32,18 @@ The kernel (`QuantizeKernel`), one CTA per block or part of one:
   the kernel's in NumPy.  ``1 / sqrt(D)`` is folded into the scale.  V (and Q and K without the
   rotation) make the same exchange without the butterfly, for the same 16-byte stores.
 * The block's amax: each thread's largest magnitude, a warp's by shuffles, the CTA's through
-  shared memory (one barrier); a block larger than `MAX_CTA_VALUES` values is split over a
-  thread-block cluster of CTAs (`block_plan`), which exchange their amax through distributed
-  shared memory, so that two or more CTAs still fit an SM.
+  shared memory (one barrier); a block of more rows than a CTA takes (`max_cta_rows`: at most
+  `MAX_CTA_VALUES` values and `MAX_CTA_THREADS` threads, so that two or more CTAs fit an SM's
+  registers) is split over a thread-block cluster of CTAs (`block_plan`), which exchange their
+  amax through distributed shared memory.
 * Scaling: ``descale = fl(fl(amax_u * c) / 448)`` with ``amax_u`` the block's amax before the
   ``c = fl(1 / sqrt(D))`` factor (so that it equals ``fl(max |fl(u c)|)``, the model's) and a
   value ``u`` becomes ``e4m3(fl(u * fl(c / descale)))``: one multiply per value instead of the
   model's two roundings ``fl(fl(u c) / descale)``; the codes then differ from the model's by one
   step where a value lies within float32 rounding of the midpoint between two e4m3 values.
-  Where ``c / descale`` overflows float32 (an amax below ~1e-36: subnormal bf16 blocks) the
-  product is taken in two steps, ``fl(fl(u * 2^64) * fl(c / (descale * 2^64)))``, the same
-  rounding.  `quantize_like_kernel` computes exactly this in NumPy: the kernel's twin.
+  Where ``c / descale`` overflows float32 (a rotated amax below ``448 c / FLT_MAX``, about
+  1.3e-36 c: blocks of subnormal bf16) the product is taken in two steps, ``fl(fl(u * 2^64) *
+  fl(c / (descale * 2^64)))``, the same rounding (the first product is exact).  `quantize_like_kernel` computes exactly this in NumPy: the kernel's twin.
 * V per head: its amax needs the whole sequence before any value can be scaled, so V is read
   twice: a pass writes each tile's amax, a second reduces its head's and quantizes, taking the
   tiles in reverse order so that its first reads find the first pass's last ones in L2.
@@ -79,14 +80,14 @@ from numba_fa3.ptx_inline import cluster, convert, memory, special
 from . import fp8_model
 
 __all__ = ["HEAD_DIMS", "Scaling", "QuantizeKernel", "quantize_kernel", "quantize_fp8", "block_plan",
-           "tile_rows", "stage_order", "kernel_fwht", "rotation_scale", "sign_masks",
+           "max_cta_rows", "tile_rows", "stage_order", "kernel_fwht", "rotation_scale", "sign_masks",
            "quantize_like_kernel", "quantize_fp8_like_kernel", "bytes_moved"]
 
 #: Head dims the quantizer takes: powers of two, so that the Walsh-Hadamard matrix exists.
 HEAD_DIMS = (64, 128, 256)
 #: Bytes of one vector access (`ld.global.nc.v4`, `st.global.v4`), of an input element, of an
-#: e4m3 code, of a float32.
-PIECE_BYTES, ELEMENT_BYTES, CODE_BYTES, F32_BYTES = 16, 2, 1, 4
+#: e4m3 code, of a float32, of a 32-bit register.
+PIECE_BYTES, ELEMENT_BYTES, CODE_BYTES, F32_BYTES, WORD_BYTES = 16, 2, 1, 4, 4
 #: 16-bit elements per 16-byte piece.
 PIECE_ELEMENTS = PIECE_BYTES // ELEMENT_BYTES
 #: Lanes per row (see the module docstring), and the element-index bit that tells them apart
@@ -98,10 +99,12 @@ CHUNK = LANES_PER_ROW * PIECE_ELEMENTS
 WARP = warpgroup.WARP_THREADS
 #: Rows of one warp; a CTA holds a whole number of them.
 ROW_QUANTUM = WARP // LANES_PER_ROW
-#: float32 values one CTA holds in registers: 64 KB, a quarter of an SM's register file, so that
-#: two or more CTAs (with their addresses and indices) fit an SM and one loads while another
-#: computes.
+#: The most float32 values and threads of one CTA: a thread takes up to about twice as many
+#: registers as it holds values (the exchange's received values, addresses, indices), so 64 KB
+#: of values and 256 threads keep every specialization at two or more CTAs per SM, one loading
+#: while another computes (test_compiles_clean checks it).
 MAX_CTA_VALUES = 16384
+MAX_CTA_THREADS = 256
 #: The most CTAs in a portable thread-block cluster.
 MAX_CLUSTER = 8
 #: Row, tile and CTA indices are int32 in the kernel.
@@ -141,24 +144,28 @@ def _head_dim(head_dim):
 
 def block_plan(block, head_dim):
     """(cluster, rows): a descale block of `block` rows is held by `cluster` CTAs of `rows` rows
-    each, the fewest CTAs of whole warps (rows a multiple of `ROW_QUANTUM`) that hold at most
-    `MAX_CTA_VALUES` values each.  Raises ValueError where no cluster of at most `MAX_CLUSTER`
-    CTAs does."""
+    each, the fewest CTAs of whole warps (rows a multiple of `ROW_QUANTUM`) of at most
+    `max_cta_rows` rows.  Raises ValueError where no cluster of at most `MAX_CLUSTER` CTAs does."""
     block = _positive_int(block, "block")
-    head_dim = _head_dim(head_dim)
+    most = max_cta_rows(head_dim)
     for n in range(1, MAX_CLUSTER + 1):
         rows, rest = divmod(block, n)
-        if not rest and rows % ROW_QUANTUM == 0 and rows * head_dim <= MAX_CTA_VALUES:
+        if not rest and rows % ROW_QUANTUM == 0 and rows <= most:
             return n, rows
     raise ValueError(f"a block of {block} rows at head dim {head_dim} cannot be quantized: it must split "
                      f"into at most {MAX_CLUSTER} equal parts of a multiple of {ROW_QUANTUM} rows and at "
-                     f"most {MAX_CTA_VALUES // head_dim} rows each")
+                     f"most {most} rows each")
+
+
+def max_cta_rows(head_dim):
+    """The most rows one CTA takes: `MAX_CTA_VALUES` values and `MAX_CTA_THREADS` threads."""
+    return min(MAX_CTA_VALUES // _head_dim(head_dim), MAX_CTA_THREADS // LANES_PER_ROW)
 
 
 def tile_rows(head_dim):
     """Rows per CTA of the per-head V passes (whose tiles need not match any block): the most one
-    CTA holds."""
-    return MAX_CTA_VALUES // _head_dim(head_dim)
+    CTA takes."""
+    return max_cta_rows(head_dim)
 
 
 def stage_order(head_dim):
@@ -206,7 +213,7 @@ def kernel_fwht(x, order=None):
 def _codes(u, scale_rows, c, descale_rows):
     """e4m3 of ``u [B, S, H, D]`` (float32) with one descale per row ``[B, S, H]``, as the kernel
     rounds: ``fl(u * fl(c / descale))``, or in two steps where ``c / descale`` overflows."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # (each branch's overflows are not taken)
         direct = (u * scale_rows[..., None]).astype(np.float32)
         step = np.float32(c) / (descale_rows * PRESCALE)
         two_step = ((u * PRESCALE) * step[..., None]).astype(np.float32)
@@ -295,9 +302,9 @@ class QuantizeKernel(launch.HopperKernel):
         self.dtype, self.head_dim = dtype, _head_dim(head_dim)
         self.rows, self.rotate, self.scaling = _positive_int(rows, "rows"), bool(rotate), Scaling(scaling)
         self.cluster = _positive_int(cluster, "cluster")
-        if self.rows % ROW_QUANTUM or self.rows * self.head_dim > MAX_CTA_VALUES:
+        if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
             raise ValueError(f"rows {rows} must be a multiple of {ROW_QUANTUM} and at most "
-                             f"{MAX_CTA_VALUES // self.head_dim} at head dim {head_dim}")
+                             f"{max_cta_rows(self.head_dim)} at head dim {head_dim}")
         if self.cluster > MAX_CLUSTER or (self.cluster > 1 and self.scaling != Scaling.BLOCK):
             raise ValueError(f"cluster {cluster}: BLOCK scaling takes at most {MAX_CLUSTER} CTAs per block, "
                              f"the per-head passes 1")
@@ -330,7 +337,8 @@ class QuantizeKernel(launch.HopperKernel):
         PIECE_STRIDES = tuple(1 << (bit - LANE_BIT - 1) for bit in order if bit > LANE_BIT)
         LOAD_STEP = LANES_PER_ROW * PIECE_BYTES          # bytes between a lane's pieces
         STORE_STEP = LANES_PER_ROW * CHUNK * CODE_BYTES  # bytes between a lane's chunks
-        WORDS = CHUNK * CODE_BYTES // 4                  # 32-bit words of a chunk's codes
+        CODES_PER_WORD = WORD_BYTES // CODE_BYTES
+        WORDS = CHUNK // CODES_PER_WORD                  # 32-bit words of a chunk's codes
         HALF_WORDS = WORDS // 2                          # ... of one half (one piece's values)
         OFF_WARPS, OFF_CLUSTER = self.smem.offsets["warp_amax"], self.smem.offsets["cluster_amax"]
         if ROTATE:
@@ -431,8 +439,9 @@ class QuantizeKernel(launch.HopperKernel):
                             s = lo
                         else:
                             s = hi
-                        v = (half[constexpr(4 * (w % HALF_WORDS))], half[constexpr(4 * (w % HALF_WORDS) + 1)],
-                             half[constexpr(4 * (w % HALF_WORDS) + 2)], half[constexpr(4 * (w % HALF_WORDS) + 3)])
+                        v = ()
+                        for c in static_range(CODES_PER_WORD):
+                            v = v + (half[constexpr(CODES_PER_WORD * (w % HALF_WORDS) + c)],)
                         if constexpr(TWO_STEP):
                             v = (v[0] * PRESCALE, v[1] * PRESCALE, v[2] * PRESCALE, v[3] * PRESCALE)
                         low = np.uint32(convert.pack_e4m3x2(v[0] * s, v[1] * s))
@@ -643,6 +652,18 @@ def _new_array(like, shape, dtype, stream):
     return cuda.device_array(shape, np.uint8 if dtype == "e4m3" else np.float32, stream=on)
 
 
+def _used_on(scratch, like, stream):
+    """A torch scratch tensor freed when the call returns stays allocated until the work queued
+    on `stream` is done: torch's allocator reuses freed memory in the order of its current
+    stream, which `stream` may not be."""
+    if like.kind != "torch":
+        return
+    handle = launch.stream_handle(stream)
+    if handle != tensors.torch_stream(like.obj):
+        import torch
+        scratch.record_stream(torch.cuda.ExternalStream(handle, device=like.obj.device))
+
+
 @functools.lru_cache(maxsize=32)
 def _sign_table(head_dim, seed, device_id):
     """`sign_masks` on the device (16 bytes per piece: one `ld.global.nc.v4` per lane and piece,
@@ -670,13 +691,15 @@ def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_gra
     `HEAD_DIMS`; GPU arrays that `numba_fa3.primitives.tensors.inspect` reads (torch CUDA tensors,
     Numba and CuPy device arrays, DLPack exporters such as JAX), used in place with any strides
     whose last dimension is contiguous, base and strides 16-byte aligned.  NumPy inputs raise
-    TypeError: `fp8_model.quantize_fp8_model` is the NumPy quantizer.
+    TypeError: `fp8_model.quantize_fp8_model` is the NumPy quantizer.  Values must be finite (as
+    the model requires); the kernel does not check, and a NaN or infinity makes its block's codes
+    and descale meaningless.
 
     With `hadamard`, q and k are rotated by `fp8_model.random_rotation(D, seed)`.  q is quantized
     per block of `block_m` rows of a (batch, head), k per block of `block_n` rows, v per block of
     `block_n` rows (``v_granularity="block"``) or per (batch, head) (``"head"``).  A block must
-    split over at most 8 CTAs of a whole number of 16 rows and at most ``16384 / D`` rows each
-    (`block_plan`): multiples of 16 up to 128 rows at every head dim, larger ones at smaller dims.
+    split over at most 8 CTAs of a whole number of 16 rows, at most 128 rows each (64 at D = 256)
+    (`block_plan`): e.g. every multiple of 16 up to 128 rows, 192 and 224 at every head dim.
 
     stream: where to launch (None: torch's current stream for torch inputs, else the legacy
     default stream; an int handle or a stream object); the call does not wait.  out: six
@@ -706,7 +729,8 @@ def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_gra
     results = _outputs(out, shapes, iq, stream)
     q8, k8, v8, dq, dk, dv = (tensors.device_ptr(r) for r in results)
     signs = tensors.device_ptr(_sign_table(d, seed, cuda.get_current_device().id)) if hadamard else 0
-    for info, out_ptr, descale_ptr, (n, rows), tiles in ((iq, q8, dq, plan_m, tiles_m), (ik, k8, dk, plan_n, tiles_n)):
+    for info, out_ptr, descale_ptr, (n, rows), tiles in ((iq, q8, dq, plan_m, tiles_m),
+                                                         (ik, k8, dk, plan_n, tiles_n)):
         kern = quantize_kernel(info.dtype, d, rows, hadamard, Scaling.BLOCK, n)
         _launch(kern, info, out_ptr, descale_ptr, 0, signs, tiles, stream)
     if v_granularity == "block":
@@ -716,6 +740,7 @@ def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_gra
         rows = tile_rows(d)
         tiles = _tiles(sk, rows)
         tile_amax = _new_array(iq, (b, hk, tiles), "f32", stream)
+        _used_on(tile_amax, iq, stream)
         amax_ptr = tensors.device_ptr(tile_amax)
         _launch(quantize_kernel(iv.dtype, d, rows, False, Scaling.AMAX), iv, 0, 0, amax_ptr, 0, tiles, stream)
         _launch(quantize_kernel(iv.dtype, d, rows, False, Scaling.HEAD), iv, v8, dv, amax_ptr, 0, tiles, stream)

@@ -125,10 +125,6 @@ class BackwardTiles:
     consumers: int
     producer_registers: int
     consumer_registers: int
-    #: Each warpgroup computes dQ's partial sum over its own 64 keys and adds it (twice the
-    #: reductions, no barrier between the warpgroups), instead of half of dQ over all the keys
-    #: after both have staged dS^T.  Not with deterministic (the two partials' order).
-    own_dq: bool = False
 
     @property
     def block_n(self):
