@@ -334,3 +334,17 @@ def test_sanitizer_specs_cover_every_specialization():
     assert len(s.SPECS_BY_NAME) == len(s.SPECS)
     assert set(sum(s.QUICK.values(), [])) <= set(s.SPECS_BY_NAME)
     assert s.main(["--list", "--quick"]) == 0
+
+
+def test_sanitizer_specs_cover_the_backward():
+    """The backward specs build every backward head dim full and causal, a window, soft-cap,
+    fp16, varlen and deterministic mode, each with more tiles (key blocks x key heads x batch)
+    than the capped grid has CTAs, so CTAs run several tiles."""
+    from numba_fa3.tiles import BACKWARD_HEAD_DIMS
+    s = _sanitize()
+    bwd = [x for x in s.SPECS if x.kind.startswith("bwd")]
+    assert {(x.d, x.mask) for x in bwd if x.kind == "bwd_dense"} >= {(d, m) for d in BACKWARD_HEAD_DIMS
+                                                                      for m in ("full", "causal")}
+    assert any(x.mask not in ("full", "causal") for x in bwd)
+    assert any(x.softcap for x in bwd) and any(x.dtype == "f16" for x in bwd)
+    assert any(x.kind == "bwd_varlen" for x in bwd) and any(x.deterministic for x in bwd)
