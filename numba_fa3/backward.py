@@ -23,7 +23,6 @@ from numba import cuda, types
 
 from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
 from numba_fa3.primitives.mma import WGMMA_M
-from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES  # noqa: F401 - the table's unit
 from numba_fa3.ptx_inline import mbarrier, special
 from . import mask, softmax, tile_scheduler
 from .backward_mainloop import make_backward_mainloop

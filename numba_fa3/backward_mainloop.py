@@ -21,7 +21,7 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda
 
-from numba_fa3.primitives import epilogue, mma, pipeline, warpgroup
+from numba_fa3.primitives import epilogue, pipeline, warpgroup
 from numba_fa3.primitives.epilogue import fragment_col, fragment_row
 from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, pack_f16, scale_rows,
                                            mul_tanh_slope, sub_cols_mul, tanh_rows, zeros)
@@ -71,7 +71,7 @@ def make_backward_mainloop(bwd):
     ROW_BYTES = BM * STAT_BYTES
     WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
     WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
-    MASKED, SOFTCAP, VARLEN, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.varlen, bwd.deterministic
+    MASKED, SOFTCAP, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.deterministic
     DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
     DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
     SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
@@ -84,7 +84,6 @@ def make_backward_mainloop(bwd):
     add_dq = dq_adder(NQ // 8)(D * ACC_BYTES)
     consumers_sync = warpgroup.consumers_sync(CONSUMERS)
     seq_info, ws_row = bwd.seq, bwd.workspace_row
-    CONSUMER_THREADS = CONSUMERS * warpgroup.WARPGROUP_THREADS
 
     @cuda.jit(device=True, forceinline=True)
     def scores(s, m, p, env, utid):
