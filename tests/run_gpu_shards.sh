@@ -5,6 +5,7 @@
 # parametrized ones contain spaces.
 #   N=6 bash tests/run_gpu_shards.sh            # all shards, results in $OUT (default: /tmp)
 #   N=6 SHARDS="ab ad" bash tests/run_gpu_shards.sh   # rerun two shards (the split is deterministic)
+# The kernel cache is filled first (numba_fa3.precompile on every core; PRECOMPILE=0 skips it).
 # Then tests/sanitize.py (every kernel specialization under compute-sanitizer's four tools; summary
 # in $OUT/sanitize.txt and .json), which counts in the exit status: SANITIZE=0 skips it,
 # SANITIZE_ARGS passes it options (e.g. "--quick", "--tools racecheck"), TS bounds it (seconds).
@@ -12,6 +13,12 @@ set -u
 N=${N:-6}
 OUT=${OUT:-/tmp}
 FILES=${FILES:-"tests/test_forward.py tests/test_smem.py tests/test_tile_order.py tests/test_fragment.py tests/test_gemm.py tests/test_host.py tests/test_scheduler.py tests/test_robustness.py tests/test_dlpack.py tests/test_kernel_cache.py tests/test_first_use.py tests/test_backward.py tests/test_backward_prep.py tests/test_torch.py"}
+# Every specialization the tests build, compiled once into the kernel cache on all cores first
+# (PRECOMPILE=0 skips it): the shards would otherwise compile the same kernels side by side.
+if [ "${PRECOMPILE:-1}" != 0 ]; then
+  timeout "${TP:-600}" python -m numba_fa3.precompile --softcap --varlen --backward --gemm --jobs "$(nproc)" \
+    > "$OUT/precompile.txt" 2>&1 || echo "precompile: $(tail -1 "$OUT/precompile.txt")"
+fi
 ids=$(mktemp -d)
 python -m pytest --collect-only -q -p no:cacheprovider $FILES 2>/dev/null | grep "::" > "$ids/all"
 echo "$(wc -l < "$ids/all") tests in $N shards"
