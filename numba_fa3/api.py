@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from numba_fa3.primitives import tensors
+from numba_fa3.primitives import launch, tensors
 from numba_fa3.primitives.tma_desc import descriptor_tables
 from . import mask, tiles
 from .backward import backward_kernel
@@ -327,8 +327,12 @@ def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, windo
                 window, scale, cap, stream, cu_seqlens=cu, total=total)
     backward_prep.postprocess(ws, dq_i, b, h, iq.shape[-1], bm, sq, scale, stream, cu_seqlens_q=cu[0],
                               total_q=total[0])
-    # the workspaces must outlive the kernels that use them: keep them until the stream passes
-    _keep_until_done((ws, sem), stream)
+    # the workspaces must outlive the kernels that use them.  torch's caching allocator reuses a
+    # freed block only for later work on the stream it was freed on, so on torch's current stream
+    # dropping them now is safe (and needs no event, which CUDA-graph capture would refuse); on
+    # any other stream they are held until an event recorded behind the kernels has passed
+    if iq.kind != "torch" or launch.stream_handle(stream) != tensors.torch_stream(iq.obj):
+        _keep_until_done((ws, sem), stream)
 
 
 def _grad_results(outs, like, host, stream):
