@@ -41,6 +41,11 @@ def usage():
     return "\n".join(lines)
 
 
+def command_module(command):
+    """The module that runs a command: its name with '-' as '_' (a module name is an identifier)."""
+    return importlib.import_module(f".{command.replace('-', '_')}", __package__)
+
+
 def main(argv):
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -50,8 +55,7 @@ def main(argv):
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        # A command's module is its name with '-' as '_' (a module name is an identifier).
-        importlib.import_module(f".{command.replace('-', '_')}", __package__).run(rest)
+        command_module(command).run(rest)
     except ModuleNotFoundError as e:
         root = (e.name or "").split(".")[0]
         if root not in BENCH_EXTRA:

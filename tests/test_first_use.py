@@ -71,15 +71,14 @@ def _bench(*args):
 
 
 def test_bench_help_describes_every_command():
-    from bench.__main__ import COMMANDS
+    from bench.__main__ import COMMANDS, command_module
     r = _bench("--help")
     assert r.returncode == 0, r.stderr
     listed = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  ") and "needs:" not in line]
     assert listed == list(COMMANDS) and all(what and needs for what, needs in COMMANDS.values())
     assert "pip install -e '.[bench]'" in r.stdout
-    import importlib
     for name in COMMANDS:  # every listed command is a module with run(argv)
-        assert callable(importlib.import_module(f"bench.{name}").run)
+        assert callable(command_module(name).run)
     bad = _bench("nosuch")
     assert bad.returncode == 2 and "unknown command 'nosuch'" in bad.stderr
 
