@@ -12,7 +12,7 @@ COMMANDS = {
     "chart": ("the bar chart (PNG) of an attention results file", "bench extra (matplotlib)"),
     "ablation": ("the schedule ablation (FA3 Table 2): ping-pong and/or intra-warpgroup overlap off",
                  "GPU, bench extra"),
-    "profile": ("one forward configuration run a few times: a target for ncu / compute-sanitizer",
+    "profile": ("one forward or backward configuration (ours or FA3's) run a few times: a target for ncu / compute-sanitizer",
                 "GPU, bench extra"),
     "launch": ("does per-call host time show? plain calls vs CUDA-graph replay", "GPU, bench extra"),
     "trace": ("where a tile's cycles go: the %clock64 trace build of the forward kernel", "GPU, bench extra"),
