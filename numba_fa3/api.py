@@ -12,7 +12,7 @@ import numpy as np
 
 from numba_fa3.primitives import launch, tensors
 from numba_fa3.primitives.tma_desc import descriptor_tables
-from . import mask, tiles
+from . import backward_prep, mask, tiles
 from .backward import backward_kernel
 from .forward import forward_kernel
 from .tiles import BACKWARD_HEAD_DIMS, SUPPORTED_HEAD_DIMS
@@ -167,6 +167,32 @@ def _cu_seqlens(x, name, total, host, stream):
     return x, info.ptr, info.shape[0] - 1, None
 
 
+def _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tq, tk, host, stream):
+    """(cu_q, cu_k, batch, max_q, max_k) of a varlen call, checked as far as the host can
+    (`_cu_seqlens`; NumPy lengths against max_seqlen too); NumPy cu_seqlens still on the host
+    (`_cu_on_device` moves them once every other check has passed)."""
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_q < 0 or max_k < 0:
+        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
+    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
+    if bq != bk:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
+    if host and (lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k):
+        raise ValueError(f"a sequence is longer than max_seqlen_q/k ({max_q}, {max_k}): "
+                         f"longest {lens_q.max(initial=0)}, {lens_k.max(initial=0)}")
+    return (cuq, cuq_ptr), (cuk, cuk_ptr), bq, max_q, max_k
+
+
+def _cu_on_device(cu, host):
+    """(array, device address) of a `_sequences` cu_seqlens entry: NumPy ones copied now."""
+    arr, ptr = cu
+    if host:
+        arr = tensors.to_device(arr)
+        ptr = tensors.device_ptr(arr)
+    return arr, ptr
+
+
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                       causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False, out=None, stream=None):
     """Attention over sequences packed along one token axis: q `[Tq, H, D]`, k/v `[Tk, Hk, D]`;
@@ -189,23 +215,14 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if h < 1:
         raise ValueError("no heads")
     scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
-    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
     host = iq.kind == "numpy"
-    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
-    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
-    if bq != bk:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
+    cuq, cuk, bq, max_q, max_k = _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tq, tk,
+                                            host, stream)
     if host:
         if out is not None:
             raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
-        if lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k:
-            raise ValueError(f"a sequence is longer than max_seqlen_q/k ({max_q}, {max_k}): "
-                             f"longest {lens_q.max(initial=0)}, {lens_k.max(initial=0)}")
         iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
-        cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
-        cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
+    (cuq, cuq_ptr), (cuk, cuk_ptr) = _cu_on_device(cuq, host), _cu_on_device(cuk, host)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v")])
     o, io = _output(out, iq, (tq, h, d), stream)
     lse = tensors.empty_like_kind(iq, (h, tq), "f32")
@@ -307,7 +324,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
 def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, window, scale, cap, stream,
                   cu=(0, 0), total=(0, 0), batch_view=None):
     """Preprocess, the main kernel, postprocess, on one stream."""
-    from . import backward_prep
     (_, dq_i), (_, dk_i), (_, dv_i) = outs
     varlen = total != (0, 0) or cu != (0, 0)
     bm = kern.block_m
@@ -406,22 +422,14 @@ def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     _check_backward_head_dim(d)
     ilse = _check_lse(lse, (h, tq), stream)
     scale, cap, window, kind = _options(d, softmax_scale, causal, window_size, softcap)
-    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
     host = iq.kind == "numpy"
-    cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
-    cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
-    if bq != bk:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k describe {bq} and {bk} sequences")
+    cuq, cuk, bq, max_q, max_k = _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tq, tk,
+                                            host, stream)
     if host:
         if any(x is not None for x in (dq, dk, dv)):
             raise TypeError("dq=/dk=/dv= are for GPU inputs; NumPy inputs get new NumPy results")
-        if lens_q.max(initial=0) > max_q or lens_k.max(initial=0) > max_k:
-            raise ValueError(f"a sequence is longer than max_seqlen_q/k ({max_q}, {max_k})")
         ido, iq, ik, iv, io, ilse = (tensors.upload(x) for x in (ido, iq, ik, iv, io, ilse))
-        cuq, cuk = tensors.to_device(cuq), tensors.to_device(cuk)
-        cuq_ptr, cuk_ptr = tensors.device_ptr(cuq), tensors.device_ptr(cuk)
+    (cuq, cuq_ptr), (cuk, cuk_ptr) = _cu_on_device(cuq, host), _cu_on_device(cuk, host)
     _check_tma([(iq, "q"), (ik, "k"), (iv, "v"), (ido, "dout")])
     if stream is None and iq.kind == "torch":
         stream = tensors.torch_stream(iq.obj)

@@ -21,10 +21,10 @@ from collections import namedtuple
 import numpy as np
 from numba import cuda, types
 
-from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
+from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, tensors, warpgroup
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.ptx_inline import mbarrier, special
-from . import mask, softmax, tile_scheduler
+from . import backward_prep, mask, softmax, tile_scheduler
 from .backward_mainloop import make_backward_mainloop
 from .backward_producer import STAT_BYTES, make_backward_producer
 from .tiles import backward_tiles_for
@@ -98,7 +98,7 @@ class FlashBackward(launch.HopperKernel):
         self.smem = self._plan().check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
         self.seq = sched.seq
-        self.workspace_row = _workspace_row(self.block_m, self.varlen)
+        self.workspace_row = backward_prep.block_row(self.block_m, self.varlen)
 
     @property
     def sdp(self):
@@ -174,40 +174,19 @@ class FlashBackward(launch.HopperKernel):
         m_blocks = -(-sq_max // self.block_m)
         tiles = n_blocks * heads_k * batch
         grid = scheduler.persistent_grid(tiles, launch.sm_count())
-        if softcap:
-            tanh_scale, exp_scale = softmax_scale / softcap, softcap
-        else:
-            tanh_scale, exp_scale = 0.0, softmax_scale
+        tanh_scale, exp_scale = softmax.softcap_scales(softmax_scale, softcap)
 
         def strides(t):
             st = t.strides
             return (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
         stream = launch.stream_handle(stream)
+        ptr = tensors.device_ptr
         self.launch_with(grid, stream, BackwardParams(
-            table, _ptr(ws.lse_log2), _ptr(ws.delta), _ptr(ws.dq_accum), sem_ptr,
+            table, ptr(ws.lse_log2), ptr(ws.delta), ptr(ws.dq_accum), sem_ptr,
             scheduler.tile_counters.get(stream), cu_seqlens[0], cu_seqlens[1], dk.ptr, dv.ptr,
             batch, heads, heads_k, heads // heads_k, sq_max, sk_max, total[0], total[1], n_blocks, m_blocks,
             window[0], window[1], np.float32(exp_scale * softmax.LOG2E), np.float32(tanh_scale),
             np.float32(softmax_scale), ws.batch_stride, ws.head_stride, *strides(dk), *strides(dv)))
-
-
-def _ptr(arr):
-    from numba_fa3.primitives import tensors
-    return tensors.device_ptr(arr)
-
-
-def _workspace_row(block_m, varlen):
-    """row(p, b, h, m, q_off): the first workspace row of query block m of (b, h): rows of a
-    (batch, head) are ws_head_stride apart and batches ws_batch_stride; with varlen, sequence b's
-    rows start at ((cu_seqlens_q[b] + b * block_m) // block_m) * block_m (`backward_prep`), so
-    every sequence has whole blocks of rows of its own."""
-    @cuda.jit(device=True, forceinline=True)
-    def row(p, b, h, m, q_off):
-        r = np.int64(b) * p.ws_batch_stride + np.int64(h) * p.ws_head_stride + np.int64(m * block_m)
-        if varlen:
-            r += np.int64((q_off + b * block_m) // block_m) * block_m
-        return r
-    return row
 
 
 @functools.lru_cache(maxsize=None)

@@ -91,6 +91,19 @@ def padded_offset(start, b, block_m):
     return ((start + b * block_m) // block_m) * block_m
 
 
+def block_row(block_m, varlen):
+    """row(p, b, h, m, q_off) on the device: the first workspace row of query block m of (b, h),
+    for a kernel whose parameter record has the Workspace's strides (ws_batch_stride,
+    ws_head_stride); q_off = cu_seqlens_q[b] with varlen (`padded_offset`), else unused."""
+    @cuda.jit(device=True, forceinline=True)
+    def row(p, b, h, m, q_off):
+        r = np.int64(b) * p.ws_batch_stride + np.int64(h) * p.ws_head_stride + np.int64(m * block_m)
+        if varlen:
+            r += np.int64((q_off + b * block_m) // block_m) * block_m
+        return r
+    return row
+
+
 #: Shapes of a workspace: lse_log2 and delta (`stats`), dq_accum (`accum`); `rows`: padded rows
 #: in all (lse_log2's size); row-index strides of a batch and a head (batch 0 with varlen).
 WorkspaceLayout = namedtuple("WorkspaceLayout", "stats_shape accum_shape rows batch_stride head_stride varlen")
@@ -246,11 +259,9 @@ PreprocessParams = launch.params("PreprocessParams", [
     ("lse_batch_stride", _I64), ("lse_head_stride", _I64), ("lse_row_stride", _I64)])
 
 
-class BackwardPreprocess(launch.HopperKernel):
-    """delta and lse_log2 of every workspace row, and dq_accum zeroed: one specialization per
-    dtype, head dim and dense/varlen."""
-
-    PARAMS = PreprocessParams
+class _RowKernel(launch.HopperKernel):
+    """A kernel whose warps each take a unit of workspace rows (`RowTiling`): one specialization
+    per dtype, head dim and dense/varlen."""
 
     def __init__(self, dtype="bf16", head_dim=128, varlen=False):
         _check_dtype(dtype, head_dim)
@@ -258,6 +269,12 @@ class BackwardPreprocess(launch.HopperKernel):
         self.tiling = RowTiling(head_dim)
         self.threads = THREADS
         self.smem = smem.SharedLayout().check()
+
+
+class BackwardPreprocess(_RowKernel):
+    """delta and lse_log2 of every workspace row, and dq_accum zeroed."""
+
+    PARAMS = PreprocessParams
 
     def body(self):
         t = self.tiling
@@ -348,17 +365,10 @@ PostprocessParams = launch.params("PostprocessParams", [
     ("dq_batch_stride", _I64), ("dq_row_stride", _I64), ("dq_head_stride", _I64), ("scale", _F32)])
 
 
-class BackwardPostprocess(launch.HopperKernel):
+class BackwardPostprocess(_RowKernel):
     """dQ = dq_accum * scale, rounded to the 16-bit dtype, for every token row of the workspace."""
 
     PARAMS = PostprocessParams
-
-    def __init__(self, dtype="bf16", head_dim=128, varlen=False):
-        _check_dtype(dtype, head_dim)
-        self.dtype, self.head_dim, self.varlen = dtype, head_dim, bool(varlen)
-        self.tiling = RowTiling(head_dim)
-        self.threads = THREADS
-        self.smem = smem.SharedLayout().check()
 
     def body(self):
         t = self.tiling

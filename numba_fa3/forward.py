@@ -270,12 +270,7 @@ class FlashForward(launch.HopperKernel):
         if self.mask_kind == mask.MASK_CAUSAL:
             section, tail = tile_scheduler.causal_order(m_blocks, heads * batch, grid, sk_max, self.head_dim,
                                                         heads // heads_k)
-        if softcap:
-            # s -> softcap * tanh(s * scale / softcap): the kernel takes tanh's argument scale, and
-            # the exponent and LSE scale by softcap instead of softmax_scale.
-            tanh_scale, exp_scale = softmax_scale / softcap, softcap
-        else:
-            tanh_scale, exp_scale = 0.0, softmax_scale
+        tanh_scale, exp_scale = softmax.softcap_scales(softmax_scale, softcap)
         st = o.strides
         o_strides = (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
         if lse_strides is None:

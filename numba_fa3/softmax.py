@@ -24,6 +24,15 @@ from numba_fa3.primitives import fragment
 from numba_fa3.ptx_inline import special
 
 LOG2E = math.log2(math.e)
+
+
+def softcap_scales(softmax_scale, softcap):
+    """(tanh's argument scale, the exponent's scale) of a launch: with a soft-cap, s -> softcap *
+    tanh(s * scale / softcap), so the kernel takes scale / softcap for tanh and the exponent and
+    LSE scale by softcap instead of softmax_scale; without one, (0, softmax_scale)."""
+    if softcap:
+        return softmax_scale / softcap, softcap
+    return 0.0, softmax_scale
 LN2 = math.log(2.0)
 NEG_INF = np.float32(-np.inf)
 FULL_MASK = 0xFFFFFFFF
