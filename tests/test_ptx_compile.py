@@ -143,12 +143,18 @@ def test_forward_ablation_schedules_compile_clean(pingpong, overlap):
     _assert_clean(kc.ptxas_report(ptx), f"forward schedule pingpong={pingpong} overlap={overlap}")
 
 
-def _assert_wgmma_operands_untouched(ptx):
-    """PTX forbids any access to the registers a wgmma reads from (its A fragment) until a
-    wait_group has retired it, and ptxas does not protect them: a kernel whose P registers were
-    rewritten while P V ran computed garbage.  Scanning the PTX in order: between a register-A
-    wgmma and the next `wgmma.wait_group.sync.aligned 0`, no other instruction names those
-    registers.  (Order, not control flow: the loops here are laid out in order.)"""
+#: PTX instructions whose first operand is not a destination register.
+_NO_DESTINATION = ("st.", "stmatrix", "red.", "wgmma", "bar.", "barrier", "mbarrier", "cp.", "fence", "@", "{",
+                   "}", "ret", "bra", "setmaxnreg", "//", ".")
+
+
+def _assert_wgmma_operands_untouched(ptx, reads_allowed=False):
+    """PTX forbids modifying the registers a wgmma reads from (its A fragment) until a wait_group
+    has retired it, and ptxas does not protect them: a kernel whose P registers were rewritten
+    while P V ran computed garbage.  Scanning the PTX in order: between a register-A wgmma and
+    the next `wgmma.wait_group.sync.aligned 0`, no other instruction names those registers, or
+    with `reads_allowed` none writes them (the backward stages dS^T by stmatrix while dK = dS^T Q
+    reads it).  (Order, not control flow: the loops here are laid out in order.)"""
     in_flight = set()
     for n, line in enumerate(ptx.split("\n")):
         t = line.strip()
@@ -157,6 +163,10 @@ def _assert_wgmma_operands_untouched(ptx):
             in_flight |= {x.strip() for x in m.group(1).split(",")}
         elif t.startswith("wgmma.wait_group.sync.aligned 0"):
             in_flight = set()
+        elif in_flight and reads_allowed:
+            dest = None if not t or t.startswith(_NO_DESTINATION) else re.match(r"\S+\s+(%r\d+)", t)
+            assert not (dest and dest.group(1) in in_flight), \
+                f"PTX line {n + 1} writes a register of a running wgmma: {t}"
         elif in_flight and not t.startswith("wgmma"):
             touched = set(re.findall(r"%r\d+", t)) & in_flight
             assert not touched, f"PTX line {n + 1} touches registers of a running wgmma: {t}"
