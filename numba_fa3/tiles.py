@@ -125,6 +125,8 @@ class BackwardTiles:
     consumers: int
     producer_registers: int
     consumer_registers: int
+    #: the dK GEMM left running into the next step, its stage released one step late
+    dk_overlap: bool = False
 
     @property
     def block_n(self):
