@@ -16,7 +16,6 @@ from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
 from numba_fa3.primitives.unroll import static_range, unrolled
 from numba_fa3.ptx_inline import barrier, memory, tma
-from . import softmax
 
 #: Bytes of an LSE entry (float32), and the rows between a fragment's two rows.
 LSE_BYTES, SECOND_ROW = 4, 8
@@ -24,22 +23,23 @@ LSE_BYTES, SECOND_ROW = 4, 8
 
 def make_epilogue(fwd):
     """store(p, sh, o, st, wg, tid, r_local, col0, mb, h, b, q_off, row0, sq) for a FlashForward."""
-    BM, D, CHUNKS, CHUNK_COLS = fwd.block_m, fwd.head_dim, fwd.chunks, fwd.chunk_cols
+    BM, D, CHUNKS, CHUNK_COLS = fwd.block_m, fwd.head_dim, fwd.o_chunks, fwd.o_chunk_cols
     ELEMENT_BYTES = 2
-    Q_CHUNK = fwd.q_chunk
-    WG_ROWS_BYTES = WGMMA_M * (Q_CHUNK // BM)
+    O_CHUNK = BM * CHUNK_COLS * ELEMENT_BYTES
+    WG_ROWS_BYTES = WGMMA_M * CHUNK_COLS * ELEMENT_BYTES
     GROUPS = D // epilogue.GROUP_COLS
     TMA_STORE = fwd.tma_store
     MAP_O = fwd.MAP_O * TENSOR_MAP_BYTES
-    PACK = pack_bf16 if fwd.dtype == "bf16" else pack_f16
-    stage = epilogue.stager(GROUPS, ELEMENT_BYTES, Q_CHUNK)
+    PACK = pack_bf16 if fwd.out_dtype == "bf16" else pack_f16
+    FINISH = fwd.finish
+    stage = epilogue.stager(GROUPS, ELEMENT_BYTES, O_CHUNK)
     store_rows = epilogue.row_storer(GROUPS, ELEMENT_BYTES)
 
     @cuda.jit(device=True, forceinline=True)
     @unrolled
     def store(p, sh, o, st, wg, tid, r_local, col0, mb, h, b, q_off, row0, sq):
         utid = np.uint32(tid)
-        inv0, lse0, inv1, lse1 = softmax.finish(st, p.softmax_scale)
+        inv0, lse0, inv1, lse1 = FINISH(p, st, b, h)
         po = PACK(scale_rows(o, inv0, inv1))
         if TMA_STORE:
             o_wg = sh.o + wg * WG_ROWS_BYTES
@@ -52,7 +52,7 @@ def make_epilogue(fwd):
             warpgroup.epilogue_sync(wg)
             if tid == 0:
                 for c in static_range(CHUNKS):
-                    tma.store(p.maps + MAP_O, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b), o_wg + c * Q_CHUNK)
+                    tma.store(p.maps + MAP_O, (c * CHUNK_COLS, h, mb * BM + wg * WGMMA_M, b), o_wg + c * O_CHUNK)
                 tma.commit_group()
         else:
             quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))

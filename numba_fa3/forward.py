@@ -20,11 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, types
 
+from types import SimpleNamespace
+
 from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
 from numba_fa3.primitives.epilogue import fragment_col, fragment_row
+from numba_fa3.primitives.fragment import pack_bf16, pack_f16
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.primitives.tma_load import stage_loader
 from numba_fa3.ptx_inline import mbarrier, special, tma
 from . import mask, softmax, tile_scheduler
 from .epilogue import make_epilogue
@@ -57,14 +61,15 @@ FULL_SCHEDULE = Schedule()
 #: the causal order (`tile_scheduler`), the window, the scales, O's and LSE's strides (elements)
 #: and the trace buffer (trace builds only).
 _U64, _I32, _F32, _I64 = types.uint64, types.int32, types.float32, types.int64
-ForwardParams = launch.params("ForwardParams", [
+FORWARD_FIELDS = [
     ("maps", _U64), ("lse_ptr", _U64), ("counter", _U64), ("o_ptr", _U64), ("cu_q", _U64), ("cu_k", _U64),
     ("batch", _I32), ("heads", _I32), ("head_ratio", _I32), ("sq_max", _I32), ("sk_max", _I32),
     ("total_q", _I32), ("total_k", _I32), ("m_blocks", _I32), ("section", _I32), ("tail", _I32),
     ("left", _I32), ("right", _I32),
     ("scale_log2", _F32), ("softmax_scale", _F32), ("softcap_scale", _F32),
     ("o_row_stride", _I64), ("o_head_stride", _I64), ("o_batch_stride", _I64),
-    ("lse_batch_stride", _I64), ("lse_head_stride", _I64), ("trace", _U64)])
+    ("lse_batch_stride", _I64), ("lse_head_stride", _I64), ("trace", _U64)]
+ForwardParams = launch.params("ForwardParams", FORWARD_FIELDS)
 
 #: Shared addresses of the kernel's regions: the K, V and Q rings' barriers, the tile-id slots
 #: (one per Q buffer), and the Q, K, V and O tiles.
@@ -77,6 +82,9 @@ class FlashForward(launch.HopperKernel):
     PARAMS = ForwardParams
     #: Order of the tensor maps in the launch's descriptor table.
     MAP_Q, MAP_K, MAP_V, MAP_O = range(4)
+    #: Input types, and the tile table's lookup.
+    DTYPES = ("bf16", "f16")
+    table_tiles = staticmethod(tiles_for)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -84,9 +92,9 @@ class FlashForward(launch.HopperKernel):
         long_queries: take `tiles.LONG_TILES`' entry where there is one (`tiles.has_long_tiles`).
         varlen: sequences packed along one token axis, delimited by cu_seqlens (see api).
         trace: record `trace.TraceEvent` timestamps into the buffer `launch` is given."""
-        if dtype not in ("bf16", "f16"):
-            raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
-        t = tiles or tiles_for(head_dim, mask_kind != mask.MASK_NONE, long_queries)
+        if dtype not in self.DTYPES:
+            raise ValueError(f"dtype must be one of {self.DTYPES}, got {dtype}")
+        t = tiles or self.table_tiles(head_dim, mask_kind != mask.MASK_NONE, long_queries)
         self.dtype, self.head_dim, self.mask_kind, self.schedule = dtype, head_dim, mask_kind, schedule
         self.masked = mask_kind != mask.MASK_NONE
         self.softcap, self.varlen, self.trace = bool(softcap), bool(varlen), bool(trace)
@@ -113,12 +121,51 @@ class FlashForward(launch.HopperKernel):
         self.rescale_threshold = float(t.rescale_threshold)
         self.sequential_mask_loops = t.sequential_mask_loops
         self.lazy_tail_after_wait = t.lazy_tail_after_wait and self.rescale_threshold > 0 and t.interleaved_rescale
-        self.chunk_cols = smem.SWIZZLE_BYTES // ELEMENT_BYTES
-        self.chunks = -(-head_dim // self.chunk_cols)        # 128-byte column chunks of a row
-        self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
-        self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
+        self._geometry()
         self.q_stages, self.tma_store, self.smem = self._fit_shared_memory()
         self.scheduler = tile_scheduler.tile_scheduler(mask_kind == mask.MASK_CAUSAL, self.varlen)
+
+    def _geometry(self):
+        """Chunks of the tiles (128-byte swizzle rows), O's type and chunks, and the hooks
+        the collectives take from the kernel (`mainloop`, `epilogue`, `producer`)."""
+        self.chunk_cols = smem.SWIZZLE_BYTES // ELEMENT_BYTES
+        self.chunks = -(-self.head_dim // self.chunk_cols)        # 128-byte column chunks of a row
+        self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
+        self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
+        self.out_dtype = self.dtype
+        self.o_chunk_cols, self.o_chunks = self.chunk_cols, self.chunks
+        self.o_bytes = self.chunks * self.q_chunk
+        self.pack_p = pack_bf16 if self.dtype == "bf16" else pack_f16
+        self.softmax_ops = SimpleNamespace(online_max=softmax.online_max, online_step=softmax.online_step)
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def score_scale(p, env, nb):
+        """The exponent's scale of key block nb: one per launch here."""
+        return p.scale_log2
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def tile_scale(p, b, h, mb):
+        """What `score_scale` reads of a tile (TileEnv.scale): nothing here."""
+        return np.float32(0)
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def finish(p, st, b, h):
+        """(1/l0, lse0, 1/l1, lse1) of the thread's rows: O's row factors and the LSE."""
+        return softmax.finish(st, p.softmax_scale)
+
+    def v_loader(self):
+        """load_v(p, sh, state, kv_head, first_key, batch): a key block's V into its ring
+        stage (the producer's V load), V as the tensor is laid out."""
+        load = stage_loader(self.stages, self.chunks, self.kv_chunk, self.chunk_cols)
+        MAP_V = self.MAP_V * TENSOR_MAP_BYTES
+
+        @cuda.jit(device=True, forceinline=True)
+        def load_v(p, sh, state, hk, key, b):
+            load(p.maps + MAP_V, sh.v_bars, sh.v, state, (hk, key, b))
+        return load_v
 
     @property
     def qk(self):
@@ -158,7 +205,7 @@ class FlashForward(launch.HopperKernel):
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
                  + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
         if tma_store:
-            plan.add("o", q_bytes)
+            plan.add("o", self.o_bytes)
         return plan
 
     # --- the consumers: the tile loop around the main loop and the epilogue ----------------------
@@ -171,6 +218,7 @@ class FlashForward(launch.HopperKernel):
         MAP_O = self.MAP_O * TENSOR_MAP_BYTES
         A_SOURCE = self.qk.a_source
         tile_coords, seq_info = self.scheduler.coords, self.scheduler.seq
+        tile_scale = self.tile_scale
         run_tile, release_q_now = make_mainloop(self)
         store = make_epilogue(self)
         _, _, turn_start = warpgroup.pingpong(self.schedule.pingpong, self.consumers)
@@ -212,7 +260,8 @@ class FlashForward(launch.HopperKernel):
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, p.left, p.right)
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 limits = mask.row_limits(row0, sk - sq, p.left, p.right, sk, MASKED)
-                env = TileEnv(q_src, q_empty, n_min, n_max, col0, limits, lane, wg, tracer_thread, n)
+                env = TileEnv(q_src, q_empty, n_min, n_max, col0, limits, lane, wg, tracer_thread, n,
+                              tile_scale(p, b, h, mb))
                 o, st, kv = run_tile(p, sh, PipelineState(kv_stage, kv_phase), env, mb, sq, sk)
                 kv_stage, kv_phase = kv.stage, kv.phase
                 store(p, sh, o, st, wg, tid, r_local, col0, mb, h, b, q_off, row0, sq)

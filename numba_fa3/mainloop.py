@@ -25,7 +25,7 @@ from numba import cuda
 
 from numba_fa3.primitives import pipeline, warpgroup
 from numba_fa3.primitives.pipeline import PipelineState
-from numba_fa3.primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, pack_bf16, pack_f16, scale_regs,
+from numba_fa3.primitives.fragment import (REGS_PER_GROUP, SECOND_ROW_REG, after, exp2_regs, scale_regs,
                                  scale_rows, tanh_rows, zero_after, zeros)
 from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.ptx_inline import mbarrier, special, wgmma
@@ -37,8 +37,9 @@ from .trace import LoopEvent, TraceEvent, tracer
 LoopState = namedtuple("LoopState", "o pk softmax k v")
 #: What every step of a tile reads and none changes: Q as the S GEMM takes it, Q's empty barrier,
 #: the tile's key blocks [n_min, n_max), the thread's first column and its rows' key limits,
-#: the lane, the warpgroup, whether this thread traces, and the tile's number (trace).
-TileEnv = namedtuple("TileEnv", "q_src q_empty n_min n_max col0 limits lane wg tracer n")
+#: the lane, the warpgroup, whether this thread traces, the tile's number (trace), and what the
+#: kernel's `score_scale` reads of the tile (the FP8 kernel's descales).
+TileEnv = namedtuple("TileEnv", "q_src q_empty n_min n_max col0 limits lane wg tracer n scale")
 
 
 def rescale_rounds(block_n, head_dim, rounds):
@@ -64,7 +65,9 @@ def _constants(fwd):
     KV_STAGE = fwd.chunks * fwd.kv_chunk
     QK, PV = fwd.qk.issue, fwd.pv.issue
     S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
-    PACK = pack_bf16 if fwd.dtype == "bf16" else pack_f16
+    PACK = fwd.pack_p
+    ONLINE_MAX, ONLINE_STEP = fwd.softmax_ops.online_max, fwd.softmax_ops.online_step
+    SCORE_SCALE = fwd.score_scale
     MASKED = fwd.masked
     PINGPONG, OVERLAP = fwd.schedule.pingpong, fwd.schedule.overlap
     SOFTCAP, TRACE = fwd.softcap, fwd.trace
@@ -179,6 +182,7 @@ def _parts(c):
 def _step(c, h, masked):
     """One step of the overlapped loop, with the mask or without (`masked`)."""
     BN, STAGES, KV_STAGE, QK, PV, S_ZERO, PACK = c.BN, c.STAGES, c.KV_STAGE, c.QK, c.PV, c.S_ZERO, c.PACK
+    ONLINE_MAX, ONLINE_STEP, SCORE_SCALE = c.ONLINE_MAX, c.ONLINE_STEP, c.SCORE_SCALE
     SOFTCAP, INTERLEAVE, UNIFORM, THRESHOLD, LAZY = c.SOFTCAP, c.INTERLEAVE, c.UNIFORM, c.THRESHOLD, c.LAZY
     TAIL_AFTER_WAIT, P_HEAD, P_REGS = c.TAIL_AFTER_WAIT, c.P_HEAD, c.P_REGS
     turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
@@ -192,6 +196,7 @@ def _step(c, h, masked):
         """One step of the overlapped loop: S of block nb issued, then P V of the block
         before (P in ls.pk); this block's softmax under both; returns the next LoopState."""
         t = np.int32(env.n_max - 2 - nb)
+        c = SCORE_SCALE(p, env, nb)
         pipeline.consumer_wait(sh.k_bars, ls.k)
         if env.tracer:
             mark_step(p.trace, env.wg, env.n, t, LoopEvent.K_READY)
@@ -217,8 +222,8 @@ def _step(c, h, masked):
         if masked:
             s = mask.apply(s, nb, BN, env.col0, env.limits)
         if INTERLEAVE:
-            st, b0, b1 = softmax.online_max(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
-            pr = exp2_regs(s, p.scale_log2, b0, b1, 0, P_HEAD)
+            st, b0, b1 = ONLINE_MAX(s, ls.softmax, c, UNMASKED_STEP, THRESHOLD)
+            pr = exp2_regs(s, c, b0, b1, 0, P_HEAD)
             if UNIFORM:
                 # the releases after the exponentials before the P V wait, which ptxas would
                 # otherwise hoist above all of them
@@ -230,14 +235,14 @@ def _step(c, h, masked):
             if TAIL_AFTER_WAIT:
                 # (the bias through O's first register of each row: ptxas must place the
                 # P V wait before these, as the eager rounds' multiplies make it)
-                pr = exp2_regs(pr, p.scale_log2, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)
+                pr = exp2_regs(pr, c, after(b0, o[0]), after(b1, o[SECOND_ROW_REG]), P_HEAD, P_REGS)
             elif LAZY:
-                pr = exp2_regs(pr, p.scale_log2, b0, b1, P_HEAD, P_REGS)
+                pr = exp2_regs(pr, c, b0, b1, P_HEAD, P_REGS)
             else:
-                o, pr = rescale_among_exponentials(o, pr, st, b0, b1, p.scale_log2)
+                o, pr = rescale_among_exponentials(o, pr, st, b0, b1, c)
             st = softmax.online_sum(pr, st)
         else:
-            pr, st = softmax.online_step(s, ls.softmax, p.scale_log2, UNMASKED_STEP, THRESHOLD)
+            pr, st = ONLINE_STEP(s, ls.softmax, c, UNMASKED_STEP, THRESHOLD)
             o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
         pk = PACK(pr)
         if INTERLEAVE and LAZY:
@@ -311,6 +316,7 @@ def make_mainloop(fwd):
     c = _constants(fwd)
     h = _parts(c)
     STAGES, KV_STAGE, PV, O_ZERO, PACK = c.STAGES, c.KV_STAGE, c.PV, c.O_ZERO, c.PACK
+    ONLINE_STEP, SCORE_SCALE = c.ONLINE_STEP, c.SCORE_SCALE
     INTERLEAVE, LAZY, OVERLAP = c.INTERLEAVE, c.LAZY, c.OVERLAP
     mark = c.mark
     stage_addr, release, release_q, s_now, masked_scores = h.stage_addr, h.release, h.release_q, h.s_now, h.masked_scores
@@ -326,7 +332,7 @@ def make_mainloop(fwd):
         if nb == env.n_min:  # the tile's last S GEMM is done: Q may be reloaded
             release_q(env.q_empty, env.lane)
         s = masked_scores(s, nb, mb, sq, sk, p, env)
-        pr, st = softmax.online_step(s, softmax.initial(), p.scale_log2)
+        pr, st = ONLINE_STEP(s, softmax.initial(), SCORE_SCALE(p, env, nb))
         return LoopState(O_ZERO, PACK(pr), st, pipeline.advance(kv, STAGES), kv)
 
     @cuda.jit(device=True, forceinline=True)
@@ -363,7 +369,7 @@ def make_mainloop(fwd):
         while nb >= env.n_min:
             s = s_now(p, sh, kv, env)
             s = masked_scores(s, nb, mb, sq, sk, p, env)
-            pr, st = softmax.online_step(s, st, p.scale_log2)
+            pr, st = ONLINE_STEP(s, st, SCORE_SCALE(p, env, nb))
             o = scale_rows(o, st.a0, st.a1)
             pk = PACK(pr)
             pipeline.consumer_wait(sh.v_bars, kv)

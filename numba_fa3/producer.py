@@ -43,10 +43,11 @@ def make_producer(fwd):
     CHUNKS, CHUNK_COLS = fwd.chunks, fwd.chunk_cols
     Q_BYTES = CHUNKS * fwd.q_chunk
     VARLEN, TRACE = fwd.varlen, fwd.trace
-    MAP_Q, MAP_K, MAP_V = (m * TENSOR_MAP_BYTES for m in (fwd.MAP_Q, fwd.MAP_K, fwd.MAP_V))
+    MAP_Q, MAP_K = (m * TENSOR_MAP_BYTES for m in (fwd.MAP_Q, fwd.MAP_K))
     INPUT_MAPS = 3
     tile_coords, seq_info = fwd.scheduler.coords, fwd.scheduler.seq
     load_kv = stage_loader(STAGES, CHUNKS, fwd.kv_chunk, CHUNK_COLS)
+    load_v = fwd.v_loader()
     load_q = chunk_loader(CHUNKS, fwd.q_chunk, CHUNK_COLS)
     prefetch_q = chunk_prefetcher(CHUNKS, CHUNK_COLS)
     mark, _ = tracer(TRACE)
@@ -109,7 +110,7 @@ def make_producer(fwd):
                 nb = np.int32(nb - 1)
                 while nb >= n_min:
                     load_kv(p.maps + MAP_K, sh.k_bars, sh.k, kv, (hk, k_off + nb * BN, bc))
-                    load_kv(p.maps + MAP_V, sh.v_bars, sh.v, v_state, (hk, k_off + (nb + 1) * BN, bc))
+                    load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc)
                     v_state = kv
                     kv = pipeline.advance(kv, STAGES)
                     nb = np.int32(nb - 1)
@@ -120,7 +121,7 @@ def make_producer(fwd):
                     nq_off, nsq, _, _ = seq_info(p, nbb)
                     if nmb * BM < nsq and special.elect_one():
                         prefetch_q(p.maps + MAP_Q, (nh, nq_off + nmb * BM, 0 if VARLEN else nbb))
-                load_kv(p.maps + MAP_V, sh.v_bars, sh.v, v_state, (hk, k_off + (nb + 1) * BN, bc))
+                load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc)
                 mark_now(p, n, ProducerEvent.LAST_V, lane)
             else:
                 upcoming = scheduler.claim_next(p.counter, tiles, lane)

@@ -16,6 +16,7 @@ and O grow by the same factor, so the quotient is the same to rounding.
 """
 import math
 from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
@@ -157,3 +158,59 @@ def finish(st, softmax_scale):
     inv0, lse0 = finish_row(st.m0, st.l0, softmax_scale)
     inv1, lse1 = finish_row(st.m1, st.l1, softmax_scale)
     return inv0, lse0, inv1, lse1
+
+
+def exponent_units(offset):
+    """The online softmax with the running max kept in the exponent's units (log2, scale
+    applied), for kernels whose score scale changes from key block to key block (the FP8
+    forward: a block descale per key block, `c = descale_q descale_k scale log2 e`).  A block's
+    raw maxima times its c (> 0) are its scaled maxima, so blocks of different c compare; the
+    exponentials stay one FFMA, p = 2^(s c - (m - offset)).  `offset` (log2, a constant) lifts P
+    into (0, 2^offset] (FA3 section 3.3: e4m3's range, 448, keeps 2^8); l and O carry the
+    same factor, and `finish` takes it out of the LSE.
+
+    Returns a namespace with online_max(s, st, c, unmasked, threshold) -> (st, b0, b1),
+    online_step(s, st, c, unmasked, threshold) -> (p, st), finish(st) -> (1/l0, lse0, 1/l1,
+    lse1).  `threshold` must be 0: the lazy rescale would let P reach 2^(offset + threshold)."""
+    OFFSET = np.float32(offset)
+    LSE_SHIFT = np.float32(offset * LN2)
+    LN2_32 = np.float32(LN2)
+
+    @cuda.jit(device=True, forceinline=True)
+    def base(n, finite):
+        """n, or 0 for a row with no score yet (n = -inf)."""
+        if not finite and n == NEG_INF:
+            return np.float32(0)
+        return n
+
+    @cuda.jit(device=True, forceinline=True)
+    def online_max(s, st, c, unmasked=False, threshold=0.0):
+        mx0, mx1 = fragment.row_max(s)
+        n0 = max(st.m0, quad_max(mx0) * c)
+        n1 = max(st.m1, quad_max(mx1) * c)
+        e0, e1 = base(n0, unmasked), base(n1, unmasked)
+        a0 = special.ex2(st.m0 - e0)
+        a1 = special.ex2(st.m1 - e1)
+        return Softmax(n0, n1, st.l0, st.l1, a0, a1), e0 - OFFSET, e1 - OFFSET
+
+    @cuda.jit(device=True, forceinline=True)
+    def online_step(s, st, c, unmasked=False, threshold=0.0):
+        st, b0, b1 = online_max(s, st, c, unmasked, threshold)
+        p = fragment.exp2_rows(s, c, b0, b1)
+        return p, online_sum(p, st)
+
+    @cuda.jit(device=True, forceinline=True)
+    def finish_row(m, l):
+        total = quad_sum(l)
+        if total > 0:
+            return np.float32(1) / total, m * LN2_32 + math.log(total) - LSE_SHIFT
+        return np.float32(0), NEG_INF
+
+    @cuda.jit(device=True, forceinline=True)
+    def finish(st):
+        inv0, lse0 = finish_row(st.m0, st.l0)
+        inv1, lse1 = finish_row(st.m1, st.l1)
+        return inv0, lse0, inv1, lse1
+
+    return SimpleNamespace(online_max=online_max, online_step=online_step, finish=finish)
+
