@@ -264,6 +264,43 @@ def pack_f16(typingctx, acc):
     return _pack_pairs("cvt.rn.f16x2.f32 $0, $1, $2;")(typingctx, acc)
 
 
+#: Accumulator registers that feed one 8-bit A fragment register of a k = 32 wgmma, per
+#: register of a k step's four: of the step's 32 columns (16 accumulator registers), a0 takes
+#: the first row's columns 2q, 2q+1 (group 0) and 8+2q, 9+2q (group 1), a1 the same of the
+#: second row, a2 and a3 groups 2 and 3.
+E4M3_FRAGMENT_SOURCES = ((0, 1, 4, 5), (2, 3, 6, 7), (8, 9, 12, 13), (10, 11, 14, 15))
+#: Accumulator registers per k = 32 step (two 8-column groups per 16 columns, two rows).
+E4M3_STEP_REGS = 16
+
+
+@_intrinsic
+def pack_e4m3(typingctx, acc):
+    """An S accumulator -> the e4m3 A fragments of P (PTX ISA 9.7.15.5.1, m64nNk32 A layout:
+    register a holds 4 consecutive columns 4q..4q+3 of one row).  Registers are packed in
+    accumulator order (`E4M3_FRAGMENT_SOURCES`, two `cvt.rn.satfinite.e4m3x2.f32`), so fragment
+    column 4q + i holds key [2q, 2q+1, 8+2q, 9+2q][i] of its 16: the GEMM's B operand (V) must
+    hold its rows in that order (`numba_fa3.fp8_layout`), which costs no register permute.
+    Values beyond e4m3's range saturate to +-448."""
+    n = _f32_tuple(acc, "pack_e4m3")
+    if n % E4M3_STEP_REGS:
+        raise _TypingError(f"pack_e4m3: {n} registers are not whole k = 32 steps ({E4M3_STEP_REGS} each)")
+    text = ("{\n.reg .b16 lo, hi;\n"
+            "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+            "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+            "mov.b32 $0, {lo, hi};\n}")
+
+    def codegen(context, builder, sig, args):
+        v = _vals(builder, args[0], n)
+        out = []
+        for step in range(n // E4M3_STEP_REGS):
+            for src in E4M3_FRAGMENT_SOURCES:
+                r = [v[E4M3_STEP_REGS * step + i] for i in src]
+                out.append(_emit(builder, text, [_I32], [(x, "f") for x in r],
+                                 clobber_memory=False, side_effect=False))
+        return context.make_tuple(builder, sig.return_type, out)
+    return _types.UniTuple(_types.uint32, n // 4)(acc), codegen
+
+
 @cuda.jit(device=True, forceinline=True)
 def quad_transpose(v0, v1, v2, v3, lane):
     """Transpose a 4 x 4 block of 32-bit values across the four threads of a quad (the threads

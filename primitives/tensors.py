@@ -22,7 +22,8 @@ NUMPY_DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32), "bf16"
                 "i32": np.dtype(np.int32)}
 _TORCH_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "f16", "torch.float32": "f32",
                 "torch.float8_e4m3fn": "e4m3", "torch.int32": "i32"}
-_TYPESTR = {"<f2": "f16", "<f4": "f32", "<i4": "i32"}
+#: (uint8 arrays are taken as e4m3 codes: Numba and CuPy have no float8 type)
+_TYPESTR = {"<f2": "f16", "<f4": "f32", "<i4": "i32", "|u1": "e4m3"}
 
 
 @dataclass(frozen=True)
