@@ -1,7 +1,8 @@
 """numba_fa3: FlashAttention-3 for Hopper in Python (Numba + inline PTX).
 
 `flash_attn` and `flash_attn_varlen` are the forward pass, `flash_attn_backward` and
-`flash_attn_varlen_backward` its gradients; `reference` and `blocked` are the NumPy reference and the NumPy
+`flash_attn_varlen_backward` its gradients, `flash_attn_fp8` the FP8 forward (and
+`flash_attn(..., precision="fp8")`); `reference` and `blocked` are the NumPy reference and the NumPy
 model of the kernel's blocked algorithm.
 """
 import importlib.util as _importlib_util
@@ -34,3 +35,4 @@ _mount_beside()
 from numba_fa3.ptx_inline import _numpy_compat  # noqa: E402,F401  (first: before numba-cuda loads)
 from .api import (flash_attn, flash_attn_backward, flash_attn_varlen,  # noqa: E402,F401
                   flash_attn_varlen_backward)
+from .api_fp8 import flash_attn_fp8  # noqa: E402,F401

@@ -156,3 +156,27 @@ def backward_tiles_for(head_dim):
     if head_dim not in BACKWARD_TILES:
         raise ValueError(f"the backward supports head dims {BACKWARD_HEAD_DIMS}, got {head_dim}")
     return BACKWARD_TILES[head_dim]
+
+
+#: The FP8 forward's tiles (`forward_fp8`), (head_dim, causal-or-local) -> tiles.  block_n is
+#: one 128-byte row of V^T's keys (e4m3); per consumer thread O takes D/2 registers, S 64 and
+#: P 16 (e4m3, four per register).  No lazy rescale: P's lift to 2^8 already takes e4m3's
+#: range.  Shared memory (Q + K + V^T + O's buffer): D 128: 16 + 2 x 16 + 2 x 16 + 32 KB (two Q
+#: buffers fit); D 256: 32 + 2 x 32 + 2 x 32 + 64 KB.
+FP8_TILES = {
+    (128, False): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, rescale_rounds=2, **_TWO),
+    (128, True): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, rescale_rounds=2,
+                       sequential_mask_loops=True, **_TWO),
+    (256, False): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, **_TWO),
+    # hoisted Q descriptors, or the uniform pipeline, spill here
+    (256, True): Tiles(block_n=128, interleaved_rescale=True, sequential_mask_loops=True, hoist_q_descriptors=False,
+                       **_TWO),
+}
+
+FP8_HEAD_DIMS = tuple(sorted({d for d, _ in FP8_TILES}))
+
+
+def fp8_tiles_for(head_dim, masked=False):
+    if (head_dim, bool(masked)) not in FP8_TILES:
+        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {head_dim}")
+    return FP8_TILES[head_dim, bool(masked)]

@@ -1,0 +1,151 @@
+"""FP8 attention: `flash_attn_fp8(q8, k8, v8, q_descale, k_descale, v_descale, ...)` for e4m3 inputs
+with their descales, and `flash_attn_fp8_from(q, k, v, ...)`, which quantizes 16-bit inputs first
+(`quantize.quantize_fp8`: the rotation and the block scales) and is what `flash_attn(...,
+precision="fp8")` calls.
+
+Descales are float32, each one of: None (1), a positive finite number (per tensor), or an array
+- q_descale ``[B, H]`` or ``[B, Hk]`` (FA3's layout, one per key head), or per block of the
+  kernel's `block_m` query rows ``[B, H | Hk, ceil(Sq / block_m)]`` (`fp8_blocks`);
+- k_descale ``[B, Hk]`` or per block of `block_n` keys ``[B, Hk, ceil(Sk / block_n)]``;
+- v_descale ``[B, Hk]``.
+"""
+import functools
+import math
+
+import numpy as np
+
+from numba_fa3.primitives import tensors
+from numba_fa3.primitives.tma_desc import descriptor_tables
+from . import api, fp8_layout
+from .forward_fp8 import forward_fp8_kernel
+from .tiles import FP8_HEAD_DIMS, fp8_tiles_for
+
+
+def fp8_blocks(head_dim, causal=False, window_size=(-1, -1)):
+    """(block_m, block_n): the query and key rows one Q and one K block descale covers, the
+    kernel's tiles (quantize_fp8's block_m and block_n)."""
+    t = fp8_tiles_for(head_dim, bool(causal) or tuple(window_size) != (-1, -1))
+    return t.block_m, t.block_n
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_on_device(value, device_id):
+    """A one-element float32 device array holding `value` (per-tensor descales, read through
+    zero strides), one per value and device."""
+    return tensors.to_device(np.array([value], dtype=np.float32))
+
+
+def _descale(x, name, shapes, stream):
+    """(address, strides in elements for each axis of the widest shape in `shapes`, the array to
+    keep alive, its shape: None for a number) of a descale argument; `shapes` lists the accepted
+    shapes, widest last."""
+    from numba import cuda
+    if x is None or isinstance(x, (int, float, np.floating, np.integer)):
+        value = 1.0 if x is None else float(x)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be positive and finite, got {x}")
+        arr = _scalar_on_device(value, cuda.get_current_device().id)
+        return tensors.device_ptr(arr), (0,) * len(shapes[-1]), arr, None
+    info = tensors.inspect(x, name, stream)
+    if info.dtype != "f32":
+        raise TypeError(f"{name} must be float32, got {info.dtype}")
+    if info.shape not in shapes:
+        raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {info.shape}")
+    shape = info.shape
+    if info.kind == "numpy":
+        values = np.asarray(info.obj)
+        if not (np.all(values > 0) and np.all(np.isfinite(values))):
+            raise ValueError(f"{name} must be positive and finite everywhere")
+        info = tensors.upload(info)
+    strides = tuple(info.strides) + (0,) * (len(shapes[-1]) - len(shape))
+    return info.ptr, strides, info.obj, shape
+
+
+def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
+                   window_size=(-1, -1), return_lse=False, out=None, out_dtype="bf16", stream=None):
+    """Attention over e4m3 inputs: softmax(dequant(q8) dequant(k8)^T * scale) dequant(v8), by the
+    FP8 forward kernel (`forward_fp8`).
+
+    q8 ``[B, Sq, H, D]``, k8 and v8 ``[B, Sk, Hk, D]`` (Hk dividing H), D in
+    `tiles.FP8_HEAD_DIMS`; e4m3 codes as torch.float8_e4m3fn CUDA tensors, uint8 device arrays
+    (Numba, CuPy: the bytes are e4m3 codes) or NumPy ml_dtypes.float8_e4m3fn arrays (copied to
+    the GPU, results copied back).  Descales: see the module.  causal and window_size as
+    `flash_attn`.  V is first rearranged into the kernel's V^T layout (`fp8_layout.transpose_v`:
+    one pass over V, on the same stream).  Returns O ``[B, Sq, H, D]`` of `out_dtype` (bf16 or
+    f16; `out` to write into), and with return_lse the LSE ``[B, H, Sq]`` (float32, natural
+    log), as `flash_attn`."""
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q8, "q8"), (k8, "k8"), (v8, "v8")))
+    for info, name in ((iq, "q8"), (ik, "k8"), (iv, "v8")):
+        if len(info.shape) != 4:
+            raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim], got shape {info.shape}")
+        if info.dtype != "e4m3":
+            raise TypeError(f"{name} must hold e4m3 codes (float8_e4m3fn or uint8), got {info.dtype}")
+        if info.strides[-1] != 1:
+            raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
+    if len({i.kind == "numpy" for i in (iq, ik, iv)}) != 1:
+        raise TypeError("q8, k8, v8 must all be NumPy arrays or all be GPU arrays")
+    if out_dtype not in ("bf16", "f16"):
+        raise ValueError(f"out_dtype must be 'bf16' or 'f16', got {out_dtype!r}")
+    b, sq, h, d = iq.shape
+    bk, sk, hk, dk = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k8 and v8 must have the same shape, got {ik.shape} and {iv.shape}")
+    if bk != b or dk != d:
+        raise ValueError(f"q8 {iq.shape} and k8 {ik.shape} differ in batch or head dim")
+    if hk < 1 or h % hk:
+        raise ValueError(f"key heads ({hk}) must divide query heads ({h})")
+    if d not in FP8_HEAD_DIMS:
+        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {d}")
+    if min(b, sq, sk, h) < 1:
+        raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
+    scale, _, window, kind = api._options(d, softmax_scale, causal, window_size, 0.0)
+    kern = forward_fp8_kernel(d, kind, out_dtype)
+    mq, nk = -(-sq // kern.block_m), -(-sk // kern.block_n)
+    host = iq.kind == "numpy"
+    if host:
+        if out is not None:
+            raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
+        iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream(iq.obj)
+    api._check_tma([(iq, "q8"), (ik, "k8"), (iv, "v8")])
+    qd_ptr, qd_st, qd_obj, qd_shape = _descale(q_descale, "q_descale", [(b, h), (b, hk), (b, h, mq), (b, hk, mq)],
+                                               stream)
+    # (a descale row per key head serves that head's group of query heads)
+    qd_ratio = h // hk if qd_shape is not None and qd_shape[1] == hk else 1
+    kd_ptr, kd_st, kd_obj, _ = _descale(k_descale, "k_descale", [(b, hk), (b, hk, nk)], stream)
+    vd_ptr, vd_st, vd_obj, _ = _descale(v_descale, "v_descale", [(b, hk)], stream)
+    like = iq
+    o_like = tensors.TensorInfo(iq.ptr, iq.shape, iq.strides, out_dtype, iq.kind, iq.obj, iq.owner)
+    o, io = api._output(out, o_like, (b, sq, h, d), stream)
+    lse = tensors.empty_like_kind(like, (b, h, sq), "f32")
+    vt = fp8_layout.transpose_v(iv.obj, stream=stream)
+    ivt = tensors.inspect(vt, "vt", stream)
+    table = descriptor_tables.get(kern.tensor_maps(iq, ik, ivt, io))
+    kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, stream,
+                ((qd_ptr, *qd_st, qd_ratio), (kd_ptr, *kd_st), (vd_ptr, *vd_st)))
+    if like.kind != "torch":
+        api._keep_until_done((vt, qd_obj, kd_obj, vd_obj, iq.obj, ik.obj, iv.obj), stream)
+    return api._results(o, lse, like, io, host, out, stream, return_lse)
+
+
+def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
+                        out=None, stream=None, hadamard=True, seed=0):
+    """`flash_attn` in FP8: q, k, v (bf16 or fp16, `[B, S, H, D]`, GPU arrays) quantized by
+    `quantize.quantize_fp8` (rotated by the same random Hadamard matrix when `hadamard`, Q and K
+    per block of the kernel's tiles, V per head), then `flash_attn_fp8`; O of q's dtype."""
+    from .quantize import quantize_fp8
+    iq = tensors.inspect(q, "q", stream)
+    if iq.kind == "numpy":
+        raise TypeError("precision='fp8' takes GPU arrays (the quantizer runs on the GPU)")
+    d = iq.shape[-1]
+    if d not in FP8_HEAD_DIMS:
+        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {d}")
+    block_m, block_n = fp8_blocks(d, causal, window_size)
+    q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v, hadamard=hadamard, seed=seed, block_m=block_m, block_n=block_n,
+                                          v_granularity="head", stream=stream)
+    return flash_attn_fp8(q8, k8, v8, qd, kd, vd, softmax_scale, causal, window_size, return_lse, out,
+                          iq.dtype, stream)
+
+
+__all__ = ["flash_attn_fp8", "flash_attn_fp8_from", "fp8_blocks"]

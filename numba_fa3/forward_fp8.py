@@ -1,0 +1,172 @@
+"""The FP8 forward kernel (FA3 section 3.3): e4m3 Q, K and V, fp32 accumulation, bf16 or fp16 O.
+
+The bf16 forward's collectives with three changes, each a hook of `forward.FlashForward`:
+- the GEMMs take e4m3 operands at k = 32.  FP8 wgmma reads both operands K-major, so P V needs
+  V with keys contiguous: V arrives transposed, `[B, Hk, D, Sk]` with its keys permuted within
+  groups of 32 (`fp8_layout`), so that P's e4m3 fragments are the S accumulator packed in
+  register order (`fragment.pack_e4m3`) with no register permute;
+- the scores' scale changes per key block: ``c = descale_q(query block) descale_k(key block)
+  scale log2 e``, read per step (`score_scale`), with the softmax's running max kept in the
+  exponent's units (`softmax.exponent_units`) and P lifted by 2^`P_OFFSET_LOG2` into e4m3's
+  range;
+- the epilogue scales O by V's descale (one per key head) with 1 / l, and stores the 16-bit O.
+
+Descales are float32 arrays read through strides, so one kernel serves per-tensor (all strides
+0), per-(batch, head) (block stride 0) and per-block descales (Q per `block_m` query rows, K per
+`block_n` keys: the kernel's tiles); `qd_ratio` maps a query head to its descale row (1, or the
+GQA ratio for descales given per key head, FA3's layout).
+"""
+import functools
+
+import numpy as np
+from numba import cuda, types
+
+from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem
+from numba_fa3.primitives.fragment import pack_e4m3
+from numba_fa3.primitives.intmath import udivmod32
+from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.ptx_inline import memory, special, tma
+from . import fp8_model, mask, softmax, tile_scheduler
+from .forward import FORWARD_FIELDS, FULL_SCHEDULE, FlashForward
+from .tiles import fp8_tiles_for
+
+#: P's lift into e4m3's range, log2 (the NumPy model's, FA3's 2^8: e4m3's largest is 448).
+P_OFFSET_LOG2 = fp8_model.P_OFFSET_LOG2
+#: Bytes of a descale (float32).
+DESCALE_BYTES = 4
+#: Bytes of an e4m3 element, and of an element of O.
+FP8_BYTES, OUT_BYTES = 1, 2
+#: O's columns per 128-byte swizzle row (16-bit).
+OUT_CHUNK_COLS = smem.SWIZZLE_BYTES // OUT_BYTES
+
+_U64, _I32, _F32, _I64 = types.uint64, types.int32, types.float32, types.int64
+#: The forward's parameters, then the descales: Q's (address, batch / head / query-block
+#: strides, query heads per descale row), K's (address, batch / head / key-block strides), V's
+#: (address, batch / head strides), in elements.
+ForwardFP8Params = launch.params("ForwardFP8Params", FORWARD_FIELDS + [
+    ("qd_ptr", _U64), ("qd_batch", _I64), ("qd_head", _I64), ("qd_block", _I64), ("qd_ratio", _I32),
+    ("kd_ptr", _U64), ("kd_batch", _I64), ("kd_head", _I64), ("kd_block", _I64),
+    ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64)])
+
+
+class FlashForwardFP8(FlashForward):
+    """One FP8 forward specialization: head dim, mask kind, O's type."""
+
+    PARAMS = ForwardFP8Params
+    DTYPES = ("e4m3",)
+    table_tiles = staticmethod(lambda head_dim, masked, long_queries=False: fp8_tiles_for(head_dim, masked))
+
+    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None):
+        if out_dtype not in ("bf16", "f16"):
+            raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
+        self._out = out_dtype
+        super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles)
+        if self.block_n != smem.SWIZZLE_BYTES // FP8_BYTES:
+            # (V^T's stage holds D rows of block_n keys; one 128-byte swizzle row each)
+            raise ValueError(f"block_n {self.block_n}: the FP8 kernel's V^T rows are one 128-byte chunk")
+        if self.q_in_registers:
+            raise ValueError("the FP8 kernel reads Q from shared memory")
+
+    def _geometry(self):
+        D, BM, BN = self.head_dim, self.block_m, self.block_n
+        self.chunk_cols = smem.SWIZZLE_BYTES // FP8_BYTES
+        if D % self.chunk_cols:
+            raise ValueError(f"head dim {D}: the FP8 kernel takes whole 128-byte rows")
+        self.chunks = D // self.chunk_cols
+        self.q_chunk = BM * smem.SWIZZLE_BYTES
+        self.kv_chunk = BN * smem.SWIZZLE_BYTES
+        self.out_dtype = self._out
+        self.o_chunk_cols, self.o_chunks = OUT_CHUNK_COLS, D // OUT_CHUNK_COLS
+        self.o_bytes = BM * D * OUT_BYTES
+        self.pack_p = pack_e4m3
+        units = softmax.exponent_units(P_OFFSET_LOG2)
+        self.softmax_ops = units
+        finish_units = units.finish
+
+        @cuda.jit(device=True, forceinline=True)
+        def finish(p, st, b, h):
+            """1/l times V's descale (one per key head) for O's rows, and the LSE."""
+            hk, _ = udivmod32(h, p.head_ratio)
+            vd = memory.ld_global_nc_f32(p.vd_ptr + (b * p.vd_batch + hk * p.vd_head) * DESCALE_BYTES)
+            inv0, lse0, inv1, lse1 = finish_units(st)
+            return inv0 * vd, lse0, inv1 * vd, lse1
+        self.finish = finish
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def tile_scale(p, b, h, mb):
+        """(scale log2 e times Q's descale of this tile, the address of its key head's K descale
+        row): what `score_scale` reads per key block."""
+        hq, _ = udivmod32(h, p.qd_ratio)
+        hk, _ = udivmod32(h, p.head_ratio)
+        qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block) * DESCALE_BYTES)
+        return p.scale_log2 * qd, p.kd_ptr + (b * p.kd_batch + hk * p.kd_head) * DESCALE_BYTES
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def score_scale(p, env, nb):
+        """c of key block nb: the tile's part times K's descale of the block."""
+        qs, kd_row = env.scale
+        return qs * memory.ld_global_nc_f32(kd_row + nb * p.kd_block * DESCALE_BYTES)
+
+    @property
+    def pv(self):
+        """O += P V: P e4m3 from registers, V^T K-major (D rows of block_n keys)."""
+        return mma.warpgroup_mma(self.head_dim, self.dtype, self.block_n, mma.REGISTERS,
+                                 mma.Operand("k", self.head_dim * smem.SWIZZLE_BYTES))
+
+    def v_loader(self):
+        """A key block's V^T (D rows of block_n keys) by one TMA box."""
+        STAGES, STAGE_BYTES = self.stages, self.chunks * self.kv_chunk
+        MAP_V = self.MAP_V * TENSOR_MAP_BYTES
+
+        @cuda.jit(device=True, forceinline=True)
+        def load_v(p, sh, state, hk, key, b):
+            pipeline.producer_wait(sh.v_bars, STAGES, state)
+            if special.elect_one():
+                pipeline.producer_expect(sh.v_bars, state, STAGE_BYTES)
+                tma.load(sh.v + state.stage * STAGE_BYTES, p.maps + MAP_V, (key, 0, hk, b),
+                         pipeline.full_barrier(sh.v_bars, state.stage))
+        return load_v
+
+    def tensor_maps(self, q, k, vt, o):
+        """Q, K: (D, heads, seqlen, batch) in 128-column boxes; V^T (keys, D, heads, batch), one
+        box of block_n keys by D rows; O (16-bit) as the bf16 kernel's.  Strides in bytes."""
+        def rows(t, box_rows):
+            b, s, h, d = t.shape
+            st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
+            return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, box_rows, 1))
+        b, hk, d, skp = vt.shape
+        vst = tuple(x * vt.itemsize for x in (vt.strides[2], vt.strides[1], vt.strides[0]))
+        v_spec = (vt.dtype, vt.ptr, (skp, d, hk, b), vst, (self.block_n, d, 1, 1))
+        ob, os_, oh, od = o.shape
+        ost = tuple(x * o.itemsize for x in (o.strides[2], o.strides[1], o.strides[0]))
+        o_spec = (o.dtype, o.ptr, (od, oh, os_, ob), ost, (OUT_CHUNK_COLS, 1, WGMMA_M, 1))
+        return (rows(q, self.block_m), rows(k, self.block_n), v_spec, o_spec)
+
+    def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, stream,
+               descales):
+        """descales: ((q address, batch, head, block strides, query heads per row), (k address,
+        batch, head, block strides), (v address, batch, head strides)), strides in elements."""
+        m_blocks = -(-sq_max // self.block_m)
+        tiles = m_blocks * heads * batch
+        grid = scheduler.persistent_grid(tiles, launch.sm_count())
+        section, tail = 1, 0
+        if self.mask_kind == mask.MASK_CAUSAL:
+            section, tail = tile_scheduler.causal_order(m_blocks, heads * batch, grid, sk_max, self.head_dim,
+                                                        heads // heads_k)
+        st = o.strides
+        stream = launch.stream_handle(stream)
+        (qd, qdb, qdh, qdm, qratio), (kd, kdb, kdh, kdn), (vd, vdb, vdh) = descales
+        self.launch_with(grid, stream, ForwardFP8Params(
+            table, lse_ptr, scheduler.tile_counters.get(stream), o.ptr, 0, 0, batch, heads,
+            heads // heads_k, sq_max, sk_max, 0, 0, m_blocks, section, tail, window[0], window[1],
+            np.float32(softmax_scale * softmax.LOG2E), np.float32(softmax_scale), np.float32(0),
+            st[1], st[2], st[0], heads * sq_max, sq_max, 0,
+            qd, qdb, qdh, qdm, qratio, kd, kdb, kdh, kdn, vd, vdb, vdh))
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16"):
+    return FlashForwardFP8(head_dim, mask_kind, out_dtype)

@@ -1,0 +1,220 @@
+"""The FP8 forward (`forward_fp8`, `api_fp8`).
+
+Without a GPU: every FP8 specialization compiles clean with e4m3 GEMMs of the planned shapes
+and P packed by e4m3 conversions; P's packing feeds V^T's permuted rows the right keys (a NumPy
+model of the accumulator and fragment layouts); bad inputs raise before launch.
+
+On a Hopper GPU: the kernel against `fp8_model.attention_fp8_model` (the same quantized inputs,
+descales and P rounding; the GEMMs' own accumulation order differs) and against the exact
+attention of the dequantized inputs, over odd shapes, GQA, causal with Sq != Sk, windows, every
+descale layout; outputs poisoned first; LSE; runs bitwise identical; `precision="fp8"` end to
+end within the model's error on outlier inputs.
+"""
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import numba_fa3
+from numba_fa3 import fp8_layout, fp8_model, reference
+from numba_fa3.api_fp8 import fp8_blocks
+from numba_fa3.forward_fp8 import FlashForwardFP8
+from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
+from numba_fa3.primitives import compile as kc
+from numba_fa3.primitives.fragment import E4M3_FRAGMENT_SOURCES, E4M3_STEP_REGS
+from numba_fa3.tiles import FP8_HEAD_DIMS
+from test_ptx_compile import _assert_clean
+
+gpu = pytest.mark.gpu
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+# --- without a GPU ------------------------------------------------------------------------------
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("head_dim,mask_kind,out_dtype",
+                         list(itertools.product(FP8_HEAD_DIMS, [MASK_NONE, MASK_CAUSAL, MASK_LOCAL], ["bf16", "f16"])))
+def test_fp8_specialization_compiles_clean(head_dim, mask_kind, out_dtype):
+    kern = FlashForwardFP8(head_dim, mask_kind, out_dtype)
+    ptx = kern.compile_ptx()
+    # S: n = block_n over D / 32 k steps; P V: n = D over block_n / 32 (one loop copy per mask need)
+    assert f"m64n{kern.block_n}k32.f32.e4m3.e4m3" in ptx
+    assert f"m64n{head_dim}k32.f32.e4m3.e4m3" in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
+    _assert_clean(kc.ptxas_report(ptx), f"fp8 forward d{head_dim} mask {mask_kind} out {out_dtype}")
+
+
+def _thread_columns(q):
+    """(accumulator columns, in register order, of quad position q within a 32-column k step;
+    the A fragment columns the packed registers stand for, in order)."""
+    acc = [8 * (i // 4) + 2 * q + i % 2 for i in range(E4M3_STEP_REGS) if (i // 2) % 2 == 0]
+    regs_first_row = [i for i in range(E4M3_STEP_REGS) if (i // 2) % 2 == 0]
+    col = dict(zip(regs_first_row, acc))
+    packed = [col[i] for src in E4M3_FRAGMENT_SOURCES for i in src if (i // 2) % 2 == 0]
+    frag = [4 * q + j for j in range(4)] + [16 + 4 * q + j for j in range(4)]
+    return packed, frag
+
+
+def test_packed_p_meets_permuted_v():
+    """The key each packed P byte carries is the key V^T's permuted row at that fragment column
+    holds: P_packed @ V^T_permuted == P @ V over a k step."""
+    sigma = fp8_layout.key_permutation()
+    for q in range(4):
+        packed, frag = _thread_columns(q)
+        for key, col in zip(packed, frag):
+            assert sigma[col] == key
+    rng = np.random.default_rng(0)
+    p, v = rng.normal(size=(8, 32)), rng.normal(size=(32, 16))
+    assert np.allclose(p[:, sigma] @ v[sigma], p @ v)
+
+
+def _codes(rng, shape, scale=64.0):
+    return (rng.normal(size=shape) * scale).astype(E4M3)
+
+
+def test_bad_inputs_raise_before_launch():
+    rng = np.random.default_rng(1)
+    q8, k8 = _codes(rng, (1, 64, 2, 128)), _codes(rng, (1, 64, 2, 128))
+    with pytest.raises(TypeError):
+        numba_fa3.flash_attn_fp8(q8.astype(np.float32), k8, k8)
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8(_codes(rng, (1, 64, 2, 96)), _codes(rng, (1, 64, 2, 96)), _codes(rng, (1, 64, 2, 96)))
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8(q8, _codes(rng, (1, 64, 3, 128)), _codes(rng, (1, 64, 3, 128)))
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8(q8, k8, k8, out_dtype="f32")
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn(q8, k8, k8, precision="fp4")
+
+
+# --- on the GPU -----------------------------------------------------------------------------------
+def _descales(rng, kind, b, h, hk, sq, sk, d, causal):
+    bm, bn = fp8_blocks(d, causal)
+    mq, nk = -(-sq // bm), -(-sk // bn)
+    pos = lambda *shape: rng.uniform(0.5, 2.0, size=shape).astype(np.float32) / 64
+    if kind == "none":
+        return None, None, None
+    if kind == "tensor":
+        return 1 / 64, 1 / 50, 1 / 80
+    if kind == "head":
+        return pos(b, h), pos(b, hk), pos(b, hk)
+    if kind == "kv_head":
+        return pos(b, hk), pos(b, hk), pos(b, hk)
+    return pos(b, h, mq), pos(b, hk, nk), pos(b, hk)
+
+
+def _dequant(x8, descale, block, heads):
+    """float64 values of e4m3 codes times their descales (`_descales`' layouts)."""
+    x = x8.astype(np.float64)
+    b, s, h = x.shape[:3]
+    if descale is None:
+        return x
+    d = np.broadcast_to(np.asarray(descale, dtype=np.float64), (b, heads) if np.ndim(descale) < 3
+                        else np.shape(descale)) if np.ndim(descale) else np.full((b, h), float(descale))
+    if d.ndim == 2:
+        d = np.repeat(d, h // d.shape[1], axis=1)[:, None, :]           # [B, 1, H]
+    else:
+        d = np.repeat(np.repeat(d, block, axis=2)[:, :, :s], h // d.shape[1], axis=1).transpose(0, 2, 1)
+    return x * d[..., None]
+
+
+def _model_descales(qd, kd, vd, b, h, hk):
+    one = np.float32(1)
+    def full(x, lead):
+        if x is None:
+            return np.full(lead, one)
+        if np.ndim(x) == 0:
+            return np.full(lead, np.float32(x))
+        return np.asarray(x, dtype=np.float32)
+    return full(qd, (b, h)), full(kd, (b, hk)), full(vd, (b, hk))
+
+
+CASES = [  # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, descales)
+    (1, 128, 128, 2, 2, 128, False, "block"),
+    (2, 300, 517, 4, 2, 128, False, "block"),
+    (1, 517, 300, 2, 1, 128, True, "block"),
+    (1, 1000, 700, 2, 2, 256, False, "block"),
+    (2, 700, 1000, 2, 1, 256, True, "head"),
+    (1, 1, 1, 1, 1, 128, False, "tensor"),
+    (1, 33, 1500, 3, 1, 256, True, "kv_head"),
+    (3, 257, 129, 2, 2, 128, True, "none"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", CASES)
+def test_fp8_forward_matches_model(case):
+    b, sq, sk, h, hk, d, causal, kind = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    q8, k8, v8 = _codes(rng, (b, sq, h, d)), _codes(rng, (b, sk, hk, d)), _codes(rng, (b, sk, hk, d))
+    qd, kd, vd = _descales(rng, kind, b, h, hk, sq, sk, d, causal)
+    out, lse = numba_fa3.flash_attn_fp8(q8, k8, v8, qd, kd, vd, causal=causal, return_lse=True)
+    bm, bn = fp8_blocks(d, causal)
+    mqd, mkd, mvd = _model_descales(qd, kd, vd, b, h, hk)
+    want, want_lse = fp8_model.attention_fp8_model(q8, k8, v8, mqd, mkd, mvd, causal=causal, block_m=bm,
+                                                   block_n=bn, return_lse=True)
+    got = out.astype(np.float64)
+    want = want.astype(np.float64)
+    exact = reference.attention_reference(_dequant(q8, qd, bm, h), _dequant(k8, kd, bn, hk),
+                                          _dequant(v8, vd, bn, hk), causal=causal)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+    scale = max(rms(exact), 1e-30)
+    model_err, kernel_err, apart = rms(want - exact) / scale, rms(got - exact) / scale, rms(got - want) / scale
+    assert np.isfinite(got).all()
+    # the kernel is the model up to its GEMMs' accumulation order (and the P codes it flips)
+    assert apart <= 0.25 * model_err + 2e-3, (apart, model_err)
+    assert kernel_err <= 1.25 * model_err + 2e-3, (kernel_err, model_err)
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want)) + 1e-6
+    seen = np.isfinite(want_lse)
+    assert np.array_equal(np.isfinite(lse), seen)
+    assert np.allclose(lse[seen], want_lse[seen], atol=2e-3, rtol=1e-4)
+    assert np.all(got[~np.isfinite(want_lse).transpose(0, 2, 1)] == 0)
+
+
+@gpu
+@pytest.mark.parametrize("d,window", [(128, (100, 30)), (256, (37, 0))])
+def test_fp8_forward_window(d, window):
+    import torch
+    rng = np.random.default_rng(d)
+    b, sq, sk, h, hk = 2, 400, 450, 2, 1
+    q8, k8, v8 = _codes(rng, (b, sq, h, d)), _codes(rng, (b, sk, hk, d)), _codes(rng, (b, sk, hk, d))
+    t = lambda x: torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+    out = torch.full((b, sq, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")   # poisoned
+    numba_fa3.flash_attn_fp8(t(q8), t(k8), t(v8), 1 / 64, 1 / 64, 1 / 64, window_size=window, out=out)
+    got = out.float().cpu().numpy()
+    exact = reference.attention_reference(q8.astype(np.float64) / 64, k8.astype(np.float64) / 64,
+                                          v8.astype(np.float64) / 64, window_size=window)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+    assert np.isfinite(got).all()
+    assert rms(got - exact) <= 0.05 * rms(exact)
+
+
+@gpu
+def test_fp8_forward_deterministic():
+    import torch
+    rng = np.random.default_rng(5)
+    b, s, h, d = 2, 1024, 4, 256
+    t = lambda x: torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+    q8, k8, v8 = (t(_codes(rng, (b, s, h, d))) for _ in range(3))
+    first = numba_fa3.flash_attn_fp8(q8, k8, v8, causal=True)
+    second = numba_fa3.flash_attn_fp8(q8, k8, v8, causal=True)
+    assert torch.equal(first.view(torch.int16), second.view(torch.int16))
+
+
+@gpu
+@pytest.mark.parametrize("d,causal", [(128, False), (256, True)])
+def test_precision_fp8_end_to_end(d, causal):
+    """flash_attn(precision="fp8") on outlier inputs (FA3 Table 3's): the error of the fp64
+    attention of the bf16 inputs within the model's (rotation, block scales) plus a margin."""
+    import torch
+    q, k, v = (x.astype(ml_dtypes.bfloat16).astype(np.float64) for x in fp8_model.outlier_inputs(1, 1024, 4, d, seed=7))
+    want = reference.attention_reference(q, k, v, causal=causal)
+    t = lambda x: torch.from_numpy(x.astype(np.float32)).cuda().to(torch.bfloat16)
+    got = numba_fa3.flash_attn(t(q), t(k), t(v), causal=causal, precision="fp8").float().cpu().numpy()
+    bm, bn = fp8_blocks(d, causal)
+    q8, k8, v8, qd, kd, vd = fp8_model.quantize_fp8_model(q, k, v, hadamard=True, block_m=bm, block_n=bn,
+                                                          v_granularity="head")
+    model = fp8_model.attention_fp8_model(q8, k8, v8, qd, kd, vd, causal=causal, block_m=bm, block_n=bn)
+    rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))
+    assert rmse(got - want) <= 1.25 * rmse(model.astype(np.float64) - want) + 1e-3
