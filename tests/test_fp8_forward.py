@@ -104,18 +104,21 @@ def _descales(rng, kind, b, h, hk, sq, sk, d, causal):
     return pos(b, h, mq), pos(b, hk, nk), pos(b, hk)
 
 
-def _dequant(x8, descale, block, heads):
-    """float64 values of e4m3 codes times their descales (`_descales`' layouts)."""
+def _dequant(x8, descale, block):
+    """float64 values of e4m3 codes times their descales (`_descales`' layouts: None, a number,
+    [B, heads] or [B, heads, blocks of `block` rows], heads dividing x8's)."""
     x = x8.astype(np.float64)
     b, s, h = x.shape[:3]
     if descale is None:
         return x
-    d = np.broadcast_to(np.asarray(descale, dtype=np.float64), (b, heads) if np.ndim(descale) < 3
-                        else np.shape(descale)) if np.ndim(descale) else np.full((b, h), float(descale))
-    if d.ndim == 2:
-        d = np.repeat(d, h // d.shape[1], axis=1)[:, None, :]           # [B, 1, H]
+    d = np.asarray(descale, dtype=np.float64)
+    if d.ndim == 0:
+        return x * float(d)
+    if d.ndim == 3:
+        d = np.repeat(d, block, axis=2)[:, :, :s]                       # [B, heads, S]
     else:
-        d = np.repeat(np.repeat(d, block, axis=2)[:, :, :s], h // d.shape[1], axis=1).transpose(0, 2, 1)
+        d = np.repeat(d[:, :, None], s, axis=2)
+    d = np.repeat(d, h // d.shape[1], axis=1).transpose(0, 2, 1)        # [B, S, H]
     return x * d[..., None]
 
 
@@ -156,8 +159,8 @@ def test_fp8_forward_matches_model(case):
                                                    block_n=bn, return_lse=True)
     got = out.astype(np.float64)
     want = want.astype(np.float64)
-    exact = reference.attention_reference(_dequant(q8, qd, bm, h), _dequant(k8, kd, bn, hk),
-                                          _dequant(v8, vd, bn, hk), causal=causal)
+    exact = reference.attention_reference(_dequant(q8, qd, bm), _dequant(k8, kd, bn), _dequant(v8, vd, bn),
+                                          causal=causal)
     rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
     scale = max(rms(exact), 1e-30)
     model_err, kernel_err, apart = rms(want - exact) / scale, rms(got - exact) / scale, rms(got - want) / scale
