@@ -348,7 +348,7 @@ def _run_backward(kern, ido, iq, ik, iv, io, ilse, outs, b, h, hk, sq, sk, windo
     if kern.deterministic:
         sem = _zeros_i32(b * h * (-(-sq // bm)), stream, iq)
     view = batch_view or (lambda x: x)
-    table = descriptor_tables.get(kern.tensor_maps(view(iq), view(ik), view(iv), view(ido)))
+    table = descriptor_tables.get(kern.tensor_maps(view(iq), view(ik), view(iv), view(ido), ws))
     kern.launch(table, ws, tensors.device_ptr(sem) if sem is not None else 0, dk_i, dv_i, b, h, hk, sq, sk,
                 window, scale, cap, stream, cu_seqlens=cu, total=total)
     backward_prep.postprocess(ws, dq_i, b, h, iq.shape[-1], bm, sq, scale, stream, cu_seqlens_q=cu[0],

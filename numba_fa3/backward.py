@@ -48,8 +48,11 @@ BackwardParams = launch.params("BackwardParams", [
     ("dk_row_stride", _I64), ("dk_head_stride", _I64), ("dk_batch_stride", _I64),
     ("dv_row_stride", _I64), ("dv_head_stride", _I64), ("dv_batch_stride", _I64)])
 
-#: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, and the tiles.
-SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds")
+#: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, the tiles, and dQ's
+#: staging tiles (dq_bulk; else 0).
+SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds dq")
+#: dQ's float32 staging boxes: 32 columns (one 128-byte swizzle row) by the block's rows.
+DQ_BOX_COLS, ACC_BYTES = smem.SWIZZLE_BYTES // 4, 4
 
 
 class FlashBackward(launch.HopperKernel):
@@ -57,7 +60,7 @@ class FlashBackward(launch.HopperKernel):
 
     PARAMS = BackwardParams
     #: Order of the tensor maps in the launch's descriptor table.
-    MAP_Q, MAP_K, MAP_V, MAP_DO = range(4)
+    MAP_Q, MAP_K, MAP_V, MAP_DO, MAP_DQ = range(5)
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, softcap=False, varlen=False,
                  deterministic=False, tiles=None):
@@ -95,6 +98,11 @@ class FlashBackward(launch.HopperKernel):
         half = head_dim // self.consumers
         self.dq_split = half % self.chunk_cols == 0
         self.dq_cols = half if self.dq_split else head_dim
+        # dQ through shared memory and TMA reduce-adds (the deterministic mode keeps its ordered
+        # reductions from registers)
+        self.dq_bulk = t.dq_bulk and not self.deterministic
+        self.dq_stage_bytes = WGMMA_M * self.dq_cols * ACC_BYTES
+        self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
         self.smem = self._plan().check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
         self.seq = sched.seq
@@ -126,6 +134,8 @@ class FlashBackward(launch.HopperKernel):
         plan.add("do", self.stages * self.qd_bytes)
         plan.add("ds", 2 * self.ds_bytes)
         plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
+        if self.dq_bulk:
+            plan.add("dq", self.consumers * self.dq_stage_bytes, align=smem.ATOM_BYTES)
         # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
         plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
                  + self.kv_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
@@ -138,6 +148,7 @@ class FlashBackward(launch.HopperKernel):
         off = self.smem.offsets
         OFF_Q, OFF_DO, OFF_STATS, OFF_K, OFF_V, OFF_DS, OFF_BARS = (
             off[k] for k in ("q", "do", "stats", "k", "v", "ds", "barriers"))
+        OFF_DQ = off["dq"] if self.dq_bulk else 0
         KV_STAGES = self.kv_stages
         RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(KV_STAGES)
 
@@ -147,7 +158,8 @@ class FlashBackward(launch.HopperKernel):
             base = smem.aligned_base(special.shared_address(dyn))
             q_bars = base + OFF_BARS
             sh = SharedRegions(q_bars, q_bars + RING, q_bars + RING + KV_RING, base + OFF_Q, base + OFF_DO,
-                               base + OFF_STATS, base + OFF_K, base + OFF_V, base + OFF_DS)
+                               base + OFF_STATS, base + OFF_K, base + OFF_V, base + OFF_DS,
+                               base + OFF_DQ)
             if cuda.threadIdx.x == 0:
                 # every consumer thread arrives on the empty barriers (its own shared reads)
                 pipeline.init(sh.q_bars, STAGES, CONSUMER_THREADS)
@@ -157,13 +169,20 @@ class FlashBackward(launch.HopperKernel):
             run(p, sh)
         return flash_backward
 
-    def tensor_maps(self, q, k, v, do):
-        """4-D maps (D, heads, seqlen, batch) of Q, K, V, dO; strides in bytes."""
+    def tensor_maps(self, q, k, v, do, ws=None):
+        """4-D maps (D, heads, seqlen, batch) of Q, K, V, dO; with dq_bulk, the dQ workspace
+        `ws` (`backward_prep.Workspace`) as (D, rows) in boxes of 32 columns by block_m rows.
+        Strides in bytes."""
         def spec(t, rows):
             b, s, h, d = t.shape
             st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
             return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, rows, 1))
-        return (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(do, self.block_m))
+        maps = (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(do, self.block_m))
+        if self.dq_bulk:
+            d = self.head_dim
+            maps += (("f32", tensors.device_ptr(ws.dq_accum), (d, ws.rows), (d * ACC_BYTES,),
+                      (DQ_BOX_COLS, self.block_m)),)
+        return maps
 
     def launch(self, table, ws, sem_ptr, dk, dv, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale,
                softcap, stream, cu_seqlens=(0, 0), total=(0, 0)):

@@ -28,7 +28,8 @@ from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, 
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
 from numba_fa3.primitives.unroll import static_range, unrolled
-from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, wgmma
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, tma, wgmma
 from . import mask
 from .backward_producer import STAT_BYTES
 from .producer import receive_tile
@@ -79,6 +80,11 @@ def make_backward_mainloop(bwd):
     S_ZERO, KV_ZERO, DQ_ZERO = zeros(BM // 2), zeros(D // 2), zeros(NQ // 2)
     DS_ZERO = (np.uint32(0),) * (BM // 4)   # dS^T packed: the loop's value before a tile's first step
     DK_OVERLAP = bwd.tiles.dk_overlap
+    DQ_BULK = bwd.dq_bulk
+    DQ_STAGE_BYTES, DQ_BOX_COLS, DQ_BOX_BYTES = bwd.dq_stage_bytes, bwd.dq_box_cols, bwd.dq_box_bytes
+    DQ_BOXES = NQ // DQ_BOX_COLS
+    MAP_DQ = bwd.MAP_DQ * TENSOR_MAP_BYTES
+    stage_dq = epilogue.stager(NQ // 8, ACC_BYTES, DQ_BOX_BYTES)
     PACK = pack_bf16 if bwd.dtype == "bf16" else pack_f16
     load_cols = column_loader(BM // 8)
     stage_ds = epilogue.stmatrix_stager(BM // 8, bwd.kv_chunk)
@@ -122,6 +128,31 @@ def make_backward_mainloop(bwd):
     def dq_step(k_tile, env, ds_buf, utid):
         """dQ for this step's query block (this warpgroup's columns; k_tile: the tile's K)."""
         return DQ(DQ_ZERO, DQ_SRC(ds_buf, utid), special.uniform_u32(k_tile + env.wg * DQ_PART_BYTES), 0)
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def bulk_add(p, sh, env, dq, m, ws_base, utid, tid):
+        """dQ staged in the warpgroup's shared tile, then added into the workspace by TMA
+        reduce-adds from one thread (the tile was freed by `dq_buffer_free` before the step's
+        barrier)."""
+        buf = sh.dq + env.wg * DQ_STAGE_BYTES
+        stage_dq(buf, dq, epilogue.rebuilt(np.uint32(fragment_row(utid))),
+                 epilogue.rebuilt(np.uint32(fragment_col(utid) * ACC_BYTES)))
+        barrier.fence_proxy_async()
+        warpgroup.epilogue_sync(env.wg)
+        if tid == 0:
+            col = np.int32(env.wg * NQ) if DQ_SPLIT else np.int32(0)
+            row = np.int32(ws_base + m * BM)
+            for c in static_range(DQ_BOXES):
+                tma.reduce_add(p.maps + MAP_DQ, (col + c * DQ_BOX_COLS, row), buf + c * DQ_BOX_BYTES)
+            tma.commit_group()
+
+    @cuda.jit(device=True, forceinline=True)
+    def dq_buffer_free(tid):
+        """The thread that issued the last step's reduce-adds waits until they have read the
+        staging tile (before the step's barrier, which every writer of the tile passes after)."""
+        if DQ_BULK and tid == 0:
+            tma.wait_group_read(0)
 
     @cuda.jit(device=True, forceinline=True)
     def add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq):
@@ -174,6 +205,7 @@ def make_backward_mainloop(bwd):
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
         barrier.fence_proxy_async()
+        dq_buffer_free(tid)
         consumers_sync()
         does_dq = DQ_SPLIT or (j & 1) == env.wg
         if DK_OVERLAP:
@@ -192,7 +224,11 @@ def make_backward_mainloop(bwd):
             # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows)
             # are released by its own arrive
             mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
-        add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq)
+        if DQ_BULK:
+            if does_dq:
+                bulk_add(p, sh, env, dq, m, ws_base, utid, tid)
+        else:
+            add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq)
         return dk, dv, dsk
 
     @cuda.jit(device=True, forceinline=True)
@@ -211,6 +247,8 @@ def make_backward_mainloop(bwd):
     @cuda.jit(device=True, forceinline=True)
     def consume(p, sh, wg, tid):
         utid = np.uint32(tid)
+        if DQ_BULK and tid == 0:
+            tma.fence_descriptor_acquire(p.maps + MAP_DQ)
         qs_stage, qs_phase = np.int32(0), np.int32(0)
         kv_stage, kv_phase = np.int32(0), np.int32(0)
         tiles = np.int32(p.n_blocks * p.heads_k * p.batch)
@@ -253,4 +291,6 @@ def make_backward_mainloop(bwd):
             mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, KV_STAGES, kv.stage))
             kv_stage, kv_phase = pipeline.advance(kv, KV_STAGES)
             store_dkdv(p, dk, dv, hk, env, k_off, utid)
+        if DQ_BULK and tid == 0:
+            tma.wait_group(0)   # (the staging tiles must outlive the reduce-adds' reads)
     return consume

@@ -105,6 +105,25 @@ def store(typingctx, tmap, coords, src):
 
 
 @intrinsic
+def reduce_add(typingctx, tmap, coords, src):
+    """`cp.reduce.async.bulk.tensor.Nd.global.shared::cta.add.tile.bulk_group` (9.7.9.27,
+    "cp.reduce.async.bulk.tensor"): add the shared box at `src` elementwise into the tensor at
+    `coords`, each element atomically in L2 (float32 adds in any order, as `red` gives them).
+    Elements outside the tensor are left alone."""
+    nd = _coords(coords)
+
+    def codegen(context, builder, sig, args):
+        c = ", ".join(f"${i + 1}" for i in range(nd))
+        text = f"cp.reduce.async.bulk.tensor.{nd}d.global.shared::cta.add.tile.bulk_group [$0, {{{c}}}], [${nd + 1}];"
+        ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
+        ins += _coord_values(context, builder, args[1], sig.args[1])
+        ins.append((as_int(context, builder, args[2], sig.args[2], 32), "r"))
+        emit(builder, text, [], ins)
+        return context.get_dummy_value()
+    return types.void(tmap, coords, src), codegen
+
+
+@intrinsic
 def commit_group(typingctx):
     """`cp.async.bulk.commit_group` (9.7.9.25.4): close the thread's current group of bulk stores."""
     def codegen(context, builder, sig, args):
