@@ -52,7 +52,6 @@ from numba_fa3.primitives import launch, smem, tensors
 from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.ptx_inline import memory, special
-from numba_fa3.ptx_inline._asm import I32, as_int, emit, literal_int, literal_intrinsic
 
 __all__ = ["KEY_GROUP", "HALF_GROUP", "TILE_KEYS", "HEAD_DIMS", "key_permutation", "padded_keys",
            "transpose_v_like_kernel", "staged_piece", "TransposeVKernel", "transpose_kernel",
@@ -167,19 +166,6 @@ def _head_dim(head_dim):
     return int(head_dim)
 
 
-@literal_intrinsic
-def _prmt(typingctx, a, b, selector):
-    """`prmt.b32 d, a, b, selector` (PTX ISA 9.7.8.7) with a compile-time selector: four bytes
-    picked from the eight of b:a in one instruction."""
-    sel = literal_int(selector, "prmt selector")
-
-    def codegen(context, builder, sig, args):
-        ins = [(as_int(context, builder, args[i], sig.args[i], 32), "r") for i in range(2)]
-        return emit(builder, f"prmt.b32 $0, $1, $2, {sel:#x};", [I32], ins, clobber_memory=False,
-                    side_effect=False)
-    return types.uint32(a, b, selector), codegen
-
-
 #: The kernel's parameters: the input's and the output's addresses; key heads, keys (Sk), padded
 #: keys (Sk_pad, the output's row length), tiles per (batch, head); the input's (batch, key,
 #: head) strides in bytes.
@@ -226,10 +212,10 @@ class TransposeVKernel(launch.HopperKernel):
         def transpose4(a, b, c, d):
             """Rows of the 4x4 byte matrix whose row i is word i (byte j of a word its column
             j): word j of the result is column j, a's byte first."""
-            ab_low, ab_high = _prmt(a, b, INTERLEAVE_LOW), _prmt(a, b, INTERLEAVE_HIGH)
-            cd_low, cd_high = _prmt(c, d, INTERLEAVE_LOW), _prmt(c, d, INTERLEAVE_HIGH)
-            return (_prmt(ab_low, cd_low, HALVES_LOW), _prmt(ab_low, cd_low, HALVES_HIGH),
-                    _prmt(ab_high, cd_high, HALVES_LOW), _prmt(ab_high, cd_high, HALVES_HIGH))
+            ab_low, ab_high = special.prmt(a, b, INTERLEAVE_LOW), special.prmt(a, b, INTERLEAVE_HIGH)
+            cd_low, cd_high = special.prmt(c, d, INTERLEAVE_LOW), special.prmt(c, d, INTERLEAVE_HIGH)
+            return (special.prmt(ab_low, cd_low, HALVES_LOW), special.prmt(ab_low, cd_low, HALVES_HIGH),
+                    special.prmt(ab_high, cd_high, HALVES_LOW), special.prmt(ab_high, cd_high, HALVES_HIGH))
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled

@@ -1,11 +1,11 @@
 """Small special instructions: shared-window addresses, `elect.sync`, `ex2.approx`, cache policies,
-warp-uniform indices.
+warp-uniform indices, byte permutes.
 """
 from numba import types
 from numba.core.errors import TypingError
 from numba.cuda.extending import intrinsic
 
-from ._asm import F32, I32, I64, as_int, emit
+from ._asm import F32, I32, I64, as_int, emit, literal_int, literal_intrinsic
 
 
 @intrinsic
@@ -124,3 +124,17 @@ def shfl_xor_b32(typingctx, x, lane_mask):
         return emit(builder, "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;", [I32], [(v, "r"), (m, "r")],
                     clobber_memory=False, side_effect=False)
     return types.uint32(x, lane_mask), codegen
+
+
+@literal_intrinsic
+def prmt(typingctx, a, b, selector):
+    """`prmt.b32 d, a, b, selector` (PTX ISA 9.7.8.7, "prmt") with a compile-time selector: four
+    bytes picked from the eight of b:a in one instruction (nibble i of the selector names byte i
+    of d: 0-3 from a, 4-7 from b)."""
+    sel = literal_int(selector, "prmt selector")
+
+    def codegen(context, builder, sig, args):
+        ins = [(as_int(context, builder, args[i], sig.args[i], 32), "r") for i in range(2)]
+        return emit(builder, f"prmt.b32 $0, $1, $2, {sel:#x};", [I32], ins, clobber_memory=False,
+                    side_effect=False)
+    return types.uint32(a, b, selector), codegen
