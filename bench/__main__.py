@@ -23,6 +23,9 @@ COMMANDS = {
               "GPU, bench extra, nvidia-smi"),
     "sass": ("registers, spills and the main loop's instruction mix of forward-kernel variants",
              "no GPU; test extra (ptxas, nvdisasm)"),
+    "fp8": ("the FP8 forward beside cuDNN's FP8 and our bf16 forward over the Figure-5 grid: TFLOPS, "
+            "quantizer and V-transpose TB/s, kernel-only and end-to-end ratios",
+            "GPU, bench extra; the cuDNN frontend and .fa3/cudnn_fp8.py for cuDNN's column"),
     "fp8-accuracy": ("FA3 Table 3 on the CPU: RMSE of the bf16 and FP8 NumPy models (per-tensor, "
                      "per-block, Hadamard rotation) on inputs with outliers", "no GPU"),
 }
