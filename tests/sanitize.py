@@ -89,6 +89,8 @@ class Spec:
             return (f"backward {self.dtype} d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
                     + (" varlen" if self.kind == "bwd_varlen" else "")
                     + (" deterministic" if self.deterministic else ""))
+        if self.kind == "fp8":
+            return f"fp8 forward d{self.d} {self.mask} (with the quantizer and V's rearranging pass)"
         from numba_fa3.tiles import has_long_tiles
         long = self.kind == "dense" and has_long_tiles(self.d, self.mask != "full", self.shape[1])
         return (f"forward {self.dtype} d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
@@ -186,6 +188,13 @@ SPECS += [
                 4, 1, window=(100, 50), softcap=15.0, dtype="f16"),                  # 25
     _bwd_varlen("bwd_v128_causal_det", "bwd-det", 128, "causal", [129, 0, 700, 1, 33],
                 [200, 17, 650, 1, 70], 4, 2, deterministic=True),                   # 60
+]
+#: The FP8 forward (`forward_fp8`) with its V rearranging pass and the quantizer
+#: (precision="fp8"): both head dims, full / causal / local, GQA, ragged lengths, Sq != Sk.
+SPECS += [
+    Spec("fp8_128_full", "fp8", "fp8", (2, 1000, 777, 4, 2), d=128),
+    Spec("fp8_128_local", "fp8", "fp8", (2, 700, 900, 4, 1), d=128, mask="local", window=(150, 40)),
+    Spec("fp8_256_causal", "fp8", "fp8", (2, 1023, 1025, 4, 2), d=256, mask="causal"),
 ]
 SPECS_BY_NAME = {s.name: s for s in SPECS}
 
@@ -436,8 +445,37 @@ def _run_bwd_varlen(spec, torch):
     return problems + _compare_grads(grads, model, ref, npdt, no_key, no_query)
 
 
+def _run_fp8(spec, torch):
+    """flash_attn(precision="fp8") from bf16 inputs: the quantizer, the V rearranging pass and
+    the FP8 kernel; the output against the exact attention within FP8's error (a tenth of the
+    output's RMS: the model's error on these inputs is about 2%)."""
+    import numpy as np
+    from numba_fa3 import flash_attn
+    from numba_fa3.reference import attention_reference
+    from numba_fa3.primitives.tensors import NUMPY_DTYPES
+    if torch is None:
+        return ["the FP8 path takes GPU arrays: torch with CUDA is needed"]
+    b, sq, sk, h, hk = spec.shape
+    npdt = NUMPY_DTYPES["bf16"]
+    rng = np.random.default_rng(_seed(spec.name))
+    q = rng.standard_normal((b, sq, h, spec.d)).astype(npdt)
+    k = rng.standard_normal((b, sk, hk, spec.d)).astype(npdt)
+    v = rng.standard_normal((b, sk, hk, spec.d)).astype(npdt)
+    kw = dict(causal=spec.mask == "causal", window_size=spec.window)
+    tq, tk, tv = (_cuda(torch, x, "bf16") for x in (q, k, v))
+    out = torch.full_like(tq, float("nan"))
+    flash_attn(tq, tk, tv, out=out, precision="fp8", **kw)
+    torch.cuda.synchronize()
+    got = np.asarray(_numpy(out, npdt), dtype=np.float64)
+    ref = attention_reference(q, k, v, **kw)
+    if not np.isfinite(got).all():
+        return [f"{int((~np.isfinite(got)).sum())} non-finite outputs (unwritten: NaN-poisoned)"]
+    rms = float(np.sqrt(np.mean(np.square(got - ref)))) / float(np.sqrt(np.mean(np.square(ref))))
+    return [] if rms <= 0.1 else [f"relative RMS error {rms:.3g} > 0.1"]
+
+
 RUNNERS = {"dense": _run_dense, "varlen": _run_varlen, "gemm": _run_gemm,
-           "bwd_dense": _run_bwd_dense, "bwd_varlen": _run_bwd_varlen}
+           "bwd_dense": _run_bwd_dense, "bwd_varlen": _run_bwd_varlen, "fp8": _run_fp8}
 
 
 def run_specs(names, ctas=DEFAULT_CTAS, result_path=None):
