@@ -221,3 +221,85 @@ def test_precision_fp8_end_to_end(d, causal):
     model = fp8_model.attention_fp8_model(q8, k8, v8, qd, kd, vd, causal=causal, block_m=bm, block_n=bn)
     rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))
     assert rmse(got - want) <= 1.25 * rmse(model.astype(np.float64) - want) + 1e-3
+
+
+# --- the in-kernel transpose, emulated lane by lane ----------------------------------------------
+def _swizzle(row, col_byte):
+    """smem.swizzle_128b in Python: 16-byte unit index XOR row % 8 within a 128-byte row."""
+    return row * 128 + (((col_byte // 16) ^ (row % 8)) * 16) + col_byte % 16
+
+
+def _emulate_atom(raw, vt, a, head_dim):
+    """`fp8_transpose.make_transposer`'s atom over byte arrays (raw: the raw V stage, vt: V^T's),
+    ldmatrix / prmt / stmatrix.trans by their PTX semantics."""
+    from numba_fa3 import fp8_transpose as ft
+    d_atoms = head_dim // ft.ATOM_COLS
+    kb, d0 = (a // d_atoms) * ft.ATOM_KEYS, (a % d_atoms) * ft.ATOM_COLS
+    raw_chunk = 128 * 128
+    src, dst = [], []
+    for lane in range(32):
+        mat, row = lane // 8, lane % 8
+        bits = ft.KEY_BITS_B if mat & 1 else ft.KEY_BITS_A
+        key = kb + ((bits >> (4 * row)) & 15)
+        col = d0 + (mat >> 1) * 16
+        src.append((col // 128) * raw_chunk + _swizzle(key, col % 128))
+        d = d0 + (mat >> 1) * 16 + (mat & 1) * 2 + (row >> 1) * 4 + (row & 1)
+        dst.append(_swizzle(d, kb))
+    def reg(m, t):  # ldmatrix (b16, not transposed): row t // 4, bytes 4 (t % 4)..+3 of matrix m
+        base = src[8 * m + t // 4] + 4 * (t % 4)
+        return [int(x) for x in raw[base:base + 4]]
+    def prmt(x, y, sel):
+        pool = x + y
+        return [pool[(sel >> (4 * i)) & 7] for i in range(4)]
+    for t in range(32):
+        x = [reg(m, t) for m in range(4)]
+        y = [prmt(x[0], x[1], ft.INTERLEAVE_LOW), prmt(x[0], x[1], ft.INTERLEAVE_HIGH),
+             prmt(x[2], x[3], ft.INTERLEAVE_LOW), prmt(x[2], x[3], ft.INTERLEAVE_HIGH)]
+        for m in range(4):
+            for e in range(2):  # .trans: element (t // 4, 2 (t % 4) + e) -> row 2 (t % 4) + e, column t // 4
+                addr = dst[8 * m + 2 * (t % 4) + e] + 2 * (t // 4)
+                vt[addr:addr + 2] = y[m][2 * e:2 * e + 2]
+
+
+@pytest.mark.parametrize("head_dim", [128])
+def test_in_kernel_transpose_emulated(head_dim):
+    """Every atom of a 128-key tile, emulated lane by lane, writes V^T in `fp8_layout`'s
+    permuted order (the twin's), through both tiles' 128-byte swizzles."""
+    rng = np.random.default_rng(3)
+    v = rng.integers(0, 256, size=(128, head_dim), dtype=np.uint8)
+    raw = np.zeros(128 * head_dim, dtype=np.uint8)
+    for key in range(128):
+        for col in range(head_dim):
+            raw[(col // 128) * 128 * 128 + _swizzle(key, col % 128)] = v[key, col]
+    vt = np.zeros(head_dim * 128, dtype=np.uint8)
+    from numba_fa3 import fp8_transpose as ft
+    for a in range((128 // ft.ATOM_KEYS) * (head_dim // ft.ATOM_COLS)):
+        _emulate_atom(raw, vt, a, head_dim)
+    got = np.array([[vt[_swizzle(d, pos)] for pos in range(128)] for d in range(head_dim)], dtype=np.uint8)
+    want = fp8_layout.transpose_v_like_kernel(v[None, :, None, :])[0, 0]
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("mask_kind", [MASK_NONE, MASK_CAUSAL, MASK_LOCAL])
+def test_in_kernel_transpose_compiles_clean(mask_kind):
+    kern = FlashForwardFP8(128, mask_kind, transpose_in_kernel=True)
+    ptx = kern.compile_ptx()
+    assert "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx and "ldmatrix.sync.aligned" in ptx
+    _assert_clean(kc.ptxas_report(ptx), f"fp8 forward d128 mask {mask_kind} with V transposed in-kernel")
+
+
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_in_kernel_transpose_equals_pass(causal, monkeypatch):
+    """V transposed by the kernel's helper warps or by the pass: the same V^T tiles reach the
+    same GEMMs, so the outputs are the same bits."""
+    import numba_fa3.api_fp8 as af
+    rng = np.random.default_rng(11)
+    b, sq, sk, h, hk, d = 2, 700, 1000, 4, 2, 128
+    q8, k8, v8 = _codes(rng, (b, sq, h, d)), _codes(rng, (b, sk, hk, d)), _codes(rng, (b, sk, hk, d))
+    qd, kd, vd = _descales(rng, "block", b, h, hk, sq, sk, d, causal)
+    by_pass = numba_fa3.flash_attn_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+    monkeypatch.setattr(af, "IN_KERNEL_TRANSPOSE", (128,))
+    in_kernel = numba_fa3.flash_attn_fp8(q8, k8, v8, qd, kd, vd, causal=causal)
+    assert np.array_equal(by_pass.view(np.uint16), in_kernel.view(np.uint16))
