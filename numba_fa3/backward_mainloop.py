@@ -78,8 +78,6 @@ def make_backward_mainloop(bwd):
     SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
     SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
     S_ZERO, KV_ZERO, DQ_ZERO = zeros(BM // 2), zeros(D // 2), zeros(NQ // 2)
-    DS_ZERO = (np.uint32(0),) * (BM // 4)   # dS^T packed: the loop's value before a tile's first step
-    DK_OVERLAP = bwd.tiles.dk_overlap
     DQ_BULK = bwd.dq_bulk
     DQ_STAGE_BYTES, DQ_BOX_COLS, DQ_BOX_BYTES = bwd.dq_stage_bytes, bwd.dq_box_cols, bwd.dq_box_bytes
     DQ_BOXES = NQ // DQ_BOX_COLS
@@ -135,7 +133,7 @@ def make_backward_mainloop(bwd):
         """dQ staged in the warpgroup's shared tile, then added into the workspace by TMA
         reduce-adds from one thread (the tile was freed by `dq_buffer_free` before the step's
         barrier)."""
-        buf = sh.dq + env.wg * DQ_STAGE_BYTES
+        buf = special.uniform_u32(sh.dq + env.wg * DQ_STAGE_BYTES)
         stage_dq(buf, dq, epilogue.rebuilt(np.uint32(fragment_row(utid))),
                  epilogue.rebuilt(np.uint32(fragment_col(utid) * ACC_BYTES)))
         barrier.fence_proxy_async()
@@ -172,22 +170,15 @@ def make_backward_mainloop(bwd):
                 atomic.red_release_add_s32(sem, 1)
 
     @cuda.jit(device=True, forceinline=True)
-    def step(p, sh, dk, dv, dsk_prev, prev_stage, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
-        """One query block: returns dK, dV, dS^T.  With dk_overlap the dK GEMM is left running
-        into the next step (reading the returned dS^T); that step's S wait retires it and
-        releases this step's stage (prev_stage; -1: none)."""
+    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
+        """One query block: returns dK, dV."""
         pipeline.consumer_wait(sh.q_bars, qs)
         q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
         do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
         stats = sh.stats + qs.stage * STATS_STAGE
         s = SDP(S_ZERO, kw, q, 0)
         dp = SDP(S_ZERO, vw, do, 0)
-        if DK_OVERLAP:
-            s, dk, dsk_prev = wgmma.wait_group_hold(1, (s, dk, dsk_prev))
-            if prev_stage >= 0:
-                mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, prev_stage))
-        else:
-            s = wgmma.wait_group_tied(1, s)
+        s = wgmma.wait_group_tied(1, s)
         if SOFTCAP:
             s = tanh_rows(s, p.softcap_scale)
         s = scores(s, m, p, env, utid)
@@ -200,36 +191,28 @@ def make_backward_mainloop(bwd):
         if SOFTCAP:
             ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
         dsk = PACK(ds)
-        if not DK_OVERLAP:
-            dk = DKV(dk, dsk, q, 1)
+        dk = DKV(dk, dsk, q, 1)
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
         barrier.fence_proxy_async()
         dq_buffer_free(tid)
         consumers_sync()
         does_dq = DQ_SPLIT or (j & 1) == env.wg
-        if DK_OVERLAP:
-            dq = DQ_ZERO
-            if does_dq:
-                dq = dq_step(k_tile, env, ds_buf, utid)
-            dk = DKV(dk, dsk, q, 1)
-            dq, dv, pk = wgmma.wait_group_hold(1, (dq, dv, pk))
+        if does_dq:
+            dq = dq_step(k_tile, env, ds_buf, utid)
+            dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))
         else:
-            if does_dq:
-                dq = dq_step(k_tile, env, ds_buf, utid)
-                dq, dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dq, dk, dv, pk, dsk))
-            else:
-                dq = DQ_ZERO
-                dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dk, dv, pk, dsk))
-            # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows)
-            # are released by its own arrive
-            mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
+            dq = DQ_ZERO
+            dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dk, dv, pk, dsk))
+        # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows) are
+        # released by its own arrive
+        mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
         if DQ_BULK:
             if does_dq:
                 bulk_add(p, sh, env, dq, m, ws_base, utid, tid)
         else:
             add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq)
-        return dk, dv, dsk
+        return dk, dv
 
     @cuda.jit(device=True, forceinline=True)
     def store_dkdv(p, dk, dv, hk, env, k_off, utid):
@@ -267,26 +250,19 @@ def make_backward_mainloop(bwd):
             kw = SDP_SRC(k_tile + wg * WG_KV_BYTES, utid)
             vw = SDP_SRC(sh.v + kv.stage * KV_BYTES + wg * WG_KV_BYTES, utid)
             m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)
-            dk, dv, dsk = KV_ZERO, KV_ZERO, DS_ZERO
-            prev_stage = np.int32(-1)
+            dk, dv = KV_ZERO, KV_ZERO
             h = np.int32(hk * p.head_ratio)
             h_end = np.int32(h + p.head_ratio)
             while h < h_end:
                 m = m_min
                 ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
                 while m < m_max:
-                    dk, dv, dsk = step(p, sh, dk, dv, dsk, prev_stage, PipelineState(qs_stage, qs_phase), j, h, m,
-                                       ws_base, env, k_tile, kw, vw, utid, tid)
-                    prev_stage = qs_stage
+                    dk, dv = step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, k_tile, kw,
+                                  vw, utid, tid)
                     qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
                     j = np.int32(j + 1)
                     m = np.int32(m + 1)
                 h = np.int32(h + 1)
-            if DK_OVERLAP:
-                # the tile's last dK GEMM, and the release of its stage
-                dk, dsk = wgmma.wait_group_hold(0, (dk, dsk))
-                if prev_stage >= 0:
-                    mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, prev_stage))
             # K and V (and the tile slot) are free: every consumer thread arrives after its reads
             mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, KV_STAGES, kv.stage))
             kv_stage, kv_phase = pipeline.advance(kv, KV_STAGES)

@@ -125,10 +125,6 @@ class BackwardTiles:
     consumers: int
     producer_registers: int
     consumer_registers: int
-    #: the dK GEMM left running into the next step, its stage released one step late
-    dk_overlap: bool = False
-    #: dQ staged in shared memory and added by TMA reduce-adds, not reductions from registers
-    dq_bulk: bool = False
 
     @property
     def block_n(self):

@@ -24,7 +24,10 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
     # per step: S^T and dP^T (D / 16 k-steps each), dV and dK (block_m / 16), dQ (block_n / 16)
     steps = 2 * (head_dim // 16) + 2 * (kern.block_m // 16) + kern.block_n // 16
     assert ptx.count("wgmma.mma_async") == steps
-    assert ("red.relaxed.gpu.global.add.v2.f32" in ptx)
+    # dQ: TMA reduce-adds from shared memory, or (deterministic) ordered vector reductions
+    assert ("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add" in ptx) == kern.dq_bulk
+    assert ("red.relaxed.gpu.global.add.v2.f32" in ptx) == (not kern.dq_bulk)
+    assert kern.dq_bulk == (not deterministic and not (head_dim == 128 and (softcap or varlen)))
     assert ("ld.acquire.gpu.global.s32" in ptx) == deterministic
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     _assert_wgmma_operands_untouched(ptx, reads_allowed=True)
