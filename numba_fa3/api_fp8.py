@@ -21,12 +21,6 @@ from .forward_fp8 import forward_fp8_kernel
 from .tiles import FP8_HEAD_DIMS, fp8_tiles_for
 
 
-#: Head dims whose kernel transposes V itself (`forward_fp8.TRANSPOSE_HEAD_DIMS` allows 128);
-#: the others take V through `fp8_layout.transpose_v`'s pass.  Empty until the in-kernel
-#: transpose has been measured against the pass.
-IN_KERNEL_TRANSPOSE = ()
-
-
 def fp8_blocks(head_dim, causal=False, window_size=(-1, -1)):
     """(block_m, block_n): the query and key rows one Q and one K block descale covers, the
     kernel's tiles (quantize_fp8's block_m and block_n)."""
@@ -105,7 +99,7 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     if min(b, sq, sk, h) < 1:
         raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
     scale, _, window, kind = api._options(d, softmax_scale, causal, window_size, 0.0)
-    kern = forward_fp8_kernel(d, kind, out_dtype, d in IN_KERNEL_TRANSPOSE)
+    kern = forward_fp8_kernel(d, kind, out_dtype)
     mq, nk = -(-sq // kern.block_m), -(-sk // kern.block_n)
     host = iq.kind == "numpy"
     if host:
@@ -125,11 +119,8 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     o_like = tensors.TensorInfo(iq.ptr, iq.shape, iq.strides, out_dtype, iq.kind, iq.obj, iq.owner)
     o, io = api._output(out, o_like, (b, sq, h, d), stream)
     lse = tensors.empty_like_kind(like, (b, h, sq), "f32")
-    if kern.transpose_in_kernel:
-        vt, ivt = None, iv
-    else:
-        vt = fp8_layout.transpose_v(iv.obj, stream=stream)
-        ivt = tensors.inspect(vt, "vt", stream)
+    vt = fp8_layout.transpose_v(iv.obj, stream=stream)
+    ivt = tensors.inspect(vt, "vt", stream)
     table = descriptor_tables.get(kern.tensor_maps(iq, ik, ivt, io))
     kern.launch(table, tensors.device_ptr(lse), io, b, h, hk, sq, sk, window, scale, stream,
                 ((qd_ptr, *qd_st, qd_ratio), (kd_ptr, *kd_st), (vd_ptr, *vd_st)))

@@ -167,14 +167,6 @@ class FlashForward(launch.HopperKernel):
             load(p.maps + MAP_V, sh.v_bars, sh.v, state, (hk, key, b))
         return load_v
 
-    def v_end(self):
-        """end_v(sh, kv): what the producer does after its last V load (kv: the ring's next
-        stage); nothing here."""
-        @cuda.jit(device=True, forceinline=True)
-        def end_v(sh, kv):
-            pass
-        return end_v
-
     @property
     def qk(self):
         """S = Q K^T: Q (K-major, in registers or hoisted descriptors per the tiles), K K-major."""

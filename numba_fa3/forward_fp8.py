@@ -21,18 +21,14 @@ import functools
 import numpy as np
 from numba import cuda, types
 
-from collections import namedtuple
-
-from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
+from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem
 from numba_fa3.primitives.fragment import pack_e4m3
 from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
-from numba_fa3.primitives.tma_load import chunk_loader
-from numba_fa3.ptx_inline import mbarrier, memory, special, tma
-from . import fp8_model, fp8_transpose, mask, softmax, tile_scheduler
+from numba_fa3.ptx_inline import memory, special, tma
+from . import fp8_model, mask, softmax, tile_scheduler
 from .forward import FORWARD_FIELDS, FULL_SCHEDULE, FlashForward
-from .producer import make_producer
 from .tiles import fp8_tiles_for
 
 #: P's lift into e4m3's range, log2 (the NumPy model's, FA3's 2^8: e4m3's largest is 448).
@@ -54,38 +50,17 @@ ForwardFP8Params = launch.params("ForwardFP8Params", FORWARD_FIELDS + [
     ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64)])
 
 
-#: The forward's shared regions and, with the in-kernel transpose, the raw V ring (tiles, barriers,
-#: stop flags).
-SharedRegionsFP8 = namedtuple("SharedRegionsFP8", "k_bars v_bars q_bars tile_slots q k v o vraw vraw_bars stop_slots")
-#: Registers (producer warpgroup, consumers) with the in-kernel transpose: the helper warps spilled
-#: 36 bytes at 40 (an atom's addresses and 8 data registers beside the ring's loop), and the
-#: consumers fit 224 at D = 128 only (D = 256 spilled 16-112 bytes at 232).
-TRANSPOSE_REGISTERS = (56, 224)
-#: Head dims whose kernel can transpose V in-kernel (TRANSPOSE_REGISTERS).
-TRANSPOSE_HEAD_DIMS = (128,)
-
-
 class FlashForwardFP8(FlashForward):
-    """One FP8 forward specialization: head dim, mask kind, O's type, and where V is transposed
-    (`transpose_in_kernel`: by the producer warpgroup's helper warps, `fp8_transpose`; else V
-    arrives as `fp8_layout`'s V^T)."""
+    """One FP8 forward specialization: head dim, mask kind, O's type."""
 
     PARAMS = ForwardFP8Params
     DTYPES = ("e4m3",)
     table_tiles = staticmethod(lambda head_dim, masked, long_queries=False: fp8_tiles_for(head_dim, masked))
 
-    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None,
-                 transpose_in_kernel=False):
+    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None):
         if out_dtype not in ("bf16", "f16"):
             raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
         self._out = out_dtype
-        self.transpose_in_kernel = bool(transpose_in_kernel)
-        if self.transpose_in_kernel and head_dim not in TRANSPOSE_HEAD_DIMS:
-            raise ValueError(f"V is transposed in-kernel at head dims {TRANSPOSE_HEAD_DIMS} (registers); "
-                             f"got {head_dim}")
-        if self.transpose_in_kernel:
-            tiles = (tiles or fp8_tiles_for(head_dim, mask_kind != mask.MASK_NONE)).with_choices(
-                producer_registers=TRANSPOSE_REGISTERS[0], consumer_registers=TRANSPOSE_REGISTERS[1])
         super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles)
         if self.block_n != smem.SWIZZLE_BYTES // FP8_BYTES:
             # (V^T's stage holds D rows of block_n keys; one 128-byte swizzle row each)
@@ -141,83 +116,7 @@ class FlashForwardFP8(FlashForward):
         return mma.warpgroup_mma(self.head_dim, self.dtype, self.block_n, mma.REGISTERS,
                                  mma.Operand("k", self.head_dim * smem.SWIZZLE_BYTES))
 
-    def _plan(self, q_stages, tma_store):
-        plan = super()._plan(q_stages, tma_store)
-        if self.transpose_in_kernel:
-            plan.add("vraw", self.stages * self.chunks * self.kv_chunk, align=smem.ATOM_BYTES)
-            plan.add("vraw_bars", pipeline.barrier_bytes(self.stages) + self.stages * smem.MBARRIER_BYTES,
-                     align=smem.MBARRIER_BYTES)
-        return plan
-
-    def body(self):
-        if not self.transpose_in_kernel:
-            return super().body()
-        run = warpgroup.specialize(make_producer(self), self.make_mma(), self.registers,
-                                   fp8_transpose.make_transposer(self))
-        STAGES, Q_STAGES = self.stages, self.q_stages
-        CONSUMER_WARPS = self.consumers * (warpgroup.WARPGROUP_THREADS // warpgroup.WARP_THREADS)
-        CONSUMER_THREADS = self.consumers * warpgroup.WARPGROUP_THREADS
-        OFF_Q, OFF_K, OFF_V, OFF_BARS, OFF_RAW, OFF_RAW_BARS = (
-            self.smem.offsets[k] for k in ("q", "k", "v", "barriers", "vraw", "vraw_bars"))
-        OFF_O = self.smem.offsets["o"] if self.tma_store else OFF_Q
-        RING, Q_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(Q_STAGES)
-
-        @cuda.jit(device=True, forceinline=True)
-        def flash_forward_fp8(p):
-            dyn = cuda.shared.array(0, dtype=np.uint8)
-            base = smem.aligned_base(special.shared_address(dyn))
-            k_bars = base + OFF_BARS
-            raw_bars = base + OFF_RAW_BARS
-            sh = SharedRegionsFP8(k_bars, k_bars + RING, k_bars + 2 * RING, k_bars + 2 * RING + Q_RING,
-                                  base + OFF_Q, base + OFF_K, base + OFF_V, base + OFF_O, base + OFF_RAW, raw_bars,
-                                  raw_bars + RING)
-            if cuda.threadIdx.x == 0:
-                pipeline.init(sh.k_bars, STAGES, CONSUMER_WARPS)
-                pipeline.init(sh.v_bars, STAGES, CONSUMER_WARPS)   # (full: the helpers' one arrive)
-                pipeline.init(sh.q_bars, Q_STAGES, CONSUMER_THREADS)
-                pipeline.init(sh.vraw_bars, STAGES, 1)              # (empty: the helpers' one arrive)
-                mbarrier.fence_init()
-            cuda.syncthreads()
-            run(p, sh)
-        return flash_forward_fp8
-
-    def v_end(self):
-        if not self.transpose_in_kernel:
-            return super().v_end()
-        STAGES = self.stages
-
-        @cuda.jit(device=True, forceinline=True)
-        def end_v(sh, kv):
-            """The helpers' stop: a raw stage published with its flag set and no load."""
-            pipeline.producer_wait(sh.vraw_bars, STAGES, kv)
-            if special.elect_one():
-                fp8_transpose.send_stop(sh.stop_slots, kv, 1)
-                mbarrier.arrive(pipeline.full_barrier(sh.vraw_bars, kv.stage))
-        return end_v
-
     def v_loader(self):
-        """A key block's V^T (D rows of block_n keys) by one TMA box; with the in-kernel
-        transpose, its V (block_n rows of D) into the raw ring for the helpers."""
-        if self.transpose_in_kernel:
-            return self._raw_v_loader()
-        return self._vt_loader()
-
-    def _raw_v_loader(self):
-        STAGES, STAGE_BYTES = self.stages, self.chunks * self.kv_chunk
-        MAP_V = self.MAP_V * TENSOR_MAP_BYTES
-        load_chunks = chunk_loader(self.chunks, self.kv_chunk, self.chunk_cols)
-
-        @cuda.jit(device=True, forceinline=True)
-        def load_v(p, sh, state, hk, key, b):
-            pipeline.producer_wait(sh.vraw_bars, STAGES, state)
-            if special.elect_one():
-                fp8_transpose.send_stop(sh.stop_slots, state, 0)
-                pipeline.producer_expect(sh.vraw_bars, state, STAGE_BYTES)
-                load_chunks(sh.vraw + state.stage * STAGE_BYTES, p.maps + MAP_V, (hk, key, b),
-                            pipeline.full_barrier(sh.vraw_bars, state.stage))
-        return load_v
-
-    def _vt_loader(self):
         """A key block's V^T (D rows of block_n keys) by one TMA box."""
         STAGES, STAGE_BYTES = self.stages, self.chunks * self.kv_chunk
         MAP_V = self.MAP_V * TENSOR_MAP_BYTES
@@ -233,20 +132,17 @@ class FlashForwardFP8(FlashForward):
 
     def tensor_maps(self, q, k, vt, o):
         """Q, K: (D, heads, seqlen, batch) in 128-column boxes; V^T (keys, D, heads, batch), one
-        box of block_n keys by D rows (with the in-kernel transpose: `vt` is V, mapped as K);
-        O (16-bit) as the bf16 kernel's.  Strides in bytes."""
+        box of block_n keys by D rows; O (16-bit) as the bf16 kernel's.  Strides in bytes."""
         def rows(t, box_rows):
             b, s, h, d = t.shape
             st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
             return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, box_rows, 1))
-        ob, os_, oh, od = o.shape
-        ost = tuple(x * o.itemsize for x in (o.strides[2], o.strides[1], o.strides[0]))
-        o_spec = (o.dtype, o.ptr, (od, oh, os_, ob), ost, (OUT_CHUNK_COLS, 1, WGMMA_M, 1))
-        if self.transpose_in_kernel:
-            return (rows(q, self.block_m), rows(k, self.block_n), rows(vt, self.block_n), o_spec)
         b, hk, d, skp = vt.shape
         vst = tuple(x * vt.itemsize for x in (vt.strides[2], vt.strides[1], vt.strides[0]))
         v_spec = (vt.dtype, vt.ptr, (skp, d, hk, b), vst, (self.block_n, d, 1, 1))
+        ob, os_, oh, od = o.shape
+        ost = tuple(x * o.itemsize for x in (o.strides[2], o.strides[1], o.strides[0]))
+        o_spec = (o.dtype, o.ptr, (od, oh, os_, ob), ost, (OUT_CHUNK_COLS, 1, WGMMA_M, 1))
         return (rows(q, self.block_m), rows(k, self.block_n), v_spec, o_spec)
 
     def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, stream,
@@ -272,5 +168,5 @@ class FlashForwardFP8(FlashForward):
 
 
 @functools.lru_cache(maxsize=None)
-def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16", transpose_in_kernel=False):
-    return FlashForwardFP8(head_dim, mask_kind, out_dtype, transpose_in_kernel=transpose_in_kernel)
+def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16"):
+    return FlashForwardFP8(head_dim, mask_kind, out_dtype)

@@ -48,7 +48,6 @@ def make_producer(fwd):
     tile_coords, seq_info = fwd.scheduler.coords, fwd.scheduler.seq
     load_kv = stage_loader(STAGES, CHUNKS, fwd.kv_chunk, CHUNK_COLS)
     load_v = fwd.v_loader()
-    end_v = fwd.v_end()
     load_q = chunk_loader(CHUNKS, fwd.q_chunk, CHUNK_COLS)
     prefetch_q = chunk_prefetcher(CHUNKS, CHUNK_COLS)
     mark, _ = tracer(TRACE)
@@ -77,7 +76,6 @@ def make_producer(fwd):
                 if special.elect_one():
                     send_tile(sh.tile_slots, q_state, tile)
                     mbarrier.arrive(pipeline.full_barrier(sh.q_bars, q_state.stage))
-                end_v(sh, kv)
                 break
             mb, h, b = tile_coords(p, tile)
             q_off, sq, k_off, sk = seq_info(p, b)

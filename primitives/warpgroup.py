@@ -26,12 +26,10 @@ class NamedBarrier(enum.IntEnum):
     SCHEDULER: the ping-pong turn; the warpgroup before (round robin) arrives at it when it has
     issued its GEMMs (FA3 section 3.1, "pingpong scheduling").  CONSUMERS (one id, no index):
     every consumer thread of the CTA, around a tile that all of them write and each reads (the
-    backward's dS).  HELPERS (one id): the producer warpgroup's other three warps (`specialize`'s
-    helpers), around a tile they write together."""
+    backward's dS)."""
     EPILOGUE = 1
     SCHEDULER = 1 + MAX_CONSUMERS
     CONSUMERS = 1 + 2 * MAX_CONSUMERS
-    HELPERS = 2 + 2 * MAX_CONSUMERS
 
 
 #: (producer, consumer) registers per thread, by number of consumer warpgroups.  The budget must
@@ -75,23 +73,12 @@ def warpgroup_index():
     return special.warp_uniform(cuda.threadIdx.x // WARPGROUP_THREADS)
 
 
-#: Warps of the producer warpgroup besides the loading one (`specialize`'s helpers).
-HELPER_WARPS = WARPGROUP_THREADS // WARP_THREADS - 1
-HELPER_THREADS = HELPER_WARPS * WARP_THREADS
-
-
-def specialize(load, mma, registers, helpers=None):
+def specialize(load, mma, registers):
     """The role dispatch of a warp-specialized kernel: warp 0 of warpgroup 0 runs
     `load(params, smem, lane)` with the producer's registers, warpgroups 1.. run
     `mma(params, smem, consumer_index, thread_in_warpgroup)` with the consumers'.  The producer's
-    other three warps run `helpers(params, smem, thread)` (thread 0..95) where given, else only
-    give their registers back."""
+    other three warps only give their registers back."""
     producer_registers, consumer_registers = registers
-    HELP = helpers is not None
-    if not HELP:
-        @cuda.jit(device=True, forceinline=True)
-        def helpers(params, smem, thread):
-            pass
 
     @cuda.jit(device=True, forceinline=True)
     def run(params, smem):
@@ -101,8 +88,6 @@ def specialize(load, mma, registers, helpers=None):
             regs.setmaxnreg_dec(producer_registers)
             if tid < WARP_THREADS:
                 load(params, smem, tid)
-            elif HELP:
-                helpers(params, smem, tid - WARP_THREADS)
         else:
             regs.setmaxnreg_inc(consumer_registers)
             mma(params, smem, wg - 1, tid)

@@ -161,22 +161,6 @@ def stmatrix_x4(typingctx, addr, regs):
 
 
 @intrinsic
-def stmatrix_x4_trans(typingctx, addr, regs):
-    """`stmatrix.sync.aligned.m8n8.x4.trans.shared.b16` (PTX ISA 9.7.9.17): `stmatrix_x4` with each
-    8x8 matrix stored transposed: lane t's two elements (row t/4, columns 2(t%4), 2(t%4)+1 of the
-    fragment) land in rows 2(t%4) and 2(t%4)+1, column t/4, of the stored matrix."""
-    _regs(regs, 4, "stmatrix_x4_trans")
-
-    def codegen(context, builder, sig, args):
-        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
-        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
-                for i in range(4)]
-        emit(builder, "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {$1, $2, $3, $4};", [], ins)
-        return context.get_dummy_value()
-    return types.void(addr, regs), codegen
-
-
-@intrinsic
 def ldmatrix_x4(typingctx, addr):
     """`ldmatrix.sync.aligned.m8n8.x4.shared.b16`: the inverse of `stmatrix_x4`."""
     def codegen(context, builder, sig, args):
