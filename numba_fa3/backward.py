@@ -1,5 +1,6 @@
-"""The FlashAttention-3 backward kernel: dK and dV per key block in registers, dQ by float32
-reductions, warp-specialized and TMA-fed like the forward (FA3 section 3, its `hopper/` backward).
+"""The FlashAttention-3 backward kernel: dK and dV per key block in registers, dQ added into a
+float32 workspace (TMA reduce-adds from shared memory), warp-specialized and TMA-fed like the
+forward (FA3 section 3, its `hopper/` backward).
 
 A kernel class composed of the library's collectives:
 - the producer (`backward_producer`): one warp loads each tile's K and V, then streams the query

@@ -11,9 +11,11 @@ P^T and dS^T come out of the accumulators already as the A fragments of the dV a
   dS^T = P^T * (dP^T - D[query])   (times 1 - tanh^2 under a soft-cap, tanh recovered from P^T)
   dK  += dS^T Q           (A: dS^T from registers; B: Q, MN-major)
   dQ   = dS K             (dS^T through shared memory, where both warpgroups' halves meet:
-                           A MN-major; B: K, MN-major), added to the float32 dQ workspace by
-                           vector reductions; with `deterministic`, in key-block order (a
-                           semaphore per query block, FA3's).
+                           A MN-major; B: K, MN-major), staged in shared memory and added to
+                           the float32 dQ workspace by TMA reduce-adds; with `deterministic`
+                           (and where staging spills: `backward.BULK_SPILLS`) by vector
+                           reductions from registers, in key-block order (a semaphore per
+                           query block, FA3's).
 After the tile's last step: dK times the softmax scale, dK and dV stored from registers.
 """
 from collections import namedtuple
