@@ -18,27 +18,34 @@ from .forward import forward_kernel
 from .tiles import BACKWARD_HEAD_DIMS, SUPPORTED_HEAD_DIMS
 
 
-def _check_layout(infos, rank, what):
+#: The 16-bit API's input types, and how its errors name them.
+_DTYPES_16 = (("bf16", "f16"), "bf16 or all fp16")
+
+
+def _check_layout(infos, rank, what, dtypes=_DTYPES_16):
+    """Rank, a contiguous head dimension, one dtype of `dtypes` ((names, as the error says
+    them)), all NumPy or all GPU."""
     for info, name in infos:
         if len(info.shape) != rank:
             raise ValueError(f"{name} must be {what}, got shape {info.shape}")
         if info.strides[-1] != 1 and 0 not in info.shape:  # an empty tensor is never read
             raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
-    dtypes = [i.dtype for i, _ in infos]
     names = ", ".join(n for _, n in infos)
-    if len(set(dtypes)) != 1 or dtypes[0] not in ("bf16", "f16"):
-        raise TypeError(f"{names} must all be bf16 or all fp16, got {', '.join(dtypes)}")
+    allowed, said = dtypes
+    got = [i.dtype for i, _ in infos]
+    if len(set(got)) != 1 or got[0] not in allowed:
+        raise TypeError(f"{names} must all be {said}, got {', '.join(got)}")
     if len({i.kind == "numpy" for i, _ in infos}) != 1:
         raise TypeError(f"{names} must all be NumPy arrays or all be GPU arrays")
 
 
-def _check_heads(h, hk, d, dk, dv):
+def _check_heads(h, hk, d, dk, dv, supported=SUPPORTED_HEAD_DIMS):
     if not d == dk == dv:
         raise ValueError(f"q, k, v head dims differ: {d}, {dk}, {dv}")
     if hk < 1 or h % hk:
         raise ValueError(f"key heads ({hk}) must divide query heads ({h})")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if d not in supported:
+        raise ValueError(f"head dim {d} is not supported; supported: {supported}")
 
 
 def _check_tma(infos):

@@ -75,27 +75,17 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     f16; `out` to write into), and with return_lse the LSE ``[B, H, Sq]`` (float32, natural
     log), as `flash_attn`."""
     iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q8, "q8"), (k8, "k8"), (v8, "v8")))
-    for info, name in ((iq, "q8"), (ik, "k8"), (iv, "v8")):
-        if len(info.shape) != 4:
-            raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim], got shape {info.shape}")
-        if info.dtype != "e4m3":
-            raise TypeError(f"{name} must hold e4m3 codes (float8_e4m3fn or uint8), got {info.dtype}")
-        if info.strides[-1] != 1:
-            raise ValueError(f"{name}: the head dimension must be contiguous, got strides {info.strides}")
-    if len({i.kind == "numpy" for i in (iq, ik, iv)}) != 1:
-        raise TypeError("q8, k8, v8 must all be NumPy arrays or all be GPU arrays")
+    api._check_layout([(iq, "q8"), (ik, "k8"), (iv, "v8")], 4, "[batch, seqlen, heads, head_dim]",
+                      (("e4m3",), "e4m3 codes (float8_e4m3fn or uint8)"))
     if out_dtype not in ("bf16", "f16"):
         raise ValueError(f"out_dtype must be 'bf16' or 'f16', got {out_dtype!r}")
     b, sq, h, d = iq.shape
     bk, sk, hk, dk = ik.shape
     if iv.shape != ik.shape:
         raise ValueError(f"k8 and v8 must have the same shape, got {ik.shape} and {iv.shape}")
-    if bk != b or dk != d:
-        raise ValueError(f"q8 {iq.shape} and k8 {ik.shape} differ in batch or head dim")
-    if hk < 1 or h % hk:
-        raise ValueError(f"key heads ({hk}) must divide query heads ({h})")
-    if d not in FP8_HEAD_DIMS:
-        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {d}")
+    if bk != b:
+        raise ValueError(f"q8 {iq.shape} and k8 {ik.shape} differ in batch")
+    api._check_heads(h, hk, d, dk, iv.shape[3], FP8_HEAD_DIMS)
     if min(b, sq, sk, h) < 1:
         raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
     scale, _, window, kind = api._options(d, softmax_scale, causal, window_size, 0.0)

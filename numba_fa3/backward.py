@@ -24,6 +24,7 @@ from numba import cuda, types
 
 from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, tensors, warpgroup
 from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.tma_desc import bshd_spec
 from numba_fa3.ptx_inline import mbarrier, special
 from . import backward_prep, mask, softmax, tile_scheduler
 from .backward_mainloop import make_backward_mainloop
@@ -177,11 +178,9 @@ class FlashBackward(launch.HopperKernel):
         """4-D maps (D, heads, seqlen, batch) of Q, K, V, dO; with dq_bulk, the dQ workspace
         `ws` (`backward_prep.Workspace`) as (D, rows) in boxes of 32 columns by block_m rows.
         Strides in bytes."""
-        def spec(t, rows):
-            b, s, h, d = t.shape
-            st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
-            return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, rows, 1))
-        maps = (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(do, self.block_m))
+        cols = self.chunk_cols
+        maps = (bshd_spec(q, cols, self.block_m), bshd_spec(k, cols, self.block_n),
+                bshd_spec(v, cols, self.block_n), bshd_spec(do, cols, self.block_m))
         if self.dq_bulk:
             d = self.head_dim
             maps += (("f32", tensors.device_ptr(ws.dq_accum), (d, ws.rows), (d * ACC_BYTES,),

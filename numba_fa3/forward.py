@@ -27,7 +27,7 @@ from numba_fa3.primitives.epilogue import fragment_col, fragment_row
 from numba_fa3.primitives.fragment import pack_bf16, pack_f16
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
-from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES, bshd_spec
 from numba_fa3.primitives.tma_load import stage_loader
 from numba_fa3.ptx_inline import mbarrier, special, tma
 from . import mask, softmax, tile_scheduler
@@ -301,11 +301,9 @@ class FlashForward(launch.HopperKernel):
 
     def tensor_maps(self, q, k, v, o):
         """4-D maps (D, heads, seqlen, batch) of Q, K, V, O; strides in bytes."""
-        def spec(t, rows):
-            b, s, h, d = t.shape
-            st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
-            return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, rows, 1))
-        return (spec(q, self.block_m), spec(k, self.block_n), spec(v, self.block_n), spec(o, WGMMA_M))
+        cols = self.chunk_cols
+        return (bshd_spec(q, cols, self.block_m), bshd_spec(k, cols, self.block_n),
+                bshd_spec(v, cols, self.block_n), bshd_spec(o, cols, WGMMA_M))
 
     def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, softcap,
                stream, cu_seqlens=(0, 0), lse_strides=None, total=(0, 0), trace=0):

@@ -25,7 +25,7 @@ from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem
 from numba_fa3.primitives.fragment import pack_e4m3
 from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.mma import WGMMA_M
-from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
+from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES, bshd_spec
 from numba_fa3.ptx_inline import memory, special, tma
 from . import fp8_model, mask, softmax, tile_scheduler
 from .forward import FORWARD_FIELDS, FULL_SCHEDULE, FlashForward
@@ -133,17 +133,11 @@ class FlashForwardFP8(FlashForward):
     def tensor_maps(self, q, k, vt, o):
         """Q, K: (D, heads, seqlen, batch) in 128-column boxes; V^T (keys, D, heads, batch), one
         box of block_n keys by D rows; O (16-bit) as the bf16 kernel's.  Strides in bytes."""
-        def rows(t, box_rows):
-            b, s, h, d = t.shape
-            st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
-            return (t.dtype, t.ptr, (d, h, s, b), st, (self.chunk_cols, 1, box_rows, 1))
         b, hk, d, skp = vt.shape
         vst = tuple(x * vt.itemsize for x in (vt.strides[2], vt.strides[1], vt.strides[0]))
         v_spec = (vt.dtype, vt.ptr, (skp, d, hk, b), vst, (self.block_n, d, 1, 1))
-        ob, os_, oh, od = o.shape
-        ost = tuple(x * o.itemsize for x in (o.strides[2], o.strides[1], o.strides[0]))
-        o_spec = (o.dtype, o.ptr, (od, oh, os_, ob), ost, (OUT_CHUNK_COLS, 1, WGMMA_M, 1))
-        return (rows(q, self.block_m), rows(k, self.block_n), v_spec, o_spec)
+        return (bshd_spec(q, self.chunk_cols, self.block_m), bshd_spec(k, self.chunk_cols, self.block_n), v_spec,
+                bshd_spec(o, OUT_CHUNK_COLS, WGMMA_M))
 
     def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, stream,
                descales):

@@ -67,6 +67,15 @@ def encode_tiled(dtype, ptr, dims, strides_bytes, box):
     return np.array(tmap.opaque, dtype=np.uint64)
 
 
+def bshd_spec(t, box_cols, box_rows):
+    """The encoding arguments of a `[B, S, H, D]` tensor (a `tensors.TensorInfo`) as the 4-D
+    map (D, H, S, B) that the attention kernels load and store by (byte strides), in boxes of
+    `box_cols` columns of one head by `box_rows` rows."""
+    b, s, h, d = t.shape
+    st = tuple(x * t.itemsize for x in (t.strides[2], t.strides[1], t.strides[0]))
+    return (t.dtype, t.ptr, (d, h, s, b), st, (box_cols, 1, box_rows, 1))
+
+
 class DescriptorTable:
     """Device buffers of tensor maps, cached by their encoding arguments (LRU)."""
 

@@ -87,21 +87,28 @@ def prefetch_l2(typingctx, tmap, coords):
     return types.void(tmap, coords), codegen
 
 
-@intrinsic
-def store(typingctx, tmap, coords, src):
-    """`cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group`: copy the shared box at `src` to the
-    tensor at `coords`.  Elements outside the tensor are not written, so ragged edges are safe."""
+def _from_shared(tmap, coords, src, opcode):
+    """Typing and codegen of `{opcode}.Nd.global.shared::cta...bulk_group [tmap, coords], [src]`:
+    the bulk-group instructions that move a shared box into a tensor (`opcode` holds the
+    modifiers between the dimension and the operands)."""
     nd = _coords(coords)
 
     def codegen(context, builder, sig, args):
         c = ", ".join(f"${i + 1}" for i in range(nd))
-        text = f"cp.async.bulk.tensor.{nd}d.global.shared::cta.bulk_group [$0, {{{c}}}], [${nd + 1}];"
+        text = opcode.format(nd=nd) + f" [$0, {{{c}}}], [${nd + 1}];"
         ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
         ins += _coord_values(context, builder, args[1], sig.args[1])
         ins.append((as_int(context, builder, args[2], sig.args[2], 32), "r"))
         emit(builder, text, [], ins)
         return context.get_dummy_value()
     return types.void(tmap, coords, src), codegen
+
+
+@intrinsic
+def store(typingctx, tmap, coords, src):
+    """`cp.async.bulk.tensor.Nd.global.shared::cta.bulk_group`: copy the shared box at `src` to the
+    tensor at `coords`.  Elements outside the tensor are not written, so ragged edges are safe."""
+    return _from_shared(tmap, coords, src, "cp.async.bulk.tensor.{nd}d.global.shared::cta.bulk_group")
 
 
 @intrinsic
@@ -110,17 +117,7 @@ def reduce_add(typingctx, tmap, coords, src):
     "cp.reduce.async.bulk.tensor"): add the shared box at `src` elementwise into the tensor at
     `coords`, each element atomically in L2 (float32 adds in any order, as `red` gives them).
     Elements outside the tensor are left alone."""
-    nd = _coords(coords)
-
-    def codegen(context, builder, sig, args):
-        c = ", ".join(f"${i + 1}" for i in range(nd))
-        text = f"cp.reduce.async.bulk.tensor.{nd}d.global.shared::cta.add.tile.bulk_group [$0, {{{c}}}], [${nd + 1}];"
-        ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
-        ins += _coord_values(context, builder, args[1], sig.args[1])
-        ins.append((as_int(context, builder, args[2], sig.args[2], 32), "r"))
-        emit(builder, text, [], ins)
-        return context.get_dummy_value()
-    return types.void(tmap, coords, src), codegen
+    return _from_shared(tmap, coords, src, "cp.reduce.async.bulk.tensor.{nd}d.global.shared::cta.add.tile.bulk_group")
 
 
 @intrinsic
