@@ -146,6 +146,13 @@ class FlashForward(launch.HopperKernel):
 
     @staticmethod
     @cuda.jit(device=True, forceinline=True)
+    def tanh_scale(p, env, nb):
+        """The soft-cap's tanh argument scale of key block nb (softmax_scale / softcap): one per
+        launch here."""
+        return p.softcap_scale
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
     def tile_scale(p, b, h, mb):
         """What `score_scale` reads of a tile (TileEnv.scale): nothing here."""
         return np.float32(0)

@@ -57,23 +57,25 @@ class FlashForwardFP8(FlashForward):
     DTYPES = ("e4m3",)
     table_tiles = staticmethod(lambda head_dim, masked, long_queries=False: fp8_tiles_for(head_dim, masked))
 
-    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None):
+    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None, softcap=False):
         if out_dtype not in ("bf16", "f16"):
             raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
         self._out = out_dtype
-        super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles)
-        if self.block_n != smem.SWIZZLE_BYTES // FP8_BYTES:
-            # (V^T's stage holds D rows of block_n keys; one 128-byte swizzle row each)
-            raise ValueError(f"block_n {self.block_n}: the FP8 kernel's V^T rows are one 128-byte chunk")
+        super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles, softcap=softcap)
+        if self.block_n % (smem.SWIZZLE_BYTES // FP8_BYTES):
+            # (V^T's stage holds D rows of block_n keys in 128-byte swizzle chunks)
+            raise ValueError(f"block_n {self.block_n}: the FP8 kernel's V^T rows are whole 128-byte chunks")
         if self.q_in_registers:
             raise ValueError("the FP8 kernel reads Q from shared memory")
 
     def _geometry(self):
         D, BM, BN = self.head_dim, self.block_m, self.block_n
         self.chunk_cols = smem.SWIZZLE_BYTES // FP8_BYTES
-        if D % self.chunk_cols:
-            raise ValueError(f"head dim {D}: the FP8 kernel takes whole 128-byte rows")
-        self.chunks = D // self.chunk_cols
+        if D % mma.WGMMA_K["e4m3"]:
+            raise ValueError(f"head dim {D}: the FP8 GEMMs take the head dim in steps of {mma.WGMMA_K['e4m3']}")
+        # (Q and K rows round up to whole 128-byte chunks, as the 16-bit kernels' D = 96: TMA
+        # zero-fills the columns past D and the S GEMM's k steps stop at D)
+        self.chunks = -(-D // self.chunk_cols)
         self.q_chunk = BM * smem.SWIZZLE_BYTES
         self.kv_chunk = BN * smem.SWIZZLE_BYTES
         self.out_dtype = self._out
@@ -93,22 +95,40 @@ class FlashForwardFP8(FlashForward):
             return inv0 * vd, lse0, inv1 * vd, lse1
         self.finish = finish
 
-    @staticmethod
-    @cuda.jit(device=True, forceinline=True)
-    def tile_scale(p, b, h, mb):
-        """(scale log2 e times Q's descale of this tile, the address of its key head's K descale
-        row): what `score_scale` reads per key block."""
-        hq, _ = udivmod32(h, p.qd_ratio)
-        hk, _ = udivmod32(h, p.head_ratio)
-        qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block) * DESCALE_BYTES)
-        return p.scale_log2 * qd, p.kd_ptr + (b * p.kd_batch + hk * p.kd_head) * DESCALE_BYTES
+        self._scale_hooks()
 
-    @staticmethod
-    @cuda.jit(device=True, forceinline=True)
-    def score_scale(p, env, nb):
-        """c of key block nb: the tile's part times K's descale of the block."""
-        qs, kd_row = env.scale
-        return qs * memory.ld_global_nc_f32(kd_row + nb * p.kd_block * DESCALE_BYTES)
+    def _scale_hooks(self):
+        """tile_scale, score_scale, tanh_scale: the descales enter where the scores are scaled
+        first, the exponent's scale without a soft-cap, tanh's argument with one (the exponent's
+        then is softcap log2 e, one per launch)."""
+        SOFTCAP = self.softcap
+
+        @cuda.jit(device=True, forceinline=True)
+        def tile_scale(p, b, h, mb):
+            """(the first scale, log2 e scale or scale / softcap, times Q's descale of this tile,
+            the address of its key head's K descale row): what the per-block scale reads."""
+            hq, _ = udivmod32(h, p.qd_ratio)
+            hk, _ = udivmod32(h, p.head_ratio)
+            qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block)
+                                         * DESCALE_BYTES)
+            first = p.softcap_scale if SOFTCAP else p.scale_log2
+            return first * qd, p.kd_ptr + (b * p.kd_batch + hk * p.kd_head) * DESCALE_BYTES
+
+        @cuda.jit(device=True, forceinline=True)
+        def block_scale(p, env, nb):
+            """The tile's part times K's descale of key block nb."""
+            qs, kd_row = env.scale
+            return qs * memory.ld_global_nc_f32(kd_row + nb * p.kd_block * DESCALE_BYTES)
+
+        @cuda.jit(device=True, forceinline=True)
+        def score_scale(p, env, nb):
+            """c of key block nb."""
+            if SOFTCAP:
+                return p.scale_log2
+            return block_scale(p, env, nb)
+
+        self.tile_scale, self.tanh_scale = tile_scale, block_scale
+        self.score_scale = score_scale
 
     @property
     def pv(self):
@@ -117,31 +137,38 @@ class FlashForwardFP8(FlashForward):
                                  mma.Operand("k", self.head_dim * smem.SWIZZLE_BYTES))
 
     def v_loader(self):
-        """A key block's V^T (D rows of block_n keys) by one TMA box."""
-        STAGES, STAGE_BYTES = self.stages, self.chunks * self.kv_chunk
+        """A key block's V^T (D rows of block_n keys) by one TMA box per 128 keys: each box lands
+        as one K-major chunk of the P V GEMM's B operand."""
+        # (a V^T stage sits where the mainloop's PV GEMM reads it, one K stage's stride apart,
+        # and holds D rows of block_n keys, less than the stride where D rounds up)
+        STAGES, STAGE_STRIDE = self.stages, self.chunks * self.kv_chunk
+        STAGE_BYTES = self.head_dim * self.block_n * FP8_BYTES
         MAP_V = self.MAP_V * TENSOR_MAP_BYTES
+        KEY_CHUNKS, CHUNK_KEYS = self.block_n // self.chunk_cols, self.chunk_cols
+        CHUNK_BYTES = self.head_dim * smem.SWIZZLE_BYTES
 
         @cuda.jit(device=True, forceinline=True)
         def load_v(p, sh, state, hk, key, b):
             pipeline.producer_wait(sh.v_bars, STAGES, state)
             if special.elect_one():
                 pipeline.producer_expect(sh.v_bars, state, STAGE_BYTES)
-                tma.load(sh.v + state.stage * STAGE_BYTES, p.maps + MAP_V, (key, 0, hk, b),
-                         pipeline.full_barrier(sh.v_bars, state.stage))
+                for c in range(KEY_CHUNKS):
+                    tma.load(sh.v + state.stage * STAGE_STRIDE + c * CHUNK_BYTES, p.maps + MAP_V,
+                             (key + c * CHUNK_KEYS, 0, hk, b), pipeline.full_barrier(sh.v_bars, state.stage))
         return load_v
 
     def tensor_maps(self, q, k, vt, o):
-        """Q, K: (D, heads, seqlen, batch) in 128-column boxes; V^T (keys, D, heads, batch), one
-        box of block_n keys by D rows; O (16-bit) as the bf16 kernel's.  Strides in bytes."""
+        """Q, K: (D, heads, seqlen, batch) in 128-column boxes; V^T (keys, D, heads, batch) in
+        boxes of 128 keys by D rows; O (16-bit) as the bf16 kernel's.  Strides in bytes."""
         b, hk, d, skp = vt.shape
         vst = tuple(x * vt.itemsize for x in (vt.strides[2], vt.strides[1], vt.strides[0]))
-        v_spec = (vt.dtype, vt.ptr, (skp, d, hk, b), vst, (self.block_n, d, 1, 1))
+        v_spec = (vt.dtype, vt.ptr, (skp, d, hk, b), vst, (self.chunk_cols, d, 1, 1))
         return (bshd_spec(q, self.chunk_cols, self.block_m), bshd_spec(k, self.chunk_cols, self.block_n), v_spec,
                 bshd_spec(o, OUT_CHUNK_COLS, WGMMA_M))
 
-    def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, stream,
+    def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, softcap, stream,
                descales):
-        """descales: ((q address, batch, head, block strides, query heads per row), (k address,
+        """softcap: the soft-cap (0: none; the kernel's specialization must match).  descales: ((q address, batch, head, block strides, query heads per row), (k address,
         batch, head, block strides), (v address, batch, head strides)), strides in elements."""
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
@@ -150,17 +177,20 @@ class FlashForwardFP8(FlashForward):
         if self.mask_kind == mask.MASK_CAUSAL:
             section, tail = tile_scheduler.causal_order(m_blocks, heads * batch, grid, sk_max, self.head_dim,
                                                         heads // heads_k)
+        if bool(softcap) != self.softcap:
+            raise ValueError(f"softcap {softcap} given to a kernel built with softcap={self.softcap}")
+        tanh_scale, exp_scale = softmax.softcap_scales(softmax_scale, softcap)
         st = o.strides
         stream = launch.stream_handle(stream)
         (qd, qdb, qdh, qdm, qratio), (kd, kdb, kdh, kdn), (vd, vdb, vdh) = descales
         self.launch_with(grid, stream, ForwardFP8Params(
             table, lse_ptr, scheduler.tile_counters.get(stream), o.ptr, 0, 0, batch, heads,
             heads // heads_k, sq_max, sk_max, 0, 0, m_blocks, section, tail, window[0], window[1],
-            np.float32(softmax_scale * softmax.LOG2E), np.float32(softmax_scale), np.float32(0),
+            np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),
             st[1], st[2], st[0], heads * sq_max, sq_max, 0,
             qd, qdb, qdh, qdm, qratio, kd, kdb, kdh, kdn, vd, vdb, vdh))
 
 
 @functools.lru_cache(maxsize=None)
-def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16"):
-    return FlashForwardFP8(head_dim, mask_kind, out_dtype)
+def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16", softcap=False):
+    return FlashForwardFP8(head_dim, mask_kind, out_dtype, softcap=softcap)

@@ -67,7 +67,7 @@ def _constants(fwd):
     S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
     PACK = fwd.pack_p
     ONLINE_MAX, ONLINE_STEP = fwd.softmax_ops.online_max, fwd.softmax_ops.online_step
-    SCORE_SCALE = fwd.score_scale
+    SCORE_SCALE, TANH_SCALE = fwd.score_scale, fwd.tanh_scale
     MASKED = fwd.masked
     PINGPONG, OVERLAP = fwd.schedule.pingpong, fwd.schedule.overlap
     SOFTCAP, TRACE = fwd.softcap, fwd.trace
@@ -87,7 +87,7 @@ def _parts(c):
     """The step's pieces (`c`: `_constants`): stage addresses and releases, the first S GEMM, the
     scores' soft-cap and mask, the P V wait, the interleaved rescale's rounds."""
     BM, BN, STAGES, KV_STAGE, QK, S_ZERO = c.BM, c.BN, c.STAGES, c.KV_STAGE, c.QK, c.S_ZERO
-    MASKED, SOFTCAP, UNIFORM, Q_REGS = c.MASKED, c.SOFTCAP, c.UNIFORM, c.Q_REGS
+    MASKED, SOFTCAP, UNIFORM, Q_REGS, TANH_SCALE = c.MASKED, c.SOFTCAP, c.UNIFORM, c.Q_REGS, c.TANH_SCALE
     O_EDGES, P_EDGES, ROUNDS = c.O_EDGES, c.P_EDGES, c.ROUNDS
     turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
 
@@ -141,7 +141,7 @@ def _parts(c):
         """Soft-cap, then the mask where this block needs one.  Without a mask only a tile's
         first block (its last in key order) can be ragged; the loop's steps never see it."""
         if SOFTCAP:
-            s = tanh_rows(s, p.softcap_scale)
+            s = tanh_rows(s, TANH_SCALE(p, env, nb))
         base = nb * BN
         if MASKED:
             if mask.needs_mask(nb, mb, BM, BN, sq, sk, p.left, p.right):
@@ -182,7 +182,7 @@ def _parts(c):
 def _step(c, h, masked):
     """One step of the overlapped loop, with the mask or without (`masked`)."""
     BN, STAGES, KV_STAGE, QK, PV, S_ZERO, PACK = c.BN, c.STAGES, c.KV_STAGE, c.QK, c.PV, c.S_ZERO, c.PACK
-    ONLINE_MAX, ONLINE_STEP, SCORE_SCALE = c.ONLINE_MAX, c.ONLINE_STEP, c.SCORE_SCALE
+    ONLINE_MAX, ONLINE_STEP, SCORE_SCALE, TANH_SCALE = c.ONLINE_MAX, c.ONLINE_STEP, c.SCORE_SCALE, c.TANH_SCALE
     SOFTCAP, INTERLEAVE, UNIFORM, THRESHOLD, LAZY = c.SOFTCAP, c.INTERLEAVE, c.UNIFORM, c.THRESHOLD, c.LAZY
     TAIL_AFTER_WAIT, P_HEAD, P_REGS = c.TAIL_AFTER_WAIT, c.P_HEAD, c.P_REGS
     turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
@@ -218,7 +218,7 @@ def _step(c, h, masked):
             if nb == env.n_min:
                 release_q(env.q_empty, env.lane)
         if SOFTCAP:
-            s = tanh_rows(s, p.softcap_scale)
+            s = tanh_rows(s, TANH_SCALE(p, env, nb))
         if masked:
             s = mask.apply(s, nb, BN, env.col0, env.limits)
         if INTERLEAVE:

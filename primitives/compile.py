@@ -88,4 +88,11 @@ def ptxas_report(ptx, cubin=None):
     return dict(registers=int(regs.group(1)) if regs else None,
                 stack=int(stats.group(1)), spill_stores=int(stats.group(2)),
                 spill_loads=int(stats.group(3)),
-                warnings=[ln for ln in log.splitlines() if "warning" in ln.lower()], log=log)
+                warnings=[ln for ln in log.splitlines() if _is_warning(ln)], log=log)
+
+
+def _is_warning(line):
+    """A ptxas warning, or one of its performance notes (C75xx: wgmma serialized, e.g. C7510 for
+    a wgmma pipeline crossing a function boundary, C7512 for too few registers), which ptxas
+    prints as info lines."""
+    return "warning" in line.lower() or "Performance Loss" in line
