@@ -90,7 +90,8 @@ class Spec:
                     + (" varlen" if self.kind == "bwd_varlen" else "")
                     + (" deterministic" if self.deterministic else ""))
         if self.kind == "fp8":
-            return f"fp8 forward d{self.d} {self.mask} (with the quantizer and V's rearranging pass)"
+            return (f"fp8 forward d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
+                    + " (with the quantizer and V's rearranging pass)")
         from numba_fa3.tiles import has_long_tiles
         long = self.kind == "dense" and has_long_tiles(self.d, self.mask != "full", self.shape[1])
         return (f"forward {self.dtype} d{self.d} {self.mask}" + (" softcap" if self.softcap else "")
@@ -190,11 +191,12 @@ SPECS += [
                 [200, 17, 650, 1, 70], 4, 2, deterministic=True),                   # 60
 ]
 #: The FP8 forward (`forward_fp8`) with its V rearranging pass and the quantizer
-#: (precision="fp8"): both head dims, full / causal / local, GQA, ragged lengths, Sq != Sk.
+#: (precision="fp8"): every head dim, full / causal / local, soft-cap, GQA, ragged lengths, Sq != Sk.
 SPECS += [
     Spec("fp8_128_full", "fp8", "fp8", (2, 1000, 777, 4, 2), d=128),
     Spec("fp8_128_local", "fp8", "fp8", (2, 700, 900, 4, 1), d=128, mask="local", window=(150, 40)),
     Spec("fp8_256_causal", "fp8", "fp8", (2, 1023, 1025, 4, 2), d=256, mask="causal"),
+    Spec("fp8_64_causal_softcap", "fp8", "fp8", (2, 777, 1000, 4, 1), d=64, mask="causal", softcap=3.0),
 ]
 SPECS_BY_NAME = {s.name: s for s in SPECS}
 
@@ -461,7 +463,7 @@ def _run_fp8(spec, torch):
     q = rng.standard_normal((b, sq, h, spec.d)).astype(npdt)
     k = rng.standard_normal((b, sk, hk, spec.d)).astype(npdt)
     v = rng.standard_normal((b, sk, hk, spec.d)).astype(npdt)
-    kw = dict(causal=spec.mask == "causal", window_size=spec.window)
+    kw = dict(causal=spec.mask == "causal", window_size=spec.window, softcap=spec.softcap)
     tq, tk, tv = (_cuda(torch, x, "bf16") for x in (q, k, v))
     out = torch.full_like(tq, float("nan"))
     flash_attn(tq, tk, tv, out=out, precision="fp8", **kw)
