@@ -106,14 +106,15 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     natural log; -inf for rows that see no key, whose output is 0), both of the inputs' library.
     precision="fp8": quantize q, k, v to e4m3 (a random Hadamard rotation of q and k, block
     scales) and run the FP8 kernel (`api_fp8.flash_attn_fp8_from`; GPU inputs, head dims
-    tiles.FP8_HEAD_DIMS); None: the inputs' own precision.
+    tiles.FP8_HEAD_DIMS, no soft-cap yet); None: the inputs' own precision.
     """
     if precision not in (None, "fp8"):
         raise ValueError(f"precision must be None or 'fp8', got {precision!r}")
     if precision == "fp8":
+        if softcap:
+            raise ValueError("precision='fp8' has no soft-cap yet")
         from .api_fp8 import flash_attn_fp8_from
-        return flash_attn_fp8_from(q, k, v, softmax_scale, causal, window_size, return_lse, out, stream,
-                                   softcap=softcap)
+        return flash_attn_fp8_from(q, k, v, softmax_scale, causal, window_size, return_lse, out, stream)
     return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
                     forward_kernel)
 

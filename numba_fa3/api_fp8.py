@@ -62,15 +62,15 @@ def _descale(x, name, shapes, stream):
 
 
 def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
-                   window_size=(-1, -1), return_lse=False, out=None, out_dtype="bf16", stream=None, softcap=0.0):
+                   window_size=(-1, -1), return_lse=False, out=None, out_dtype="bf16", stream=None):
     """Attention over e4m3 inputs: softmax(dequant(q8) dequant(k8)^T * scale) dequant(v8), by the
     FP8 forward kernel (`forward_fp8`).
 
     q8 ``[B, Sq, H, D]``, k8 and v8 ``[B, Sk, Hk, D]`` (Hk dividing H), D in
     `tiles.FP8_HEAD_DIMS`; e4m3 codes as torch.float8_e4m3fn CUDA tensors, uint8 device arrays
     (Numba, CuPy: the bytes are e4m3 codes) or NumPy ml_dtypes.float8_e4m3fn arrays (copied to
-    the GPU, results copied back).  Descales: see the module.  causal, window_size and softcap
-    (on the dequantized scores: softcap * tanh(q k^T scale / softcap)) as `flash_attn`.  V is first rearranged into the kernel's V^T layout (`fp8_layout.transpose_v`:
+    the GPU, results copied back).  Descales: see the module.  causal and window_size as
+    `flash_attn`.  V is first rearranged into the kernel's V^T layout (`fp8_layout.transpose_v`:
     one pass over V, on the same stream).  Returns O ``[B, Sq, H, D]`` of `out_dtype` (bf16 or
     f16; `out` to write into), and with return_lse the LSE ``[B, H, Sq]`` (float32, natural
     log), as `flash_attn`."""
@@ -88,8 +88,8 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     api._check_heads(h, hk, d, dk, iv.shape[3], FP8_HEAD_DIMS)
     if min(b, sq, sk, h) < 1:
         raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
-    scale, cap, window, kind = api._options(d, softmax_scale, causal, window_size, softcap)
-    kern = forward_fp8_kernel(d, kind, out_dtype, cap > 0)
+    scale, cap, window, kind = api._options(d, softmax_scale, causal, window_size, 0.0)
+    kern = forward_fp8_kernel(d, kind, out_dtype)
     mq, nk = -(-sq // kern.block_m), -(-sk // kern.block_n)
     host = iq.kind == "numpy"
     if host:
@@ -120,7 +120,7 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
 
 
 def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                        out=None, stream=None, hadamard=True, seed=0, softcap=0.0):
+                        out=None, stream=None, hadamard=True, seed=0):
     """`flash_attn` in FP8: q, k, v (bf16 or fp16, `[B, S, H, D]`, GPU arrays) quantized by
     `quantize.quantize_fp8` (rotated by the same random Hadamard matrix when `hadamard`, Q and K
     per block of the kernel's tiles, V per head), then `flash_attn_fp8`; O of q's dtype."""
@@ -135,7 +135,7 @@ def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(
     q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v, hadamard=hadamard, seed=seed, block_m=block_m, block_n=block_n,
                                           v_granularity="head", stream=stream)
     return flash_attn_fp8(q8, k8, v8, qd, kd, vd, softmax_scale, causal, window_size, return_lse, out,
-                          iq.dtype, stream, softcap)
+                          iq.dtype, stream)
 
 
 __all__ = ["flash_attn_fp8", "flash_attn_fp8_from", "fp8_blocks"]
