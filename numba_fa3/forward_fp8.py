@@ -10,6 +10,8 @@ The bf16 forward's collectives with three changes, each a hook of `forward.Flash
   exponent's units (`softmax.exponent_units`) and P lifted by 2^`P_OFFSET_LOG2` into e4m3's
   range;
 - the epilogue scales O by V's descale (one per key head) with 1 / l, and stores the 16-bit O.
+With a soft-cap (the `softcap` specialization) the descales go into tanh's argument instead of
+the exponent's scale (`_scale_hooks`).
 
 Descales are float32 arrays read through strides, so one kernel serves per-tensor (all strides
 0), per-(batch, head) (block stride 0) and per-block descales (Q per `block_m` query rows, K per
@@ -105,8 +107,9 @@ class FlashForwardFP8(FlashForward):
 
         @cuda.jit(device=True, forceinline=True)
         def tile_scale(p, b, h, mb):
-            """(the first scale, log2 e scale or scale / softcap, times Q's descale of this tile,
-            the address of its key head's K descale row): what the per-block scale reads."""
+            """(Q's descale of this tile times the scale the descales enter: scale log2 e, or
+            scale / softcap with a soft-cap; the address of its key head's K descale row): what
+            the per-block scale reads."""
             hq, _ = udivmod32(h, p.qd_ratio)
             hk, _ = udivmod32(h, p.head_ratio)
             qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block)
@@ -168,8 +171,9 @@ class FlashForwardFP8(FlashForward):
 
     def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, softcap, stream,
                descales):
-        """softcap: the soft-cap (0: none; the kernel's specialization must match).  descales: ((q address, batch, head, block strides, query heads per row), (k address,
-        batch, head, block strides), (v address, batch, head strides)), strides in elements."""
+        """softcap: the soft-cap (0: none; the kernel's specialization must match).  descales:
+        ((q address, batch, head, block strides, query heads per row), (k address, batch, head,
+        block strides), (v address, batch, head strides)), strides in elements."""
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
         grid = scheduler.persistent_grid(tiles, launch.sm_count())
