@@ -205,4 +205,26 @@ def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(
                           iq.dtype, stream, softcap)
 
 
-__all__ = ["flash_attn_fp8", "flash_attn_fp8_varlen", "flash_attn_fp8_from", "fp8_blocks"]
+__all__ = ["flash_attn_fp8", "flash_attn_fp8_varlen", "flash_attn_fp8_from", "flash_attn_fp8_varlen_from",
+           "fp8_blocks"]
+
+
+def flash_attn_fp8_varlen_from(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                               causal=False, window_size=(-1, -1), return_lse=False, out=None, stream=None,
+                               hadamard=True, seed=0, softcap=0.0):
+    """`flash_attn_varlen` in FP8: packed q, k, v (bf16 or fp16 GPU arrays) quantized per sequence
+    by `quantize.quantize_fp8_varlen` (blocks of the kernel's tiles from each sequence's first
+    row, V per sequence and head), then `flash_attn_fp8_varlen`; O of q's dtype."""
+    from .quantize import quantize_fp8_varlen
+    iq = tensors.inspect(q, "q", stream)
+    if iq.kind == "numpy":
+        raise TypeError("precision='fp8' takes GPU arrays (the quantizer runs on the GPU)")
+    d = iq.shape[-1]
+    if d not in FP8_HEAD_DIMS:
+        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {d}")
+    block_m, block_n = fp8_blocks(d, causal, window_size)
+    q8, k8, v8, qd, kd, vd = quantize_fp8_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 hadamard=hadamard, seed=seed, block_m=block_m, block_n=block_n,
+                                                 v_granularity="head", stream=stream)
+    return flash_attn_fp8_varlen(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qd, kd, vd,
+                                 softmax_scale, causal, window_size, softcap, return_lse, out, iq.dtype, stream)

@@ -293,6 +293,29 @@ def test_fp8_varlen_matches_dense(d, causal, window, block_descales):
 
 
 @gpu
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
+def test_precision_fp8_varlen_is_each_sequence(d, causal):
+    """flash_attn_varlen(precision="fp8"): each sequence's rows are flash_attn(precision="fp8")'s
+    of that sequence alone, bit for bit (the quantizer's blocks start at each sequence)."""
+    import torch
+    torch.manual_seed(d)
+    lens_q, lens_k = [257, 1, 0, 100], [300, 1, 7, 64]
+    cuq = torch.tensor(np.concatenate([[0], np.cumsum(lens_q)]), dtype=torch.int32, device="cuda")
+    cuk = torch.tensor(np.concatenate([[0], np.cumsum(lens_k)]), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = numba_fa3.flash_attn_varlen(q, k, v, cuq, cuk, max(lens_q), max(lens_k), causal=causal, precision="fp8")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    for i in range(len(lens_q)):
+        rows = slice(int(cuq[i]), int(cuq[i + 1]))
+        keys = slice(int(cuk[i]), int(cuk[i + 1]))
+        if not lens_q[i]:
+            continue
+        want = numba_fa3.flash_attn(q[None, rows], k[None, keys], v[None, keys], causal=causal, precision="fp8")
+        assert torch.equal(out[rows].view(torch.int16), want[0].view(torch.int16)), i
+
+
+@gpu
 def test_fp8_forward_deterministic():
     import torch
     rng = np.random.default_rng(5)
