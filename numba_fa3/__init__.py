@@ -35,4 +35,4 @@ _mount_beside()
 from numba_fa3.ptx_inline import _numpy_compat  # noqa: E402,F401  (first: before numba-cuda loads)
 from .api import (flash_attn, flash_attn_backward, flash_attn_varlen,  # noqa: E402,F401
                   flash_attn_varlen_backward)
-from .api_fp8 import flash_attn_fp8  # noqa: E402,F401
+from .api_fp8 import flash_attn_fp8, flash_attn_fp8_varlen  # noqa: E402,F401

@@ -106,15 +106,14 @@ def flash_attn(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), 
     natural log; -inf for rows that see no key, whose output is 0), both of the inputs' library.
     precision="fp8": quantize q, k, v to e4m3 (a random Hadamard rotation of q and k, block
     scales) and run the FP8 kernel (`api_fp8.flash_attn_fp8_from`; GPU inputs, head dims
-    tiles.FP8_HEAD_DIMS, no soft-cap yet); None: the inputs' own precision.
+    tiles.FP8_HEAD_DIMS); None: the inputs' own precision.
     """
     if precision not in (None, "fp8"):
         raise ValueError(f"precision must be None or 'fp8', got {precision!r}")
     if precision == "fp8":
-        if softcap:
-            raise ValueError("precision='fp8' has no soft-cap yet")
         from .api_fp8 import flash_attn_fp8_from
-        return flash_attn_fp8_from(q, k, v, softmax_scale, causal, window_size, return_lse, out, stream)
+        return flash_attn_fp8_from(q, k, v, softmax_scale, causal, window_size, return_lse, out, stream,
+                                   softcap=softcap)
     return _forward(q, k, v, softmax_scale, causal, window_size, softcap, return_lse, out, stream,
                     forward_kernel)
 
@@ -211,7 +210,8 @@ def _cu_on_device(cu, host):
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                      causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False, out=None, stream=None):
+                      causal=False, window_size=(-1, -1), softcap=0.0, return_lse=False, out=None, stream=None,
+                      precision=None):
     """Attention over sequences packed along one token axis: q `[Tq, H, D]`, k/v `[Tk, Hk, D]`;
     sequence i is tokens cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:
     cu_seqlens_k[i+1] of k and v (int32 arrays of batch + 1 entries, starting at 0).
@@ -219,9 +219,17 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     are allowed (an empty key sequence gives zero output rows and LSE -inf).  Masks and softcap
     as in `flash_attn`, per sequence.  dtypes, array kinds, `out` ([Tq, H, D]) and `stream` as in
     `flash_attn`; cu_seqlens are int32 arrays on the GPU with GPU inputs (not read on the host)
-    and NumPy arrays with NumPy inputs (checked).  Returns out `[Tq, H, D]` and with return_lse
-    the LSE `[H, Tq]` (float32).
+    and NumPy arrays with NumPy inputs (checked).  precision="fp8": each sequence quantized on
+    its own (`quantize.quantize_fp8_varlen`), then `api_fp8.flash_attn_fp8_varlen` (GPU inputs).
+    Returns out `[Tq, H, D]` and with return_lse the LSE `[H, Tq]` (float32).
     """
+    if precision not in (None, "fp8"):
+        raise ValueError(f"precision must be None or 'fp8', got {precision!r}")
+    if precision == "fp8":
+        from .api_fp8 import flash_attn_fp8_varlen_from
+        return flash_attn_fp8_varlen_from(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          softmax_scale, causal, window_size, return_lse, out, stream,
+                                          softcap=softcap)
     iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q, "q"), (k, "k"), (v, "v")))
     _check_layout([(iq, "q"), (ik, "k"), (iv, "v")], 3, "[total_tokens, heads, head_dim]")
     tq, h, d = iq.shape

@@ -62,15 +62,15 @@ def _descale(x, name, shapes, stream):
 
 
 def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None, causal=False,
-                   window_size=(-1, -1), return_lse=False, out=None, out_dtype="bf16", stream=None):
+                   window_size=(-1, -1), return_lse=False, out=None, out_dtype="bf16", stream=None, softcap=0.0):
     """Attention over e4m3 inputs: softmax(dequant(q8) dequant(k8)^T * scale) dequant(v8), by the
     FP8 forward kernel (`forward_fp8`).
 
     q8 ``[B, Sq, H, D]``, k8 and v8 ``[B, Sk, Hk, D]`` (Hk dividing H), D in
     `tiles.FP8_HEAD_DIMS`; e4m3 codes as torch.float8_e4m3fn CUDA tensors, uint8 device arrays
     (Numba, CuPy: the bytes are e4m3 codes) or NumPy ml_dtypes.float8_e4m3fn arrays (copied to
-    the GPU, results copied back).  Descales: see the module.  causal and window_size as
-    `flash_attn`.  V is first rearranged into the kernel's V^T layout (`fp8_layout.transpose_v`:
+    the GPU, results copied back).  Descales: see the module.  causal, window_size and softcap
+    (on the dequantized scores: softcap * tanh(q k^T scale / softcap)) as `flash_attn`.  V is first rearranged into the kernel's V^T layout (`fp8_layout.transpose_v`:
     one pass over V, on the same stream).  Returns O ``[B, Sq, H, D]`` of `out_dtype` (bf16 or
     f16; `out` to write into), and with return_lse the LSE ``[B, H, Sq]`` (float32, natural
     log), as `flash_attn`."""
@@ -88,8 +88,8 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     api._check_heads(h, hk, d, dk, iv.shape[3], FP8_HEAD_DIMS)
     if min(b, sq, sk, h) < 1:
         raise ValueError(f"empty attention: batch {b}, seqlen_q {sq}, seqlen_k {sk}, heads {h}")
-    scale, cap, window, kind = api._options(d, softmax_scale, causal, window_size, 0.0)
-    kern = forward_fp8_kernel(d, kind, out_dtype)
+    scale, cap, window, kind = api._options(d, softmax_scale, causal, window_size, softcap)
+    kern = forward_fp8_kernel(d, kind, out_dtype, cap > 0)
     mq, nk = -(-sq // kern.block_m), -(-sk // kern.block_n)
     host = iq.kind == "numpy"
     if host:
@@ -119,8 +119,75 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     return api._results(o, lse, like, io, host, out, stream, return_lse)
 
 
+def flash_attn_fp8_varlen(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale=None,
+                          k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1),
+                          softcap=0.0, return_lse=False, out=None, out_dtype="bf16", stream=None):
+    """`flash_attn_fp8` over sequences packed along one token axis, as `flash_attn_varlen`:
+    q8 ``[Tq, H, D]``, k8 and v8 ``[Tk, Hk, D]`` (e4m3 codes as `flash_attn_fp8` takes them),
+    cu_seqlens_q / cu_seqlens_k (int32, batch + 1 entries from 0; GPU arrays with GPU inputs, not
+    read on the host, NumPy with NumPy inputs) and max_seqlen_q / max_seqlen_k bounding every
+    sequence.  Descales as `flash_attn_fp8`'s with B the number of sequences: a number, per
+    (sequence, head) ``[B, H]`` / ``[B, Hk]``, or per block of a sequence's kernel tiles ``[B, H |
+    Hk, ceil(max_seqlen_q / block_m)]`` and ``[B, Hk, ceil(max_seqlen_k / block_n)]`` (a
+    sequence's blocks start at its first token).  V is rearranged first by
+    `fp8_layout.transpose_v_varlen`.  Returns O ``[Tq, H, D]`` of `out_dtype`, and with return_lse
+    the LSE ``[H, Tq]``."""
+    iq, ik, iv = (tensors.inspect(x, n, stream) for x, n in ((q8, "q8"), (k8, "k8"), (v8, "v8")))
+    api._check_layout([(iq, "q8"), (ik, "k8"), (iv, "v8")], 3, "[total_tokens, heads, head_dim]",
+                      (("e4m3",), "e4m3 codes (float8_e4m3fn or uint8)"))
+    if out_dtype not in ("bf16", "f16"):
+        raise ValueError(f"out_dtype must be 'bf16' or 'f16', got {out_dtype!r}")
+    tq, h, d = iq.shape
+    tk, hk, dk = ik.shape
+    if iv.shape != ik.shape:
+        raise ValueError(f"k8 and v8 must have the same shape, got {ik.shape} and {iv.shape}")
+    api._check_heads(h, hk, d, dk, iv.shape[2], FP8_HEAD_DIMS)
+    if h < 1:
+        raise ValueError("no heads")
+    scale, cap, window, kind = api._options(d, softmax_scale, causal, window_size, softcap)
+    host = iq.kind == "numpy"
+    cuq, cuk, bq, max_q, max_k = api._sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tq, tk,
+                                                host, stream)
+    kern = forward_fp8_kernel(d, kind, out_dtype, cap > 0, True)
+    mq, nk = max(1, -(-max_q // kern.block_m)), max(1, -(-max_k // kern.block_n))
+    if host:
+        if out is not None:
+            raise TypeError("out= is for GPU inputs; NumPy inputs get a new NumPy result")
+        iq, ik, iv = tensors.upload(iq), tensors.upload(ik), tensors.upload(iv)
+    (cuq, cuq_ptr), (cuk, cuk_ptr) = api._cu_on_device(cuq, host), api._cu_on_device(cuk, host)
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream(iq.obj)
+    api._check_tma([(iq, "q8"), (ik, "k8"), (iv, "v8")])
+    qd_ptr, qd_st, qd_obj, qd_shape = _descale(q_descale, "q_descale", [(bq, h), (bq, hk), (bq, h, mq), (bq, hk, mq)],
+                                               stream)
+    qd_ratio = h // hk if qd_shape is not None and qd_shape[1] == hk else 1
+    kd_ptr, kd_st, kd_obj, _ = _descale(k_descale, "k_descale", [(bq, hk), (bq, hk, nk)], stream)
+    vd_ptr, vd_st, vd_obj, _ = _descale(v_descale, "v_descale", [(bq, hk)], stream)
+    o_like = tensors.TensorInfo(iq.ptr, iq.shape, iq.strides, out_dtype, iq.kind, iq.obj, iq.owner)
+    o, io = api._output(out, o_like, (tq, h, d), stream)
+    lse = tensors.empty_like_kind(iq, (h, tq), "f32")
+    keep = (qd_obj, kd_obj, vd_obj, iq.obj, ik.obj, iv.obj, cuq, cuk)
+    if tq and not tk:
+        tensors.fill(o, 0)
+        tensors.fill(lse, -np.inf)
+    elif tq and max_q:
+        vt = fp8_layout.transpose_v_varlen(iv.obj, cuk, max_k, stream=stream)
+        ivt = tensors.inspect(vt, "vt", stream)
+        ivt = tensors.TensorInfo(ivt.ptr, (1,) + ivt.shape, (0,) + tuple(ivt.strides), ivt.dtype, ivt.kind, ivt.obj,
+                                 ivt.owner)
+        table = descriptor_tables.get(kern.tensor_maps(*(api._as_batch_of_one(x) for x in (iq, ik)), ivt,
+                                                       api._as_batch_of_one(io)))
+        kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max_k, window, scale, cap, stream,
+                    ((qd_ptr, *qd_st, qd_ratio), (kd_ptr, *kd_st), (vd_ptr, *vd_st)),
+                    cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
+        keep += (vt,)
+    if iq.kind != "torch":
+        api._keep_until_done(keep, stream)
+    return api._results(o, lse, iq, io, host, out, stream, return_lse)
+
+
 def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                        out=None, stream=None, hadamard=True, seed=0):
+                        out=None, stream=None, hadamard=True, seed=0, softcap=0.0):
     """`flash_attn` in FP8: q, k, v (bf16 or fp16, `[B, S, H, D]`, GPU arrays) quantized by
     `quantize.quantize_fp8` (rotated by the same random Hadamard matrix when `hadamard`, Q and K
     per block of the kernel's tiles, V per head), then `flash_attn_fp8`; O of q's dtype."""
@@ -135,7 +202,29 @@ def flash_attn_fp8_from(q, k, v, softmax_scale=None, causal=False, window_size=(
     q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v, hadamard=hadamard, seed=seed, block_m=block_m, block_n=block_n,
                                           v_granularity="head", stream=stream)
     return flash_attn_fp8(q8, k8, v8, qd, kd, vd, softmax_scale, causal, window_size, return_lse, out,
-                          iq.dtype, stream)
+                          iq.dtype, stream, softcap)
 
 
-__all__ = ["flash_attn_fp8", "flash_attn_fp8_from", "fp8_blocks"]
+__all__ = ["flash_attn_fp8", "flash_attn_fp8_varlen", "flash_attn_fp8_from", "flash_attn_fp8_varlen_from",
+           "fp8_blocks"]
+
+
+def flash_attn_fp8_varlen_from(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                               causal=False, window_size=(-1, -1), return_lse=False, out=None, stream=None,
+                               hadamard=True, seed=0, softcap=0.0):
+    """`flash_attn_varlen` in FP8: packed q, k, v (bf16 or fp16 GPU arrays) quantized per sequence
+    by `quantize.quantize_fp8_varlen` (blocks of the kernel's tiles from each sequence's first
+    row, V per sequence and head), then `flash_attn_fp8_varlen`; O of q's dtype."""
+    from .quantize import quantize_fp8_varlen
+    iq = tensors.inspect(q, "q", stream)
+    if iq.kind == "numpy":
+        raise TypeError("precision='fp8' takes GPU arrays (the quantizer runs on the GPU)")
+    d = iq.shape[-1]
+    if d not in FP8_HEAD_DIMS:
+        raise ValueError(f"the FP8 forward supports head dims {FP8_HEAD_DIMS}, got {d}")
+    block_m, block_n = fp8_blocks(d, causal, window_size)
+    q8, k8, v8, qd, kd, vd = quantize_fp8_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 hadamard=hadamard, seed=seed, block_m=block_m, block_n=block_n,
+                                                 v_granularity="head", stream=stream)
+    return flash_attn_fp8_varlen(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qd, kd, vd,
+                                 softmax_scale, causal, window_size, softcap, return_lse, out, iq.dtype, stream)

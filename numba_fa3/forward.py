@@ -164,13 +164,15 @@ class FlashForward(launch.HopperKernel):
         return softmax.finish(st, p.softmax_scale)
 
     def v_loader(self):
-        """load_v(p, sh, state, kv_head, first_key, batch): a key block's V into its ring
-        stage (the producer's V load), V as the tensor is laid out."""
+        """load_v(p, sh, state, kv_head, first_key, batch, seq, k_off): a key block's V into its
+        ring stage (the producer's V load), V as the tensor is laid out; `batch` is the map's
+        coordinate (0 when packed), `seq` the sequence, whose keys start at row k_off (what a
+        packed layout of its own needs: `forward_fp8`)."""
         load = stage_loader(self.stages, self.chunks, self.kv_chunk, self.chunk_cols)
         MAP_V = self.MAP_V * TENSOR_MAP_BYTES
 
         @cuda.jit(device=True, forceinline=True)
-        def load_v(p, sh, state, hk, key, b):
+        def load_v(p, sh, state, hk, key, b, seq, k_off):
             load(p.maps + MAP_V, sh.v_bars, sh.v, state, (hk, key, b))
         return load_v
 

@@ -10,8 +10,6 @@ The bf16 forward's collectives with three changes, each a hook of `forward.Flash
   exponent's units (`softmax.exponent_units`) and P lifted by 2^`P_OFFSET_LOG2` into e4m3's
   range;
 - the epilogue scales O by V's descale (one per key head) with 1 / l, and stores the 16-bit O.
-With a soft-cap (the `softcap` specialization) the descales go into tanh's argument instead of
-the exponent's scale (`_scale_hooks`).
 
 Descales are float32 arrays read through strides, so one kernel serves per-tensor (all strides
 0), per-(batch, head) (block stride 0) and per-block descales (Q per `block_m` query rows, K per
@@ -29,7 +27,7 @@ from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES, bshd_spec
 from numba_fa3.ptx_inline import memory, special, tma
-from . import fp8_model, mask, softmax, tile_scheduler
+from . import fp8_layout, fp8_model, mask, softmax, tile_scheduler
 from .forward import FORWARD_FIELDS, FULL_SCHEDULE, FlashForward
 from .tiles import fp8_tiles_for
 
@@ -59,11 +57,12 @@ class FlashForwardFP8(FlashForward):
     DTYPES = ("e4m3",)
     table_tiles = staticmethod(lambda head_dim, masked, long_queries=False: fp8_tiles_for(head_dim, masked))
 
-    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None, softcap=False):
+    def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None, softcap=False,
+                 varlen=False):
         if out_dtype not in ("bf16", "f16"):
             raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
         self._out = out_dtype
-        super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles, softcap=softcap)
+        super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles, softcap=softcap, varlen=varlen)
         if self.block_n % (smem.SWIZZLE_BYTES // FP8_BYTES):
             # (V^T's stage holds D rows of block_n keys in 128-byte swizzle chunks)
             raise ValueError(f"block_n {self.block_n}: the FP8 kernel's V^T rows are whole 128-byte chunks")
@@ -107,9 +106,8 @@ class FlashForwardFP8(FlashForward):
 
         @cuda.jit(device=True, forceinline=True)
         def tile_scale(p, b, h, mb):
-            """(Q's descale of this tile times the scale the descales enter: scale log2 e, or
-            scale / softcap with a soft-cap; the address of its key head's K descale row): what
-            the per-block scale reads."""
+            """(the first scale, log2 e scale or scale / softcap, times Q's descale of this tile,
+            the address of its key head's K descale row): what the per-block scale reads."""
             hq, _ = udivmod32(h, p.qd_ratio)
             hk, _ = udivmod32(h, p.head_ratio)
             qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block)
@@ -150,9 +148,15 @@ class FlashForwardFP8(FlashForward):
         KEY_CHUNKS, CHUNK_KEYS = self.block_n // self.chunk_cols, self.chunk_cols
         CHUNK_BYTES = self.head_dim * smem.SWIZZLE_BYTES
 
+        VARLEN = self.varlen
+        varlen_start = cuda.jit(device=True, forceinline=True)(fp8_layout.varlen_start)
+
         @cuda.jit(device=True, forceinline=True)
-        def load_v(p, sh, state, hk, key, b):
+        def load_v(p, sh, state, hk, key, b, seq, k_off):
             pipeline.producer_wait(sh.v_bars, STAGES, state)
+            if VARLEN:
+                # (the sequence's keys start at its V^T column, fp8_layout.varlen_start)
+                key = key - k_off + varlen_start(k_off, seq)
             if special.elect_one():
                 pipeline.producer_expect(sh.v_bars, state, STAGE_BYTES)
                 for c in range(KEY_CHUNKS):
@@ -170,10 +174,11 @@ class FlashForwardFP8(FlashForward):
                 bshd_spec(o, OUT_CHUNK_COLS, WGMMA_M))
 
     def launch(self, table, lse_ptr, o, batch, heads, heads_k, sq_max, sk_max, window, softmax_scale, softcap, stream,
-               descales):
+               descales, cu_seqlens=(0, 0), lse_strides=None, total=(0, 0)):
         """softcap: the soft-cap (0: none; the kernel's specialization must match).  descales:
         ((q address, batch, head, block strides, query heads per row), (k address, batch, head,
-        block strides), (v address, batch, head strides)), strides in elements."""
+        block strides), (v address, batch, head strides)), strides in elements; with varlen a
+        batch entry is a sequence.  cu_seqlens, lse_strides, total: as `FlashForward.launch`'s."""
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
         grid = scheduler.persistent_grid(tiles, launch.sm_count())
@@ -185,16 +190,19 @@ class FlashForwardFP8(FlashForward):
             raise ValueError(f"softcap {softcap} given to a kernel built with softcap={self.softcap}")
         tanh_scale, exp_scale = softmax.softcap_scales(softmax_scale, softcap)
         st = o.strides
+        o_strides = (st[0], st[1], 0) if self.varlen else (st[1], st[2], st[0])
+        if lse_strides is None:
+            lse_strides = (heads * sq_max, sq_max)
         stream = launch.stream_handle(stream)
         (qd, qdb, qdh, qdm, qratio), (kd, kdb, kdh, kdn), (vd, vdb, vdh) = descales
         self.launch_with(grid, stream, ForwardFP8Params(
-            table, lse_ptr, scheduler.tile_counters.get(stream), o.ptr, 0, 0, batch, heads,
-            heads // heads_k, sq_max, sk_max, 0, 0, m_blocks, section, tail, window[0], window[1],
+            table, lse_ptr, scheduler.tile_counters.get(stream), o.ptr, cu_seqlens[0], cu_seqlens[1], batch, heads,
+            heads // heads_k, sq_max, sk_max, total[0], total[1], m_blocks, section, tail, window[0], window[1],
             np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),
-            st[1], st[2], st[0], heads * sq_max, sq_max, 0,
+            *o_strides, *lse_strides, 0,
             qd, qdb, qdh, qdm, qratio, kd, kdb, kdh, kdn, vd, vdb, vdh))
 
 
 @functools.lru_cache(maxsize=None)
-def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16", softcap=False):
-    return FlashForwardFP8(head_dim, mask_kind, out_dtype, softcap=softcap)
+def forward_fp8_kernel(head_dim, mask_kind, out_dtype="bf16", softcap=False, varlen=False):
+    return FlashForwardFP8(head_dim, mask_kind, out_dtype, softcap=softcap, varlen=varlen)

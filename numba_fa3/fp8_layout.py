@@ -55,7 +55,8 @@ from numba_fa3.ptx_inline import memory, special
 
 __all__ = ["KEY_GROUP", "HALF_GROUP", "TILE_KEYS", "HEAD_DIMS", "key_permutation", "padded_keys",
            "transpose_v_like_kernel", "staged_piece", "TransposeVKernel", "transpose_kernel",
-           "transpose_v", "bytes_moved"]
+           "transpose_v", "bytes_moved", "VARLEN_ALIGN", "VARLEN_GAP", "varlen_start", "varlen_columns",
+           "transpose_v_varlen_like_kernel", "transpose_v_varlen"]
 
 # --- the permutation ------------------------------------------------------------------------------
 
@@ -95,6 +96,48 @@ def padded_keys(sk):
     if isinstance(sk, bool) or not isinstance(sk, (int, np.integer)) or sk < 0:
         raise ValueError(f"the number of keys must be an int >= 0, got {sk!r}")
     return -(-int(sk) // KEY_GROUP) * KEY_GROUP
+
+
+#: Packed (varlen) V^T: sequence i's keys start at column ``varlen_start(cu[i], i)`` of one
+#: ``[Hk, D, varlen_columns(Tk, n)]`` array.  Starts are 16-key aligned (the kernel writes whole
+#: 16-key blocks) and at least `VARLEN_GAP` - 15 columns past the previous sequence's last key,
+#: so each sequence's region holds its keys rounded up to `KEY_GROUP` (the permutation works
+#: per 32 keys from the sequence's start) and is written whole, zeros past its keys: the FP8
+#: kernel's boxes that run past a sequence read finite codes, which its zero P ignores.
+VARLEN_ALIGN, VARLEN_GAP = 16, 48
+
+
+def varlen_start(k_off, seq):
+    """The V^T column of key 0 of sequence `seq`, whose keys start at row `k_off` of the packed
+    v8 (plain integer arithmetic: the kernels' and the host's)."""
+    return (k_off & -VARLEN_ALIGN) + VARLEN_GAP * seq
+
+
+def varlen_columns(total_keys, seqs):
+    """Columns of a packed V^T of `seqs` sequences and `total_keys` keys: the start of a
+    sequence past the last."""
+    return varlen_start(int(total_keys), int(seqs))
+
+
+def transpose_v_varlen_like_kernel(v8, cu_seqlens_k):
+    """The packed layout in NumPy (what `transpose_v_varlen` computes, bit for bit): v8 uint8
+    (or float8_e4m3fn) ``[Tk, Hk, D]`` and cu_seqlens_k (n + 1 entries from 0 to Tk) -> vt uint8
+    ``[Hk, D, varlen_columns(Tk, n)]``: sequence i's keys transposed and permuted as
+    `transpose_v_like_kernel`'s, from column ``varlen_start(cu[i], i)``, zeros elsewhere."""
+    v8 = _codes(v8, "v8")
+    if v8.ndim != 3:
+        raise ValueError(f"v8 must be [total_keys, key heads, head_dim], got shape {v8.shape}")
+    cu = np.asarray(cu_seqlens_k, dtype=np.int64)
+    tk, hk, d = v8.shape
+    n = len(cu) - 1
+    vt = np.zeros((hk, d, varlen_columns(tk, n)), dtype=np.uint8)
+    for i in range(n):
+        lo, hi = int(cu[i]), int(cu[i + 1])
+        if hi > lo:
+            part = transpose_v_like_kernel(v8[None, lo:hi])[0]    # [Hk, D, padded_keys(len)]
+            start = varlen_start(lo, i)
+            vt[:, :, start:start + part.shape[2]] = part
+    return vt
 
 
 def _codes(v8, name):
@@ -166,13 +209,13 @@ def _head_dim(head_dim):
     return int(head_dim)
 
 
-#: The kernel's parameters: the input's and the output's addresses; key heads, keys (Sk), padded
-#: keys (Sk_pad, the output's row length), tiles per (batch, head); the input's (batch, key,
-#: head) strides in bytes.
+#: The kernel's parameters: the input's and the output's addresses; key heads, keys (Sk; packed:
+#: Tk), padded keys (the output's row length: Sk_pad; packed: `varlen_columns`), tiles per
+#: (batch, head); the input's (batch, key, head) strides in bytes; packed, cu_seqlens_k (int32).
 TransposeParams = launch.params("TransposeVParams", [
     ("v_ptr", _U64), ("out_ptr", _U64),
     ("heads", _I32), ("seqlen", _I32), ("padded", _I32), ("tiles", _I32),
-    ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64)])
+    ("v_batch_stride", _I64), ("v_row_stride", _I64), ("v_head_stride", _I64), ("cu_ptr", _U64)])
 
 
 class TransposeVKernel(launch.HopperKernel):
@@ -182,8 +225,9 @@ class TransposeVKernel(launch.HopperKernel):
 
     PARAMS = TransposeParams
 
-    def __init__(self, head_dim=128):
+    def __init__(self, head_dim=128, varlen=False):
         self.head_dim = _head_dim(head_dim)
+        self.varlen = bool(varlen)
         self.threads = BLOCKS * self.head_dim // WORD_BYTES   # one output unit each
         plan = smem.SharedLayout()
         plan.add("rows", TILE_KEYS * self.head_dim, align=PIECE_BYTES)
@@ -195,8 +239,9 @@ class TransposeVKernel(launch.HopperKernel):
         return TILE_KEYS * self.head_dim // PIECE_BYTES // self.threads
 
     def body(self):
-        D, THREADS = self.head_dim, self.threads
+        D, THREADS, VARLEN = self.head_dim, self.threads, self.varlen
         ROW_PIECES = D // PIECE_BYTES
+        start_of = cuda.jit(device=True, forceinline=True)(varlen_start)
         LOADS = self.loads_per_thread
         OFF_ROWS = self.smem.offsets["rows"]
         sigma = key_permutation()
@@ -227,15 +272,32 @@ class TransposeVKernel(launch.HopperKernel):
             rest, tile = udivmod32(np.uint32(cuda.blockIdx.x), p.tiles)
             b, h = udivmod32(rest, p.heads)
             first = tile * np.int32(TILE_KEYS)
-            last = p.seqlen - np.int32(1)
-            src = p.v_ptr + b * p.v_batch_stride + h * p.v_head_stride
+            if VARLEN:
+                # sequence b: its keys, and its region of the output's columns (written whole)
+                # (clamped to the packed keys as the attention kernel's scheduler clamps them:
+                # the same starts, and no read out of bounds for bad cu_seqlens)
+                lo = min(max(memory.ld_global_s32(p.cu_ptr + b * np.int32(4)), np.int32(0)), p.seqlen)
+                hi = min(max(memory.ld_global_s32(p.cu_ptr + (b + np.int32(1)) * np.int32(4)), lo), p.seqlen)
+                col0 = start_of(lo, b)
+                region = start_of(hi, b + np.int32(1)) - col0
+                last = hi - lo - np.int32(1)
+                # (an empty sequence at the end re-reads the last key, not one past it)
+                src = p.v_ptr + min(lo, p.seqlen - np.int32(1)) * p.v_row_stride + h * p.v_head_stride
+                out_row0 = h * np.int64(D)
+            else:
+                col0 = np.int32(0)
+                region = p.padded
+                last = p.seqlen - np.int32(1)
+                src = p.v_ptr + b * p.v_batch_stride + h * p.v_head_stride
+                out_row0 = (b * p.heads + h) * np.int64(D)
             # Every load is issued before the first shared store waits for one.  Keys past the
-            # end re-read the last key (an address inside v8) and are stored as zeros, the
-            # padding's bytes.
+            # end re-read the last key (an address inside v8; a packed empty sequence reads a
+            # neighbour's) and are stored as zeros, the padding's bytes.
+            top = max(last, np.int32(0))
             x = ()
             for i in static_range(LOADS):
                 key, c = udivmod32(tid + np.int32(constexpr(i * THREADS)), ROW_PIECES)
-                words = memory.ld_global_nc_v4_b32(src + min(first + key, last) * p.v_row_stride
+                words = memory.ld_global_nc_v4_b32(src + min(first + key, top) * p.v_row_stride
                                                    + c * np.int32(PIECE_BYTES))
                 if first + key > last:
                     words = ZERO_PIECE
@@ -249,7 +311,7 @@ class TransposeVKernel(launch.HopperKernel):
             # hit distinct banks (`staged_piece`), their global stores one 128-byte segment.
             word, block = udivmod32(tid, BLOCKS)
             start = first + block * np.int32(HALF_GROUP)
-            if start < p.padded:
+            if start < region:
                 column, lane_word = udivmod32(word, WORDS_PER_PIECE)
                 # Key k's piece `column` is unit k ROW_PIECES + column of the block's rows, staged
                 # at (that ^ block): the constant part of k ROW_PIECES outside a line's units,
@@ -267,8 +329,8 @@ class TransposeVKernel(launch.HopperKernel):
                 for q in static_range(WORDS_PER_PIECE):
                     cols = cols + (transpose4(w[constexpr(SOURCES[q][0])], w[constexpr(SOURCES[q][1])],
                                               w[constexpr(SOURCES[q][2])], w[constexpr(SOURCES[q][3])]),)
-                row = (b * p.heads + h) * np.int64(D) + word * np.int32(WORDS_PER_PIECE)
-                dst = p.out_ptr + row * p.padded + start
+                row = out_row0 + word * np.int32(WORDS_PER_PIECE)
+                dst = p.out_ptr + row * p.padded + col0 + start
                 for r in static_range(WORDS_PER_PIECE):
                     memory.st_global_v4_b32(dst + r * p.padded,
                                             (cols[0][r], cols[1][r], cols[2][r], cols[3][r]))
@@ -276,8 +338,8 @@ class TransposeVKernel(launch.HopperKernel):
 
 
 @functools.lru_cache(maxsize=None)
-def transpose_kernel(head_dim):
-    return TransposeVKernel(head_dim)
+def transpose_kernel(head_dim, varlen=False):
+    return TransposeVKernel(head_dim, varlen)
 
 
 # --- host -------------------------------------------------------------------------------------
@@ -377,7 +439,42 @@ def transpose_v(v8, out=None, stream=None):
     vt = _output(out, (b, hk, d, pad), v8, kind, stream)
     kern = transpose_kernel(d)
     kern.launch_with(b * hk * tiles, stream, TransposeParams(
-        ptr, tensors.device_ptr(vt), hk, sk, pad, tiles, *used))
+        ptr, tensors.device_ptr(vt), hk, sk, pad, tiles, *used, 0))
+    return vt
+
+
+def transpose_v_varlen(v8, cu_seqlens_k, max_seqlen_k, out=None, stream=None):
+    """Packed V's codes in the FP8 kernel's varlen layout: v8 ``[Tk, Hk, D]`` (as `transpose_v`
+    takes its input) and cu_seqlens_k (an int32 GPU array of n + 1 entries, 0 to Tk, not read on
+    the host; entries are clamped to [0, Tk] as the attention kernel clamps them) -> vt ``[Hk,
+    D, varlen_columns(Tk, n)]`` (see `varlen_start`), every byte written.  max_seqlen_k must
+    bound every sequence's length.  out, stream and the result's kind as `transpose_v`'s;
+    `transpose_v_varlen_like_kernel` is the NumPy twin."""
+    ptr, shape, strides, dtype, kind = _array_info(v8, "v8")
+    if len(shape) != 3:
+        raise ValueError(f"v8 must be [total_keys, key heads, head_dim], got shape {shape}")
+    cu_ptr, cu_shape, _, cu_dtype, _ = _array_info(cu_seqlens_k, "cu_seqlens_k")
+    if cu_dtype not in ("<i4", "torch.int32") or len(cu_shape) != 1 or cu_shape[0] < 2:
+        raise ValueError(f"cu_seqlens_k must be an int32 GPU array of batch + 1 >= 2 entries, got {cu_dtype} "
+                         f"{cu_shape}")
+    tk, hk, d = shape
+    seqs = cu_shape[0] - 1
+    max_seqlen_k = int(max_seqlen_k)
+    if tk < 1:
+        raise ValueError("v8 has no keys")
+    if not 0 <= max_seqlen_k <= tk:
+        raise ValueError(f"max_seqlen_k must be in [0, {tk}], got {max_seqlen_k}")
+    used, _ = _check_input(ptr, (1, tk, hk, d), (0,) + tuple(strides), dtype)
+    cols = varlen_columns(tk, seqs)
+    tiles = -(-(max_seqlen_k + VARLEN_GAP + VARLEN_ALIGN - 1) // TILE_KEYS)
+    if cols > MAX_INDEX or seqs * hk * tiles > MAX_INDEX:
+        raise ValueError(f"v8 of shape {shape} with {seqs} sequences is more than the kernel's int32 indices reach")
+    if stream is None and kind == "torch":
+        stream = tensors.torch_stream(v8)
+    vt = _output(out, (hk, d, cols), v8, kind, stream)
+    kern = transpose_kernel(d, True)
+    kern.launch_with(seqs * hk * tiles, stream, TransposeParams(
+        ptr, tensors.device_ptr(vt), hk, tk, cols, tiles, 0, *used[1:], cu_ptr))
     return vt
 
 

@@ -110,7 +110,7 @@ def make_producer(fwd):
                 nb = np.int32(nb - 1)
                 while nb >= n_min:
                     load_kv(p.maps + MAP_K, sh.k_bars, sh.k, kv, (hk, k_off + nb * BN, bc))
-                    load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc)
+                    load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc, b, k_off)
                     v_state = kv
                     kv = pipeline.advance(kv, STAGES)
                     nb = np.int32(nb - 1)
@@ -121,7 +121,7 @@ def make_producer(fwd):
                     nq_off, nsq, _, _ = seq_info(p, nbb)
                     if nmb * BM < nsq and special.elect_one():
                         prefetch_q(p.maps + MAP_Q, (nh, nq_off + nmb * BM, 0 if VARLEN else nbb))
-                load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc)
+                load_v(p, sh, v_state, hk, k_off + (nb + 1) * BN, bc, b, k_off)
                 mark_now(p, n, ProducerEvent.LAST_V, lane)
             else:
                 upcoming = scheduler.claim_next(p.counter, tiles, lane)

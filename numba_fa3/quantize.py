@@ -81,7 +81,8 @@ from . import fp8_model
 
 __all__ = ["HEAD_DIMS", "Scaling", "QuantizeKernel", "quantize_kernel", "quantize_fp8", "block_plan",
            "max_cta_rows", "tile_rows", "stage_order", "kernel_fwht", "rotation_scale", "sign_masks",
-           "quantize_like_kernel", "quantize_fp8_like_kernel", "bytes_moved"]
+           "quantize_like_kernel", "quantize_fp8_like_kernel", "bytes_moved", "quantize_like_kernel_varlen",
+           "quantize_fp8_varlen"]
 
 #: Head dims the quantizer takes: powers of two, so that the Walsh-Hadamard matrix exists.
 HEAD_DIMS = (64, 128, 256)
@@ -286,7 +287,7 @@ QuantizeParams = launch.params("QuantizeParams", [
     ("heads", _I32), ("seqlen", _I32), ("tiles", _I32), ("groups", _I32),
     ("x_batch_stride", _I64), ("x_row_stride", _I64), ("x_head_stride", _I64),
     ("out_batch_stride", _I64), ("out_row_stride", _I64), ("out_head_stride", _I64),
-    ("rotation_scale", _F32)])
+    ("rotation_scale", _F32), ("cu_ptr", _U64)])
 
 
 class QuantizeKernel(launch.HopperKernel):
@@ -296,12 +297,16 @@ class QuantizeKernel(launch.HopperKernel):
 
     PARAMS = QuantizeParams
 
-    def __init__(self, dtype="bf16", head_dim=128, rows=128, rotate=True, scaling=Scaling.BLOCK, cluster=1):
+    def __init__(self, dtype="bf16", head_dim=128, rows=128, rotate=True, scaling=Scaling.BLOCK, cluster=1,
+                 varlen=False):
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         self.dtype, self.head_dim = dtype, _head_dim(head_dim)
         self.rows, self.rotate, self.scaling = _positive_int(rows, "rows"), bool(rotate), Scaling(scaling)
         self.cluster = _positive_int(cluster, "cluster")
+        #: packed sequences (`quantize_fp8_varlen`): a "batch" entry is a sequence of cu_seqlens,
+        #: its blocks counted from its first row
+        self.varlen = bool(varlen)
         if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
             raise ValueError(f"rows {rows} must be a multiple of {ROW_QUANTUM} and at most "
                              f"{max_cta_rows(self.head_dim)} at head dim {head_dim}")
@@ -325,7 +330,7 @@ class QuantizeKernel(launch.HopperKernel):
         BLOCK = ROWS * CLUSTER
         WARPS = THREADS // WARP
         WARP_SHUFFLES = tuple(WARP >> (i + 1) for i in range(WARP.bit_length() - 1))
-        ROTATE = self.rotate
+        ROTATE, VARLEN = self.rotate, self.varlen
         FROM_VALUES = self.scaling != Scaling.HEAD      # the amax of this CTA's own values
         WRITE_CODES = self.scaling != Scaling.AMAX
         IS_BLOCK, IS_HEAD = self.scaling == Scaling.BLOCK, self.scaling == Scaling.HEAD
@@ -468,8 +473,19 @@ class QuantizeKernel(launch.HopperKernel):
             rest, h = udivmod32(group, p.heads)
             b, tile = udivmod32(rest, p.tiles)
             s = np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
-            valid = s < p.seqlen
-            row = min(s, p.seqlen - 1)  # rows past the end re-read the last one, and do not count
+            if constexpr(VARLEN):
+                # sequence b's rows (cu_seqlens clamped to the packed rows, as the attention
+                # kernels clamp them); its blocks start at its first row
+                first = min(max(memory.ld_global_s32(p.cu_ptr + b * np.int32(4)), np.int32(0)), p.seqlen)
+                rows = min(max(memory.ld_global_s32(p.cu_ptr + (b + np.int32(1)) * np.int32(4)), first),
+                           p.seqlen) - first
+                valid = s < rows
+                # (rows past the end re-read the sequence's last, an empty one's a neighbour's)
+                row = min(first + max(min(s, rows - np.int32(1)), np.int32(0)), p.seqlen - np.int32(1))
+            else:
+                first = np.int32(0)
+                valid = s < p.seqlen
+                row = min(s, p.seqlen - 1)  # rows past the end re-read the last one, and do not count
             src = p.x_ptr + (b * p.x_batch_stride + row * p.x_row_stride + h * p.x_head_stride) * ELEMENT_BYTES
             src += lane * PIECE_BYTES
             x = ()
@@ -520,7 +536,7 @@ class QuantizeKernel(launch.HopperKernel):
             if constexpr(WRITE_CODES):
                 descale = amax_r / E4M3_MAX if amax_r > ZERO else ONE
                 scale = p.rotation_scale / descale
-                dst = p.out_ptr + b * p.out_batch_stride + s * p.out_row_stride + h * p.out_head_stride
+                dst = p.out_ptr + b * p.out_batch_stride + (first + s) * p.out_row_stride + h * p.out_head_stride
                 dst += lane * (CHUNK * CODE_BYTES)
                 sign = ONE
                 if constexpr(ROTATE):
@@ -545,8 +561,8 @@ class QuantizeKernel(launch.HopperKernel):
 
 
 @functools.lru_cache(maxsize=None)
-def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1):
-    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster)
+def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False):
+    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen)
 
 
 # --- host -------------------------------------------------------------------------------------
@@ -671,16 +687,23 @@ def _sign_table(head_dim, seed, device_id):
     return tensors.to_device(sign_masks(head_dim, seed))
 
 
-def _launch(kern, info, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, tiles, stream):
-    b, s, h, d = info.shape
+def _launch(kern, info, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, tiles, stream, seqs=None):
+    """One launch over `info` ([B, S, H, D]; with `seqs` = (n, cu_seqlens address), packed
+    [T, H, D] rows of n sequences)."""
+    if seqs is None:
+        b, s, h, d = info.shape
+        strides, out_strides, cu_ptr = info.strides[:3], tensors.contiguous_strides(info.shape)[:3], 0
+    else:
+        (b, cu_ptr), (s, h, d) = seqs, info.shape
+        strides = (0,) + tuple(info.strides[:2])
+        out_strides = (0,) + tuple(tensors.contiguous_strides(info.shape)[:2])
     groups = b * h * tiles
     if groups * kern.cluster > MAX_INDEX:
         raise ValueError(f"{groups * kern.cluster} CTAs: more than a grid's int32 indices reach")
-    out_strides = tensors.contiguous_strides(info.shape)[:3]
     scale = rotation_scale(d) if kern.rotate else np.float32(1)
     kern.launch_with(groups * kern.cluster, stream, QuantizeParams(
         info.ptr, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, h, s, tiles, groups,
-        *info.strides[:3], *out_strides, scale))
+        *strides, *out_strides, scale, cu_ptr))
 
 
 def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_granularity="head",
@@ -744,4 +767,97 @@ def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_gra
         amax_ptr = tensors.device_ptr(tile_amax)
         _launch(quantize_kernel(iv.dtype, d, rows, False, Scaling.AMAX), iv, 0, 0, amax_ptr, 0, tiles, stream)
         _launch(quantize_kernel(iv.dtype, d, rows, False, Scaling.HEAD), iv, v8, dv, amax_ptr, 0, tiles, stream)
+    return results
+
+
+# --- packed sequences ---------------------------------------------------------------------------
+
+def quantize_like_kernel_varlen(x, cu_seqlens, block=128, rotate=True, seed=0, per_head=False):
+    """`quantize_like_kernel` of packed ``x [T, H, D]``, each sequence of cu_seqlens on its own
+    (its blocks from its first row): ``(x8 [T, H, D], descale)`` with descale ``[n, H,
+    ceil(max_len / block)]`` (1 for the blocks past a sequence's end) or ``[n, H]`` per head (1
+    for an empty sequence): `quantize_fp8_varlen`'s results, bit for bit."""
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"x must be [total_rows, heads, head_dim], got shape {x.shape}")
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    t, h, d = x.shape
+    n = len(cu) - 1
+    lens = np.diff(cu)
+    x8 = np.zeros((t, h, d), dtype=fp8_model.E4M3)
+    tiles = -(-int(lens.max(initial=0)) // _positive_int(block, "block"))
+    descale = np.ones((n, h) if per_head else (n, h, tiles), dtype=np.float32)
+    for i in range(n):
+        lo, hi = int(cu[i]), int(cu[i + 1])
+        if hi > lo:
+            part, ds = quantize_like_kernel(x[None, lo:hi], block, rotate, seed, per_head)
+            x8[lo:hi] = part[0]
+            if per_head:
+                descale[i] = ds[0]
+            else:
+                descale[i, :, :ds.shape[2]] = ds[0]
+    return x8, descale
+
+
+def quantize_fp8_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, hadamard=True, seed=0,
+                        block_m=128, block_n=128, v_granularity="head", stream=None):
+    """`quantize_fp8` of packed sequences: q ``[Tq, H, D]``, k and v ``[Tk, Hk, D]`` GPU arrays,
+    cu_seqlens_q / cu_seqlens_k int32 GPU arrays of n + 1 entries (not read on the host; clamped
+    to the packed rows), max_seqlen_q / max_seqlen_k bounding every sequence.  Each sequence is
+    quantized on its own, its blocks from its first row (the FP8 kernel's tiles of it).  Returns
+    ``(q8, k8, v8, q_descale, k_descale, v_descale)``: codes in the inputs' shapes, descales
+    ``[n, H, ceil(max_seqlen_q / block_m)]``, ``[n, Hk, ceil(max_seqlen_k / block_n)]`` and ``[n, Hk]``
+    (or per block like k's), 1 past a sequence's end; `quantize_like_kernel_varlen`'s values."""
+    iq, ik, iv = (tensors.inspect(x, name, stream) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    for info, name in ((iq, "q"), (ik, "k"), (iv, "v")):
+        if len(info.shape) != 3:
+            raise ValueError(f"{name} must be [total_rows, heads, head_dim], got shape {info.shape}")
+        if info.kind == "numpy":
+            raise TypeError("quantize_fp8_varlen takes GPU arrays; quantize_like_kernel_varlen is the NumPy one")
+    # (the dense checks, on [1, T, H, D] views)
+    as4 = lambda i: tensors.TensorInfo(i.ptr, (1,) + i.shape, (0,) + tuple(i.strides), i.dtype, i.kind, i.obj,  # noqa: E731
+                                       i.owner)
+    _check_inputs(as4(iq), as4(ik), as4(iv))
+    cuq, cuk = (tensors.inspect(c, name, stream) for c, name in ((cu_seqlens_q, "cu_seqlens_q"),
+                                                                 (cu_seqlens_k, "cu_seqlens_k")))
+    for c, name in ((cuq, "cu_seqlens_q"), (cuk, "cu_seqlens_k")):
+        if c.kind == "numpy" or len(c.shape) != 1 or c.shape[0] < 2 or c.dtype != "i32":
+            raise ValueError(f"{name} must be an int32 GPU array of batch + 1 >= 2 entries")
+    if cuq.shape != cuk.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k differ in length: {cuq.shape[0]} and {cuk.shape[0]}")
+    n = cuq.shape[0] - 1
+    tq, h, d = iq.shape
+    tk, hk = ik.shape[0], ik.shape[1]
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    if not (0 <= max_q <= tq and 0 <= max_k <= tk):
+        raise ValueError(f"max_seqlen_q / max_seqlen_k must be in [0, {tq}] / [0, {tk}], got {max_q}, {max_k}")
+    plan_m, plan_n = block_plan(block_m, d), block_plan(block_n, d)
+    v_granularity = _v_granularity(v_granularity)
+    seed, hadamard = _seed(seed), bool(hadamard)
+    if stream is None and iq.kind == "torch":
+        stream = tensors.torch_stream(iq.obj)
+    tiles_m, tiles_n = max(1, _tiles(max_q, block_m)), max(1, _tiles(max_k, block_n))
+    v_shape = (n, hk) if v_granularity == "head" else (n, hk, tiles_n)
+    shapes = (iq.shape, ik.shape, iv.shape, (n, h, tiles_m), (n, hk, tiles_n), v_shape)
+    results = tuple(_new_array(iq, shape, dtype, stream)
+                    for shape, dtype in zip(shapes, ("e4m3",) * 3 + ("f32",) * 3))
+    q8, k8, v8, dq, dk, dv = (tensors.device_ptr(r) for r in results)
+    signs = tensors.device_ptr(_sign_table(d, seed, cuda.get_current_device().id)) if hadamard else 0
+    for info, out_ptr, descale_ptr, (c, rows), tiles, cu in ((iq, q8, dq, plan_m, tiles_m, cuq),
+                                                              (ik, k8, dk, plan_n, tiles_n, cuk)):
+        kern = quantize_kernel(info.dtype, d, rows, hadamard, Scaling.BLOCK, c, True)
+        _launch(kern, info, out_ptr, descale_ptr, 0, signs, tiles, stream, (n, cu.ptr))
+    if v_granularity == "block":
+        c, rows = plan_n
+        _launch(quantize_kernel(iv.dtype, d, rows, False, Scaling.BLOCK, c, True), iv, v8, dv, 0, 0, tiles_n, stream,
+                (n, cuk.ptr))
+    else:
+        rows = tile_rows(d)
+        tiles = max(1, _tiles(max_k, rows))
+        tile_amax = _new_array(iq, (n, hk, tiles), "f32", stream)
+        _used_on(tile_amax, iq, stream)
+        amax_ptr = tensors.device_ptr(tile_amax)
+        for scaling, out_ptr, descale_ptr in ((Scaling.AMAX, 0, 0), (Scaling.HEAD, v8, dv)):
+            _launch(quantize_kernel(iv.dtype, d, rows, False, scaling, 1, True), iv, out_ptr, descale_ptr, amax_ptr, 0,
+                    tiles, stream, (n, cuk.ptr))
     return results

@@ -191,12 +191,12 @@ SPECS += [
                 [200, 17, 650, 1, 70], 4, 2, deterministic=True),                   # 60
 ]
 #: The FP8 forward (`forward_fp8`) with its V rearranging pass and the quantizer
-#: (precision="fp8"): every head dim, full / causal / local, GQA, ragged lengths, Sq != Sk.
+#: (precision="fp8"): every head dim, full / causal / local, soft-cap, GQA, ragged lengths, Sq != Sk.
 SPECS += [
     Spec("fp8_128_full", "fp8", "fp8", (2, 1000, 777, 4, 2), d=128),
     Spec("fp8_128_local", "fp8", "fp8", (2, 700, 900, 4, 1), d=128, mask="local", window=(150, 40)),
     Spec("fp8_256_causal", "fp8", "fp8", (2, 1023, 1025, 4, 2), d=256, mask="causal"),
-    Spec("fp8_64_causal", "fp8", "fp8", (2, 777, 1000, 4, 1), d=64, mask="causal"),
+    Spec("fp8_64_causal_softcap", "fp8", "fp8", (2, 777, 1000, 4, 1), d=64, mask="causal", softcap=3.0),
 ]
 SPECS_BY_NAME = {s.name: s for s in SPECS}
 

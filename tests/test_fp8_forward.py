@@ -88,6 +88,15 @@ def test_bad_inputs_raise_before_launch():
         numba_fa3.flash_attn_fp8(q8, k8, k8, out_dtype="f32")
     with pytest.raises(ValueError):
         numba_fa3.flash_attn(q8, k8, k8, precision="fp4")
+    # varlen: packed 3-D inputs, cu_seqlens that fit them
+    p8 = _codes(rng, (64, 2, 128))
+    cu = np.array([0, 30, 64], np.int32)
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8_varlen(q8, k8, k8, cu, cu, 34, 34)
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8_varlen(p8, p8, p8, np.array([0, 30, 65], np.int32), cu, 35, 34)
+    with pytest.raises(ValueError):
+        numba_fa3.flash_attn_fp8_varlen(p8, p8, p8, cu, cu, 20, 34)   # max_seqlen_q too small
 
 
 # --- on the GPU -----------------------------------------------------------------------------------
@@ -201,6 +210,109 @@ def test_fp8_forward_window(d, window):
     rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
     assert np.isfinite(got).all()
     assert rms(got - exact) <= 0.05 * rms(exact)
+
+
+@gpu
+@pytest.mark.parametrize("d,causal,softcap", [(128, False, 4.0), (64, True, 2.5), (256, False, 5.0)])
+def test_fp8_forward_softcap(d, causal, softcap):
+    """The soft-cap on the dequantized scores (block descales enter tanh's argument, not the
+    exponent): against the exact soft-capped attention of the dequantized inputs, output poisoned;
+    a cap far above the scores gives the uncapped kernel's output."""
+    import torch
+    rng = np.random.default_rng(d + int(softcap))
+    b, sq, sk, h, hk = 2, 333, 517, 4, 2
+    q8, k8, v8 = _codes(rng, (b, sq, h, d)), _codes(rng, (b, sk, hk, d)), _codes(rng, (b, sk, hk, d))
+    qd, kd, vd = _descales(rng, "block", b, h, hk, sq, sk, d, causal)
+    # scores of several units, so that a cap of a few units bends them
+    qd, kd = qd * 3, kd * 3
+    t = lambda x: torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+    c = lambda x: torch.from_numpy(np.ascontiguousarray(x)).cuda()
+    out = torch.full((b, sq, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")   # poisoned
+    numba_fa3.flash_attn_fp8(t(q8), t(k8), t(v8), c(qd), c(kd), c(vd), causal=causal, softcap=softcap, out=out)
+    got = out.float().cpu().numpy()
+    bm, bn = fp8_blocks(d, causal)
+    qf, kf, vf = _dequant(q8, qd, bm), _dequant(k8, kd, bn), _dequant(v8, vd, bn)
+    exact = reference.attention_reference(qf, kf, vf, causal=causal, softcap=softcap)
+    uncapped = reference.attention_reference(qf, kf, vf, causal=causal)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+    assert np.isfinite(got).all()
+    assert rms(got - exact) <= 0.05 * rms(exact)
+    assert rms(exact - uncapped) > 4 * rms(got - exact)   # the cap mattered
+    far = numba_fa3.flash_attn_fp8(t(q8), t(k8), t(v8), c(qd), c(kd), c(vd), causal=causal, softcap=1e6)
+    plain = numba_fa3.flash_attn_fp8(t(q8), t(k8), t(v8), c(qd), c(kd), c(vd), causal=causal)
+    # (tanh.approx's relative error moves the scores slightly)
+    assert rms((far.float() - plain.float()).cpu().numpy()) <= 0.02 * rms(uncapped)
+
+
+@gpu
+@pytest.mark.parametrize("d,causal,window,block_descales", [(128, False, (-1, -1), False), (64, True, (-1, -1), True),
+                                                            (256, False, (100, 20), False)])
+def test_fp8_varlen_matches_dense(d, causal, window, block_descales):
+    """Each packed sequence's rows are the dense kernel's on that sequence alone, bit for bit
+    (empty and 1-token sequences, Sq != Sk, key sequences without queries and the reverse,
+    descales per (sequence, head) or per block), output poisoned."""
+    import torch
+    rng = np.random.default_rng(d + causal)
+    lens_q, lens_k = [300, 0, 1, 129, 77, 5], [280, 5, 1, 0, 300, 1]
+    h, hk = 4, 2
+    cuq = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
+    cuk = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    n = len(lens_q)
+    t = lambda x: torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn)
+    c = lambda x: torch.from_numpy(np.ascontiguousarray(x)).cuda()
+    q8, k8, v8 = _codes(rng, (int(cuq[-1]), h, d)), _codes(rng, (int(cuk[-1]), hk, d)), _codes(rng, (int(cuk[-1]), hk, d))
+    bm, bn = fp8_blocks(d, causal, window)
+    pos = lambda *shape: rng.uniform(0.5, 2.0, size=shape).astype(np.float32) / 64
+    if block_descales:
+        qd, kd = pos(n, h, -(-max(lens_q) // bm)), pos(n, hk, -(-max(lens_k) // bn))
+    else:
+        qd, kd = pos(n, h), pos(n, hk)
+    vd = pos(n, hk)
+    out = torch.full((int(cuq[-1]), h, d), float("nan"), dtype=torch.bfloat16, device="cuda")   # poisoned
+    _, lse = numba_fa3.flash_attn_fp8_varlen(t(q8), t(k8), t(v8), c(cuq), c(cuk), max(lens_q), max(lens_k),
+                                              c(qd), c(kd), c(vd), causal=causal, window_size=window,
+                                              return_lse=True, out=out)
+    for i in range(n):
+        rows, keys = slice(cuq[i], cuq[i + 1]), slice(cuk[i], cuk[i + 1])
+        if not lens_q[i]:
+            continue
+        if not lens_k[i]:
+            assert torch.all(out[rows] == 0) and torch.all(lse[:, rows] == -float("inf"))
+            continue
+        qs = qd[i:i + 1, :, :-(-lens_q[i] // bm)] if block_descales else qd[i:i + 1]
+        ks = kd[i:i + 1, :, :-(-lens_k[i] // bn)] if block_descales else kd[i:i + 1]
+        want, want_lse = numba_fa3.flash_attn_fp8(t(q8[None, rows]), t(k8[None, keys]), t(v8[None, keys]), c(qs),
+                                                  c(ks), c(vd[i:i + 1]), causal=causal, window_size=window,
+                                                  return_lse=True)
+        assert torch.equal(out[rows].view(torch.int16), want[0].view(torch.int16)), i
+        assert torch.equal(lse[:, rows], want_lse[0]), i
+    # NumPy inputs: the same values, copied back
+    got = numba_fa3.flash_attn_fp8_varlen(q8, k8, v8, cuq, cuk, max(lens_q), max(lens_k), qd, kd, vd,
+                                          causal=causal, window_size=window)
+    assert np.array_equal(got.view(np.uint16), out.view(torch.int16).cpu().numpy().view(np.uint16))
+
+
+@gpu
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
+def test_precision_fp8_varlen_is_each_sequence(d, causal):
+    """flash_attn_varlen(precision="fp8"): each sequence's rows are flash_attn(precision="fp8")'s
+    of that sequence alone, bit for bit (the quantizer's blocks start at each sequence)."""
+    import torch
+    torch.manual_seed(d)
+    lens_q, lens_k = [257, 1, 0, 100], [300, 1, 7, 64]
+    cuq = torch.tensor(np.concatenate([[0], np.cumsum(lens_q)]), dtype=torch.int32, device="cuda")
+    cuk = torch.tensor(np.concatenate([[0], np.cumsum(lens_k)]), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = numba_fa3.flash_attn_varlen(q, k, v, cuq, cuk, max(lens_q), max(lens_k), causal=causal, precision="fp8")
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    for i in range(len(lens_q)):
+        rows = slice(int(cuq[i]), int(cuq[i + 1]))
+        keys = slice(int(cuk[i]), int(cuk[i + 1]))
+        if not lens_q[i]:
+            continue
+        want = numba_fa3.flash_attn(q[None, rows], k[None, keys], v[None, keys], causal=causal, precision="fp8")
+        assert torch.equal(out[rows].view(torch.int16), want[0].view(torch.int16)), i
 
 
 @gpu

@@ -278,6 +278,93 @@ def _assert_clean(report, what):
     assert not report["warnings"], f"{what}: ptxas warnings {report['warnings']}"
 
 
+VARLEN_LENS = [[1], [0, 1, 33, 300, 128, 17, 0], [129, 31, 256]]
+
+
+def test_varlen_twin_is_the_definition():
+    """Sequence i's key j sits at column varlen_start(cu[i], i) + 32 (j // 32) + sigma^-1(j % 32);
+    every other byte is 0; regions are 16-aligned and never overlap."""
+    rng = np.random.default_rng(3)
+    sigma = fl.key_permutation()
+    inverse = np.argsort(sigma)
+    for lens in VARLEN_LENS:
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        v8 = rng.integers(1, 256, size=(int(cu[-1]), 2, 64), dtype=np.uint8)
+        vt = fl.transpose_v_varlen_like_kernel(v8, cu)
+        assert vt.shape == (2, 64, fl.varlen_columns(cu[-1], len(lens)))
+        seen = np.zeros(vt.shape[2], bool)
+        for i, n in enumerate(lens):
+            start = fl.varlen_start(int(cu[i]), i)
+            assert start % fl.VARLEN_ALIGN == 0
+            assert fl.varlen_start(int(cu[i + 1]), i + 1) - start >= fl.padded_keys(n)
+            j = np.arange(n)
+            col = start + j - j % fl.KEY_GROUP + inverse[j % fl.KEY_GROUP]
+            assert np.array_equal(vt[:, :, col], v8[cu[i]:cu[i + 1]].transpose(1, 2, 0))
+            seen[col] = True
+        assert not vt[:, :, ~seen].any()
+
+
+def _emulate_varlen(v8, cu):
+    """The varlen kernel on NumPy codes, CTA by CTA (as `_emulate`); output poisoned."""
+    tk, hk, d = v8.shape
+    seqs = len(cu) - 1
+    cols = fl.varlen_columns(tk, seqs)
+    kern = fl.TransposeVKernel(d, varlen=True)
+    rp = d // fl.PIECE_BYTES
+    tid = np.arange(kern.threads)
+    sigma = fl.key_permutation()
+    out = np.full((hk, d, cols), POISON, np.uint8)
+    written = np.zeros(out.shape, np.int64)
+    tiles = -(-(max(np.diff(cu)) + fl.VARLEN_GAP + fl.VARLEN_ALIGN - 1) // fl.TILE_KEYS)
+    for bb, h, tile in itertools.product(range(seqs), range(hk), range(tiles)):
+        lo, hi = int(cu[bb]), int(cu[bb + 1])
+        col0 = fl.varlen_start(lo, bb)
+        region = fl.varlen_start(hi, bb + 1) - col0
+        last = hi - lo - 1
+        first = tile * fl.TILE_KEYS
+        staged = np.full(fl.TILE_KEYS * d, POISON, np.uint8)
+        for i in range(kern.loads_per_thread):
+            piece = i * kern.threads + tid
+            key, c = piece // rp, piece % rp
+            rows = v8[min(lo, tk - 1) + np.minimum(first + key, max(last, 0)), h].reshape(-1, rp, fl.PIECE_BYTES)[tid, c]
+            rows[first + key > last] = 0
+            staged.reshape(-1, fl.PIECE_BYTES)[fl.staged_piece(piece, key)] = rows
+        addr, word, block, _, _ = _read_address(d, tid)
+        start = first + block * fl.HALF_GROUP
+        live = start < region
+        words = staged.view("<u4")[addr // fl.WORD_BYTES].astype(np.uint64)
+        cols4 = [_transpose4(*(words[sigma[q * 4 + e]] for e in range(4))) for q in range(4)]
+        for r in range(4):
+            piece = np.stack([cols4[q][r] for q in range(4)], axis=1).astype("<u4").view(np.uint8)
+            for t in tid[live]:
+                c0 = col0 + start[t]
+                out[h, 4 * word[t] + r, c0:c0 + fl.HALF_GROUP] = piece[t]
+                written[h, 4 * word[t] + r, c0:c0 + fl.HALF_GROUP] += 1
+    return out, written
+
+
+@pytest.mark.parametrize("d,lens", [(64, VARLEN_LENS[1]), (128, VARLEN_LENS[0]), (256, VARLEN_LENS[2])])
+def test_emulated_varlen_kernel_is_the_twin(d, lens):
+    rng = np.random.default_rng(d + len(lens))
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    v8 = rng.integers(0, 256, size=(int(cu[-1]), 2, d), dtype=np.uint8)
+    out, written = _emulate_varlen(v8, cu)
+    assert (written == 1).all(), "every byte of vt written exactly once"
+    assert np.array_equal(out, fl.transpose_v_varlen_like_kernel(v8, cu))
+
+
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("d", fl.HEAD_DIMS)
+def test_varlen_compiles_clean(d):
+    kern = fl.TransposeVKernel(d, varlen=True)
+    ptx = kern.compile_ptx()
+    assert ptx.count("st.global.v4.b32") == fl.WORDS_PER_PIECE
+    report = kc.ptxas_report(ptx)
+    _assert_clean(report, f"transpose_v varlen d{d}")
+    allocated = -(-report["registers"] // 8) * 8
+    assert 2 * kern.threads * allocated <= 64 * 1024, f"{report['registers']} registers: one CTA per SM"
+
+
 @pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 @pytest.mark.parametrize("d", fl.HEAD_DIMS)
 def test_compiles_clean(d):
@@ -403,6 +490,22 @@ def test_gpu_random_codes(d, sk, hk):
     torch.cuda.synchronize()
     assert fresh.dtype == torch.float8_e4m3fn and tuple(fresh.shape) == want.shape and fresh.is_contiguous()
     assert np.array_equal(_bits(fresh), want)
+
+
+@gpu
+@pytest.mark.parametrize("d", fl.HEAD_DIMS)
+def test_gpu_varlen(d):
+    torch = _torch()
+    rng = np.random.default_rng(d + 7)
+    for lens in VARLEN_LENS:
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        v8 = rng.integers(0, 256, size=(int(cu[-1]), 3, d), dtype=np.uint8)
+        want = fl.transpose_v_varlen_like_kernel(v8, cu)
+        out = _poisoned(want.shape)
+        vt = fl.transpose_v_varlen(_to_torch(v8), torch.from_numpy(cu).cuda(), max(lens), out=out)
+        torch.cuda.synchronize()
+        assert vt is out
+        assert np.array_equal(_bits(vt), want)
 
 
 @gpu

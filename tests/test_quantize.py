@@ -102,6 +102,47 @@ def test_compiles_clean(dtype, head_dim, role, block):
     assert 2 * kern.threads * allocated <= 64 * 1024, f"{report['registers']} registers: one CTA per SM"
 
 
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("head_dim,role", list(itertools.product(qz.HEAD_DIMS, ROLES)))
+def test_varlen_compiles_clean(head_dim, role):
+    """The packed-sequence kernels (`quantize_fp8_varlen`): no spill, stack or warning, two CTAs
+    per SM, the same loads and stores as the dense ones."""
+    rotate, scaling, (cluster, rows) = ROLES[role](head_dim)
+    kern = qz.QuantizeKernel("bf16", head_dim, rows, rotate, scaling, cluster, varlen=True)
+    ptx = kern.compile_ptx()
+    pieces = head_dim // 2 // qz.PIECE_ELEMENTS
+    assert ptx.count("ld.global.nc.v4.b32") == pieces * (2 if kern.rotate else 1)
+    assert ptx.count("st.global.v4.b32") == (pieces if scaling != qz.Scaling.AMAX else 0)
+    report = kc.ptxas_report(ptx)
+    _assert_clean(report, f"quantize varlen d{head_dim} {role}")
+    allocated = -(-report["registers"] // 8) * 8
+    assert 2 * kern.threads * allocated <= 64 * 1024, f"{report['registers']} registers: one CTA per SM"
+
+
+VARLEN_LENS = [300, 0, 1, 129, 77, 0]
+
+
+def test_varlen_twin_is_each_sequence_alone():
+    """quantize_like_kernel_varlen: each sequence's codes and descales are the dense twin's of
+    that sequence alone; descales past a sequence's blocks (and an empty one's head) are 1."""
+    rng = np.random.default_rng(11)
+    cu = np.concatenate([[0], np.cumsum(VARLEN_LENS)]).astype(np.int32)
+    x = rng.standard_normal((int(cu[-1]), 3, 64)).astype(np.float32)
+    for per_head in (False, True):
+        x8, ds = qz.quantize_like_kernel_varlen(x, cu, 128, not per_head, 5, per_head)
+        assert ds.shape == ((len(VARLEN_LENS), 3) if per_head else (len(VARLEN_LENS), 3, 3))
+        for i, n in enumerate(VARLEN_LENS):
+            if not n:
+                assert (ds[i] == 1).all()
+                continue
+            want8, want = qz.quantize_like_kernel(x[None, cu[i]:cu[i + 1]], 128, not per_head, 5, per_head)
+            assert np.array_equal(x8[cu[i]:cu[i + 1]].view(np.uint8), want8[0].view(np.uint8))
+            if per_head:
+                assert np.array_equal(ds[i], want[0])
+            else:
+                assert np.array_equal(ds[i, :, :want.shape[2]], want[0]) and (ds[i, :, want.shape[2]:] == 1).all()
+
+
 # --- the plan -----------------------------------------------------------------------------------
 
 def test_block_plans():
@@ -534,6 +575,29 @@ def test_gpu_clustered_and_small_blocks(head_dim, block_m, block_n):
     q, k, v = _inputs(rng, 1, 1111, 2, head_dim, "bf16", outliers=True, seed=1)
     kw = dict(block_m=block_m, block_n=block_n, v_granularity="block")
     _check_all(q, k, v, _quantize_on_gpu(q, k, v, **kw), **kw)
+
+
+@gpu
+@pytest.mark.parametrize("head_dim,v_granularity", [(64, "head"), (128, "block"), (256, "head")])
+def test_gpu_varlen(head_dim, v_granularity):
+    """quantize_fp8_varlen: the twin's codes and descales bit for bit (-0 as +0), empty and
+    1-row sequences, GQA."""
+    torch = _torch()
+    rng = np.random.default_rng(head_dim)
+    cu = np.concatenate([[0], np.cumsum(VARLEN_LENS)]).astype(np.int32)
+    cuk = np.concatenate([[0], np.cumsum(VARLEN_LENS[::-1])]).astype(np.int32)
+    q = rng.standard_normal((int(cu[-1]), 4, head_dim)).astype(BF16)
+    k, v = (rng.standard_normal((int(cuk[-1]), 2, head_dim)).astype(BF16) for _ in range(2))
+    mq = mk = max(VARLEN_LENS)
+    res = qz.quantize_fp8_varlen(_to_torch(q), _to_torch(k), _to_torch(v), torch.from_numpy(cu).cuda(),
+                                 torch.from_numpy(cuk).cuda(), mq, mk, seed=3, block_m=128, block_n=128,
+                                 v_granularity=v_granularity)
+    torch.cuda.synchronize()
+    got = tuple(_codes(r) for r in res[:3]) + tuple(_host(r) for r in res[3:])
+    q8, dq = qz.quantize_like_kernel_varlen(q, cu, 128, True, 3)
+    k8, dk = qz.quantize_like_kernel_varlen(k, cuk, 128, True, 3)
+    v8, dv = qz.quantize_like_kernel_varlen(v, cuk, 128, False, 3, per_head=v_granularity == "head")
+    _assert_same(got, (q8, k8, v8, dq, dk, dv))
 
 
 @gpu
