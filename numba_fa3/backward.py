@@ -44,7 +44,7 @@ BackwardParams = launch.params("BackwardParams", [
     ("counter", _U64), ("cu_q", _U64), ("cu_k", _U64), ("dk_ptr", _U64), ("dv_ptr", _U64),
     ("batch", _I32), ("heads", _I32), ("heads_k", _I32), ("head_ratio", _I32), ("sq_max", _I32),
     ("sk_max", _I32), ("total_q", _I32), ("total_k", _I32), ("n_blocks", _I32), ("m_blocks", _I32),
-    ("left", _I32), ("right", _I32),
+    ("left", _I32), ("right", _I32), ("last_tile", _I32),
     ("scale_log2", _F32), ("softcap_scale", _F32), ("grad_scale", _F32),
     ("ws_batch_stride", _I64), ("ws_head_stride", _I64),
     ("dk_row_stride", _I64), ("dk_head_stride", _I64), ("dk_batch_stride", _I64),
@@ -207,7 +207,7 @@ class FlashBackward(launch.HopperKernel):
             table, ptr(ws.lse_log2), ptr(ws.delta), ptr(ws.dq_accum), sem_ptr,
             scheduler.tile_counters.get(stream), cu_seqlens[0], cu_seqlens[1], dk.ptr, dv.ptr,
             batch, heads, heads_k, heads // heads_k, sq_max, sk_max, total[0], total[1], n_blocks, m_blocks,
-            window[0], window[1], np.float32(exp_scale * softmax.LOG2E), np.float32(tanh_scale),
+            window[0], window[1], tiles - 1, np.float32(exp_scale * softmax.LOG2E), np.float32(tanh_scale),
             np.float32(softmax_scale), ws.batch_stride, ws.head_stride, *strides(dk), *strides(dv)))
 
 

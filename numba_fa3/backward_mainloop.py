@@ -241,7 +241,7 @@ def make_backward_mainloop(bwd):
         while True:
             kv = PipelineState(kv_stage, kv_phase)
             pipeline.consumer_wait(sh.kv_bars, kv)
-            tile = receive_tile(sh.tile_slots, kv)
+            tile = receive_tile(special.recompute_here(sh.tile_slots), kv)
             if tile >= tiles:
                 break
             nb, hk, b = key_block_coords(p, tile, DESCENDING)

@@ -16,7 +16,7 @@ from numba_fa3.primitives import pipeline, scheduler
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
 from numba_fa3.primitives.tma_load import chunk_loader
 from numba_fa3.primitives.unroll import static_range, unrolled
-from numba_fa3.ptx_inline import mbarrier, special, tma
+from numba_fa3.ptx_inline import atomic, mbarrier, special, tma
 from . import mask
 from .producer import send_tile
 from .tile_scheduler import key_block_coords
@@ -40,6 +40,19 @@ def make_backward_producer(bwd):
     ws_row = bwd.workspace_row
     load_kv = chunk_loader(CHUNKS, bwd.kv_chunk, CHUNK_COLS)
     load_qd = chunk_loader(CHUNKS, bwd.q_chunk, CHUNK_COLS)
+
+    @cuda.jit(device=True, forceinline=True)
+    def claim(p, lane):
+        """The next tile (`scheduler.claim_next`), with the last tile's number a parameter and the
+        grid size read here: held across the tile loop they were spilled at the producer's 24
+        registers."""
+        claimed = np.int32(0)
+        if lane == 0:
+            claimed = np.int32(atomic.atom_add_u32(p.counter, 1))
+            if claimed == p.last_tile:
+                atomic.atom_exch_u32(p.counter, 0)
+        claimed = cuda.shfl_sync(0xFFFFFFFF, claimed, 0)
+        return np.int32(claimed + special.nctaid_x_here())
 
     @cuda.jit(device=True, forceinline=True)
     def load_block(p, sh, state, h, m, stats_off, q_off, bc):
@@ -71,18 +84,18 @@ def make_backward_producer(bwd):
             pipeline.producer_wait(sh.kv_bars, KV_STAGES, kv)
             if tile >= tiles:
                 if special.elect_one():
-                    send_tile(sh.tile_slots, kv, tile)
+                    send_tile(special.recompute_here(sh.tile_slots), kv, tile)
                     mbarrier.arrive(pipeline.full_barrier(sh.kv_bars, kv.stage))
                 break
             nb, hk, b = key_block_coords(p, tile, DESCENDING)
             q_off, sq, k_off, sk = seq_info(p, b)
             if VARLEN and nb * BN >= sk:
                 # past this sequence's keys (n_blocks counts the longest): nothing to do
-                tile = scheduler.claim_next(p.counter, tiles, lane)
+                tile = claim(p, lane)
                 continue
             bc = 0 if VARLEN else b
             if special.elect_one():
-                send_tile(sh.tile_slots, kv, tile)
+                send_tile(special.recompute_here(sh.tile_slots), kv, tile)
                 full = pipeline.full_barrier(sh.kv_bars, kv.stage)
                 mbarrier.arrive_expect_tx(full, 2 * KV_BYTES)
                 load_kv(sh.k + kv.stage * KV_BYTES, p.maps + MAP_K, (hk, k_off + nb * BN, bc), full)
@@ -101,5 +114,5 @@ def make_backward_producer(bwd):
                     qs = pipeline.advance(qs, STAGES)
                     m = np.int32(m + 1)
                 h = np.int32(h + 1)
-            tile = scheduler.claim_next(p.counter, tiles, lane)
+            tile = claim(p, lane)
     return load

@@ -106,6 +106,15 @@ def uniform_u32(typingctx, x):
 
 
 @intrinsic
+def nctaid_x_here(typingctx):
+    """`mov.u32 %0, %nctaid.x` (PTX ISA 10.5) behind a volatile asm: the grid size read where it is
+    used, not hoisted out of the loop and held (or spilled) in a register across it."""
+    def codegen(context, builder, sig, args):
+        return emit(builder, "mov.u32 $0, %nctaid.x;", [I32], [], clobber_memory=False)
+    return types.uint32(), codegen
+
+
+@intrinsic
 def clock64(typingctx):
     """`mov.u64 %0, %clock64` (PTX ISA 10.14, the SM's cycle counter): timestamps for the kernels'
     trace builds.  Volatile, so each read stays where it is written."""
