@@ -53,8 +53,6 @@ BackwardParams = launch.params("BackwardParams", [
 #: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, the tiles, and dQ's
 #: staging tiles (dq_bulk; else 0).
 SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds dq")
-#: Head dims whose soft-cap and varlen kernels add dQ by reductions from registers (`dq_bulk`).
-BULK_SPILLS = (128,)
 #: dQ's float32 staging boxes: 32 columns (one 128-byte swizzle row) by the block's rows.
 DQ_BOX_COLS, ACC_BYTES = smem.SWIZZLE_BYTES // 4, 4
 
@@ -103,9 +101,8 @@ class FlashBackward(launch.HopperKernel):
         self.dq_split = half % self.chunk_cols == 0
         self.dq_cols = half if self.dq_split else head_dim
         # dQ through shared memory and TMA reduce-adds; the deterministic mode keeps its ordered
-        # reductions from registers, and so do the D = 128 soft-cap and varlen kernels, where the
-        # staging spilled 4-8 bytes at 232 registers (docs/decisions.md, "The backward")
-        self.dq_bulk = not (self.deterministic or (head_dim in BULK_SPILLS and (self.softcap or self.varlen)))
+        # reductions from registers (a bulk add's completion would gate each semaphore release)
+        self.dq_bulk = not self.deterministic
         self.dq_stage_bytes = WGMMA_M * self.dq_cols * ACC_BYTES
         self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
         self.smem = self._plan().check()

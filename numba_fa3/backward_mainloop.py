@@ -13,9 +13,8 @@ P^T and dS^T come out of the accumulators already as the A fragments of the dV a
   dQ   = dS K             (dS^T through shared memory, where both warpgroups' halves meet:
                            A MN-major; B: K, MN-major), staged in shared memory and added to
                            the float32 dQ workspace by TMA reduce-adds; with `deterministic`
-                           (and where staging spills: `backward.BULK_SPILLS`) by vector
-                           reductions from registers, in key-block order (a semaphore per
-                           query block, FA3's).
+                           by vector reductions from registers, in key-block order (a
+                           semaphore per query block, FA3's).
 After the tile's last step: dK times the softmax scale, dK and dV stored from registers.
 """
 from collections import namedtuple

@@ -88,16 +88,18 @@ def unmasked_range(m_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
 def query_block_range(n_block, block_m, block_n, seqlen_q, seqlen_k, left, right):
     """[m_min, m_max) of the query blocks that see any key of key block n_block: the reverse of
     `block_range`, for kernels that walk query blocks per key block (the backward).  Row i sees
-    key j iff j - offset - right <= i <= j - offset + left (bounds that are unbounded drop out)."""
-    offset = seqlen_k - seqlen_q
-    k0 = n_block * block_n
-    k1 = min(seqlen_k, k0 + block_n) - 1
-    lo = 0
+    key j iff j - offset - right <= i <= j - offset + left (bounds that are unbounded drop out).
+    All in int32 (windows are at most `FAR`): 64-bit intermediates cost the backward producer,
+    which runs at 24 registers, a spill."""
+    offset = np.int32(seqlen_k - seqlen_q)
+    k0 = np.int32(n_block * block_n)
+    k1 = np.int32(min(seqlen_k, np.int32(k0 + block_n)) - 1)
+    lo = np.int32(0)
     if right >= 0:
-        lo = max(0, k0 - offset - right)
-    hi = seqlen_q
+        lo = np.int32(max(np.int32(0), np.int32(k0 - offset - right)))
+    hi = np.int32(seqlen_q)
     if left >= 0:
-        hi = min(seqlen_q, k1 - offset + left + 1)
+        hi = np.int32(min(np.int32(seqlen_q), np.int32(k1 - offset + left + 1)))
     if k0 >= seqlen_k or hi <= lo:
         return np.int32(0), np.int32(0)
     return np.int32(lo // block_m), np.int32((hi + block_m - 1) // block_m)

@@ -131,7 +131,9 @@ class BackwardTiles:
         return 64 * self.consumers
 
 
-_BWD_TWO = dict(consumers=2, producer_registers=32, consumer_registers=232)
+#: FA3's split: at 32 / 232 ptxas serialized the D = 128 wgmmas (C7512); at 24 the producer
+#: fits once its loop-invariant arithmetic is 32-bit and its tile slot address is recomputed
+_BWD_TWO = dict(consumers=2, producer_registers=24, consumer_registers=240)
 
 #: head_dim -> backward tiles, one line of reason each.  Registers per consumer thread: dK + dV
 #: D, S^T and dP^T block_m / 2 each, P^T and dS^T packed block_m / 4 each, dQ D / 4 (split

@@ -13,10 +13,6 @@ from test_ptx_compile import _assert_clean, _assert_wgmma_operands_untouched
 
 pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 
-#: Head dims whose backward ptxas compiles with its wgmmas serialized (C7512: too few registers
-#: at the 232 the consumers get), a known shortfall; every other warning still fails.
-SERIALIZED_HEAD_DIMS = (128,)
-
 SPECIALIZATIONS = list(itertools.product(["bf16", "f16"], BACKWARD_HEAD_DIMS, [MASK_NONE, MASK_CAUSAL, MASK_LOCAL],
                                          [False, True], [False, True], [False, True]))
 
@@ -36,11 +32,6 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     _assert_wgmma_operands_untouched(ptx, reads_allowed=True)
     report = kc.ptxas_report(ptx)
-    serialized = [w for w in report["warnings"] if "(C7512)" in w]
-    if head_dim in SERIALIZED_HEAD_DIMS and serialized and len(serialized) == len(report["warnings"]):
-        assert report["stack"] == 0 and report["spill_stores"] == 0
-        pytest.xfail(f"d{head_dim}: ptxas serializes the wgmmas for want of registers (C7512): known, "
-                     "docs/decisions.md (the backward)")
     _assert_clean(report,
                   f"backward {dtype} d{head_dim} mask {mask_kind} softcap={softcap} varlen={varlen} det={deterministic}")
 
