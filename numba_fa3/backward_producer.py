@@ -101,7 +101,10 @@ def make_backward_producer(bwd):
                 load_kv(sh.k + kv.stage * KV_BYTES, p.maps + MAP_K, (hk, k_off + nb * BN, bc), full)
                 load_kv(sh.v + kv.stage * KV_BYTES, p.maps + MAP_V, (hk, k_off + nb * BN, bc), full)
             kv = pipeline.advance(kv, KV_STAGES)
-            m_min, m_max = mask.query_block_range(nb, BM, BN, sq, sk, p.left, p.right)
+            # (sk through recompute_here: the mask's loop-invariant offsets, held across the
+            # tile loop, were the producer's spill at 24 registers)
+            m_min, m_max = mask.query_block_range(nb, BM, BN, sq, np.int32(special.recompute_here(sk)), p.left,
+                                                  p.right)
             h = np.int32(hk * p.head_ratio)
             h_end = np.int32(h + p.head_ratio)
             while h < h_end:
