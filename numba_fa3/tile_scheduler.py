@@ -66,9 +66,12 @@ def tile_scheduler(longest_first, varlen):
         cu_seqlens arrays (int32, B + 1 entries) with varlen, else the fixed lengths.  Entries are
         clamped to the packed lengths, so bad cu_seqlens cannot send a store out of bounds."""
         if varlen:
-            q0 = min(max(memory.ld_global_s32(p.cu_q + 4 * b), 0), p.total_q)
+            # (int32 throughout: a literal 0 would make the clamps 64-bit, and ptxas then holds
+            # the totals' sign words across the backward producer's loop, a spill at 24 registers)
+            zero = np.int32(0)
+            q0 = min(max(memory.ld_global_s32(p.cu_q + 4 * b), zero), p.total_q)
             q1 = min(max(memory.ld_global_s32(p.cu_q + 4 * b + 4), q0), p.total_q)
-            k0 = min(max(memory.ld_global_s32(p.cu_k + 4 * b), 0), p.total_k)
+            k0 = min(max(memory.ld_global_s32(p.cu_k + 4 * b), zero), p.total_k)
             k1 = min(max(memory.ld_global_s32(p.cu_k + 4 * b + 4), k0), p.total_k)
             return np.int32(q0), np.int32(q1 - q0), np.int32(k0), np.int32(k1 - k0)
         return np.int32(0), np.int32(p.sq_max), np.int32(0), np.int32(p.sk_max)
