@@ -76,7 +76,7 @@ from numba import cuda, types
 from numba_fa3.primitives import launch, smem, tensors, warpgroup
 from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
-from numba_fa3.ptx_inline import cluster, convert, memory, special
+from numba_fa3.ptx_inline import cluster, convert, memory, special, tma
 from . import fp8_model
 
 __all__ = ["HEAD_DIMS", "Scaling", "QuantizeKernel", "quantize_kernel", "quantize_fp8", "block_plan",
@@ -108,6 +108,10 @@ MAX_CTA_VALUES = 16384
 MAX_CTA_THREADS = 256
 #: The most CTAs in a portable thread-block cluster.
 MAX_CLUSTER = 8
+#: L2 prefetch of a later CTA's rows (`QuantizeKernel.prefetch`), and how far ahead, in CTA
+#: groups per SM (about two resident at a time: the next wave's).
+PREFETCH = False
+PREFETCH_GROUPS_PER_SM = 2
 #: Row, tile and CTA indices are int32 in the kernel.
 MAX_INDEX = 2**31 - 1
 FULL_MASK = 0xFFFFFFFF
@@ -281,13 +285,14 @@ def bytes_moved(q_shape, k_shape, block_m=128, block_n=128, v_granularity="head"
 #: head), the tile amaxes' (AMAX writes, HEAD reads) and the sign masks' addresses; heads, rows
 #: per (batch, head), tiles per (batch, head) (blocks, or the V passes' tiles), and tiles in all
 #: (batch * heads * tiles); the (batch, row, head) strides of the input (elements) and of the codes
-#: (bytes); c, the rotation's scale (1 without).
+#: (bytes); c, the rotation's scale (1 without); ahead: how many CTA groups ahead a CTA asks
+#: L2 for its rows (`prefetch`).
 QuantizeParams = launch.params("QuantizeParams", [
     ("x_ptr", _U64), ("out_ptr", _U64), ("descale_ptr", _U64), ("tile_amax_ptr", _U64), ("signs_ptr", _U64),
     ("heads", _I32), ("seqlen", _I32), ("tiles", _I32), ("groups", _I32),
     ("x_batch_stride", _I64), ("x_row_stride", _I64), ("x_head_stride", _I64),
     ("out_batch_stride", _I64), ("out_row_stride", _I64), ("out_head_stride", _I64),
-    ("rotation_scale", _F32), ("cu_ptr", _U64)])
+    ("rotation_scale", _F32), ("cu_ptr", _U64), ("ahead", _I32)])
 
 
 class QuantizeKernel(launch.HopperKernel):
@@ -298,7 +303,7 @@ class QuantizeKernel(launch.HopperKernel):
     PARAMS = QuantizeParams
 
     def __init__(self, dtype="bf16", head_dim=128, rows=128, rotate=True, scaling=Scaling.BLOCK, cluster=1,
-                 varlen=False):
+                 varlen=False, prefetch=False):
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         self.dtype, self.head_dim = dtype, _head_dim(head_dim)
@@ -307,6 +312,9 @@ class QuantizeKernel(launch.HopperKernel):
         #: packed sequences (`quantize_fp8_varlen`): a "batch" entry is a sequence of cu_seqlens,
         #: its blocks counted from its first row
         self.varlen = bool(varlen)
+        #: each CTA first asks L2 for the rows of the CTA `ahead` groups after it (dense only),
+        #: so that DRAM streams while the resident CTAs compute
+        self.prefetch = bool(prefetch) and not self.varlen
         if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
             raise ValueError(f"rows {rows} must be a multiple of {ROW_QUANTUM} and at most "
                              f"{max_cta_rows(self.head_dim)} at head dim {head_dim}")
@@ -330,7 +338,8 @@ class QuantizeKernel(launch.HopperKernel):
         BLOCK = ROWS * CLUSTER
         WARPS = THREADS // WARP
         WARP_SHUFFLES = tuple(WARP >> (i + 1) for i in range(WARP.bit_length() - 1))
-        ROTATE, VARLEN = self.rotate, self.varlen
+        ROTATE, VARLEN, PREFETCH = self.rotate, self.varlen, self.prefetch
+        ROW_BYTES = self.head_dim * ELEMENT_BYTES
         FROM_VALUES = self.scaling != Scaling.HEAD      # the amax of this CTA's own values
         WRITE_CODES = self.scaling != Scaling.AMAX
         IS_BLOCK, IS_HEAD = self.scaling == Scaling.BLOCK, self.scaling == Scaling.HEAD
@@ -468,6 +477,17 @@ class QuantizeKernel(launch.HopperKernel):
             lane = tid & np.int32(LANES_PER_ROW - 1)
             odd = lane != 0
             group, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            if constexpr(PREFETCH):
+                later = np.int32(group + p.ahead)
+                if lane == 0 and later < p.groups:
+                    if constexpr(IS_HEAD):
+                        later = np.int32(p.groups - 1 - later)
+                    rest2, h2 = udivmod32(later, p.heads)
+                    b2, tile2 = udivmod32(rest2, p.tiles)
+                    s2 = np.int32(tile2 * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
+                    if s2 < p.seqlen:
+                        tma.prefetch_bulk_l2(p.x_ptr + (b2 * p.x_batch_stride + s2 * p.x_row_stride
+                                                        + h2 * p.x_head_stride) * ELEMENT_BYTES, ROW_BYTES)
             if constexpr(IS_HEAD):
                 group = np.int32(p.groups - 1 - group)
             rest, h = udivmod32(group, p.heads)
@@ -560,9 +580,15 @@ class QuantizeKernel(launch.HopperKernel):
         return quantize
 
 
+def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False, prefetch=None):
+    """The cached `QuantizeKernel`; prefetch None: the module's `PREFETCH`."""
+    return _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen,
+                            PREFETCH if prefetch is None else bool(prefetch))
+
+
 @functools.lru_cache(maxsize=None)
-def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False):
-    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen)
+def _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, prefetch):
+    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, prefetch)
 
 
 # --- host -------------------------------------------------------------------------------------
@@ -703,7 +729,7 @@ def _launch(kern, info, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, tiles, s
     scale = rotation_scale(d) if kern.rotate else np.float32(1)
     kern.launch_with(groups * kern.cluster, stream, QuantizeParams(
         info.ptr, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, h, s, tiles, groups,
-        *strides, *out_strides, scale, cu_ptr))
+        *strides, *out_strides, scale, cu_ptr, launch.sm_count() * PREFETCH_GROUPS_PER_SM))
 
 
 def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_granularity="head",

@@ -186,3 +186,17 @@ def load_bulk(typingctx, dst, src, nbytes, bar):
               (as_int(context, builder, args[3], sig.args[3], 32), "r")])
         return context.get_dummy_value()
     return types.void(dst, src, nbytes, bar), codegen
+
+
+@intrinsic
+def prefetch_bulk_l2(typingctx, src, nbytes):
+    """`cp.async.bulk.prefetch.L2.global [src], n` (9.7.9.25.4.3, the non-tensor bulk prefetch):
+    ask for `nbytes` contiguous bytes from global `src` (16-byte aligned, n a multiple of 16) to be
+    brought into L2, without waiting and without a destination: a hint that moves DRAM reads ahead
+    of the loads that will want them."""
+    def codegen(context, builder, sig, args):
+        emit(builder, "cp.async.bulk.prefetch.L2.global [$0], $1;", [],
+             [(as_int(context, builder, args[0], sig.args[0], 64), "l"),
+              (as_int(context, builder, args[1], sig.args[1], 32), "r")])
+        return context.get_dummy_value()
+    return types.void(src, nbytes), codegen
