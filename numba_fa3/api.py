@@ -7,6 +7,7 @@ contiguous; the result is a new array of the same library, or `out`.  NumPy inpu
 the GPU and the result comes back as NumPy.  Everything unsupported raises before launch.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -64,10 +65,30 @@ def _options(d, softmax_scale, causal, window_size, softcap):
     softcap = float(softcap)
     if not softcap >= 0 or not math.isfinite(softcap):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
-    left, right = (int(window_size[0]), int(window_size[1]))
+    left, right = _window(window_size)
     if causal:
         right = 0
     return scale, softcap, (left, right), mask.mask_kind(causal, (left, right))
+
+
+def _window(window_size):
+    """(left, right) as the kernels take them: integers (a float would be truncated silently),
+    negative meaning unbounded (-1), and a bound past `mask.FAR` clamped to it: the kernels'
+    window arithmetic is int32, where a larger bound would wrap, and no sequence is that long."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    bounds = []
+    for w in (left, right):
+        if isinstance(w, bool):
+            raise TypeError(f"window_size entries must be integers, got {window_size!r}")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window_size entries must be integers, got {window_size!r}") from None
+        bounds.append(-1 if w < 0 else min(w, mask.FAR))
+    return tuple(bounds)
 
 
 def _output(out, like, shape, stream):

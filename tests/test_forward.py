@@ -253,6 +253,25 @@ def test_forward_numpy_roundtrip_and_gqa_vs_torch():
     assert np.array_equal(host.view(np.uint16), _to_numpy(out, "bf16").view(np.uint16))
 
 
+def test_window_bounds_fit_the_kernels_int32():
+    """Windows reach the kernels as int32 and enter int32 sums: a bound past mask.FAR is clamped
+    (the same mask for any sequence a GPU holds), a negative one is unbounded, NumPy integers
+    are integers."""
+    from numba_fa3 import api, mask
+    assert api._window((2**40, 2**31)) == (mask.FAR, mask.FAR)
+    assert api._window((-7, np.int64(3))) == (-1, 3)
+    assert api._options(64, None, True, (2**33, 5), 0.0)[2] == (mask.FAR, 0)
+    assert api._options(64, None, False, (-1, -1), 0.0)[3] == mask.MASK_NONE
+    assert api._options(64, None, False, (2**40, -1), 0.0)[3] == mask.MASK_LOCAL
+    # FAR is past every sequence: the clamped window masks exactly what the wide one does
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 37, 2, 16)) for _ in range(3))
+    for window in ((2**40, 3), (5, 2**35)):
+        clamped = tuple(min(w, mask.FAR) for w in window)
+        assert np.array_equal(attention_reference(q, k, v, window_size=window),
+                              attention_reference(q, k, v, window_size=clamped))
+
+
 def test_bad_inputs_raise():
     bf = NUMPY_DTYPES["bf16"]
     q = np.ones((1, 8, 2, 64), bf)
@@ -268,6 +287,9 @@ def test_bad_inputs_raise():
         flash_attn(q, q, q, softcap=-1.0)
     with pytest.raises(ValueError, match="softmax_scale"):
         flash_attn(q, q, q, softmax_scale=-1.0)
+    for window in ((2.5, 0), (1, None), (True, 0), 5, (1, 2, 3)):
+        with pytest.raises(TypeError, match="window_size"):
+            flash_attn(q, q, q, window_size=window)
     with pytest.raises(ValueError, match="contiguous"):
         flash_attn(np.ones((1, 8, 2, 128), bf)[..., ::2], q, q)
     p = np.ones((8, 2, 64), bf)
