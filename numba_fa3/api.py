@@ -79,16 +79,13 @@ def _window(window_size):
         left, right = window_size
     except (TypeError, ValueError):
         raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    bounds = []
-    for w in (left, right):
-        if isinstance(w, bool):
-            raise TypeError(f"window_size entries must be integers, got {window_size!r}")
-        try:
-            w = operator.index(w)
-        except TypeError:
-            raise TypeError(f"window_size entries must be integers, got {window_size!r}") from None
-        bounds.append(-1 if w < 0 else min(w, mask.FAR))
-    return tuple(bounds)
+    if isinstance(left, bool) or isinstance(right, bool):
+        raise TypeError(f"window_size entries must be integers, got {window_size!r}")
+    try:
+        left, right = operator.index(left), operator.index(right)
+    except TypeError:
+        raise TypeError(f"window_size entries must be integers, got {window_size!r}") from None
+    return tuple(-1 if w < 0 else min(w, mask.FAR) for w in (left, right))
 
 
 def _output(out, like, shape, stream):
