@@ -201,13 +201,26 @@ def _cu_seqlens(x, name, total, host, stream):
     return x, info.ptr, info.shape[0] - 1, None
 
 
+def _max_seqlen(x, name, total):
+    """A varlen call's longest-sequence bound: an integer (a float would be truncated silently),
+    >= 0, and clamped to the packed length `total`, which no sequence exceeds: the kernels take it
+    as int32, where a larger bound would wrap."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an integer, got {x!r}")
+    try:
+        n = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {x!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return min(n, total)
+
+
 def _sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tq, tk, host, stream):
     """(cu_q, cu_k, batch, max_q, max_k) of a varlen call, checked as far as the host can
     (`_cu_seqlens`; NumPy lengths against max_seqlen too); NumPy cu_seqlens still on the host
     (`_cu_on_device` moves them once every other check has passed)."""
-    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_q < 0 or max_k < 0:
-        raise ValueError(f"max_seqlen_q/k must be >= 0, got {max_q}, {max_k}")
+    max_q, max_k = _max_seqlen(max_seqlen_q, "max_seqlen_q", tq), _max_seqlen(max_seqlen_k, "max_seqlen_k", tk)
     cuq, cuq_ptr, bq, lens_q = _cu_seqlens(cu_seqlens_q, "cu_seqlens_q", tq, host, stream)
     cuk, cuk_ptr, bk, lens_k = _cu_seqlens(cu_seqlens_k, "cu_seqlens_k", tk, host, stream)
     if bq != bk:

@@ -272,6 +272,15 @@ def test_window_bounds_fit_the_kernels_int32():
                               attention_reference(q, k, v, window_size=clamped))
 
 
+def test_max_seqlen_is_an_integer_clamped_to_the_packed_length():
+    """max_seqlen reaches the kernels as int32: a bound past the packed length (which no sequence
+    exceeds) is clamped to it, NumPy integers are integers."""
+    from numba_fa3 import api
+    assert api._max_seqlen(2**40, "max_seqlen_q", 100) == 100
+    assert api._max_seqlen(np.int64(7), "max_seqlen_q", 100) == 7
+    assert api._max_seqlen(0, "max_seqlen_k", 0) == 0
+
+
 def test_bad_inputs_raise():
     bf = NUMPY_DTYPES["bf16"]
     q = np.ones((1, 8, 2, 64), bf)
@@ -299,5 +308,10 @@ def test_bad_inputs_raise():
         flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 4, 8)
     with pytest.raises(ValueError, match="sequences"):
         flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 4, 8], np.int32), 8, 8)
+    for bound in (8.0, 7.9, True, None, "8"):
+        with pytest.raises(TypeError, match="max_seqlen_q"):
+            flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 8], np.int32), bound, 8)
+    with pytest.raises(ValueError, match="max_seqlen_k must be >= 0"):
+        flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 8, -1)
     with pytest.raises(ValueError, match=r"\[total_tokens"):
         flash_attn_varlen(q, q, q, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 8, 8)
