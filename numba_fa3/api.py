@@ -7,7 +7,6 @@ contiguous; the result is a new array of the same library, or `out`.  NumPy inpu
 the GPU and the result comes back as NumPy.  Everything unsupported raises before launch.
 """
 import math
-import operator
 
 import numpy as np
 
@@ -72,20 +71,15 @@ def _options(d, softmax_scale, causal, window_size, softcap):
 
 
 def _window(window_size):
-    """(left, right) as the kernels take them: integers (a float would be truncated silently),
-    negative meaning unbounded (-1), and a bound past `mask.FAR` clamped to it: the kernels'
-    window arithmetic is int32, where a larger bound would wrap, and no sequence is that long."""
+    """(left, right) as the kernels take them: integers (`tensors.integer`), negative meaning
+    unbounded (-1), and a bound past `mask.FAR` clamped to it: the kernels' window arithmetic is
+    int32, where a larger bound would wrap, and no sequence is that long."""
     try:
         left, right = window_size
     except (TypeError, ValueError):
         raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    if isinstance(left, bool) or isinstance(right, bool):
-        raise TypeError(f"window_size entries must be integers, got {window_size!r}")
-    try:
-        left, right = operator.index(left), operator.index(right)
-    except TypeError:
-        raise TypeError(f"window_size entries must be integers, got {window_size!r}") from None
-    return tuple(-1 if w < 0 else min(w, mask.FAR) for w in (left, right))
+    bounds = (tensors.integer(w, f"window_size {window_size!r}: each entry") for w in (left, right))
+    return tuple(-1 if w < 0 else min(w, mask.FAR) for w in bounds)
 
 
 def _output(out, like, shape, stream):
@@ -202,15 +196,10 @@ def _cu_seqlens(x, name, total, host, stream):
 
 
 def _max_seqlen(x, name, total):
-    """A varlen call's longest-sequence bound: an integer (a float would be truncated silently),
-    >= 0, and clamped to the packed length `total`, which no sequence exceeds: the kernels take it
-    as int32, where a larger bound would wrap."""
-    if isinstance(x, bool):
-        raise TypeError(f"{name} must be an integer, got {x!r}")
-    try:
-        n = operator.index(x)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {x!r}") from None
+    """A varlen call's longest-sequence bound: an integer (`tensors.integer`), >= 0, clamped to
+    the packed length `total`, which no sequence exceeds: the kernels take it as int32, where a
+    larger bound would wrap."""
+    n = tensors.integer(x, name)
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {n}")
     return min(n, total)

@@ -7,6 +7,7 @@ Accepted: PyTorch CUDA tensors (read through `data_ptr`/`stride`, because torch'
 objects, and NumPy arrays (host: the caller copies them).  Nothing here copies.
 """
 from dataclasses import dataclass
+import operator
 
 import numpy as np
 
@@ -39,6 +40,18 @@ class TensorInfo:
     @property
     def itemsize(self):
         return NUMPY_DTYPES[self.dtype].itemsize
+
+
+def integer(x, name):
+    """x as a Python int, for a count or bound that reaches a kernel: integers only (NumPy and
+    0-d integer tensors included), since int() would truncate a float silently and a bool is
+    a mistake."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an integer, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {x!r}") from None
 
 
 def contiguous_strides(shape):
