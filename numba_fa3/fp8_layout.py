@@ -459,7 +459,7 @@ def transpose_v_varlen(v8, cu_seqlens_k, max_seqlen_k, out=None, stream=None):
                          f"{cu_shape}")
     tk, hk, d = shape
     seqs = cu_shape[0] - 1
-    max_seqlen_k = int(max_seqlen_k)
+    max_seqlen_k = tensors.integer(max_seqlen_k, "max_seqlen_k")
     if tk < 1:
         raise ValueError("v8 has no keys")
     if not 0 <= max_seqlen_k <= tk:

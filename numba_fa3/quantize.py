@@ -854,7 +854,8 @@ def quantize_fp8_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
     n = cuq.shape[0] - 1
     tq, h, d = iq.shape
     tk, hk = ik.shape[0], ik.shape[1]
-    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    max_q, max_k = (tensors.integer(x, name) for x, name in ((max_seqlen_q, "max_seqlen_q"),
+                                                             (max_seqlen_k, "max_seqlen_k")))
     if not (0 <= max_q <= tq and 0 <= max_k <= tk):
         raise ValueError(f"max_seqlen_q / max_seqlen_k must be in [0, {tq}] / [0, {tk}], got {max_q}, {max_k}")
     plan_m, plan_n = block_plan(block_m, d), block_plan(block_n, d)
