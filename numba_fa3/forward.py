@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda, types
 
-from types import SimpleNamespace
-
 from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, warpgroup
 from numba_fa3.primitives.epilogue import fragment_col, fragment_row
 from numba_fa3.primitives.fragment import pack_bf16, pack_f16
@@ -136,13 +134,19 @@ class FlashForward(launch.HopperKernel):
         self.o_chunk_cols, self.o_chunks = self.chunk_cols, self.chunks
         self.o_bytes = self.chunks * self.q_chunk
         self.pack_p = pack_bf16 if self.dtype == "bf16" else pack_f16
-        self.softmax_ops = SimpleNamespace(online_max=softmax.online_max, online_step=softmax.online_step)
+        self.softmax_ops = softmax.raw_units()
 
     @staticmethod
     @cuda.jit(device=True, forceinline=True)
     def score_scale(p, env, nb):
         """The exponent's scale of key block nb: one per launch here."""
         return p.scale_log2
+
+    @staticmethod
+    @cuda.jit(device=True, forceinline=True)
+    def value_scale(p, env, nb):
+        """What the softmax takes of V's scale for key block nb (`softmax_ops`): none here."""
+        return np.float32(0), np.float32(1)
 
     @staticmethod
     @cuda.jit(device=True, forceinline=True)

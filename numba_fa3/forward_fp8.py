@@ -9,12 +9,13 @@ The bf16 forward's collectives with three changes, each a hook of `forward.Flash
   scale log2 e``, read per step (`score_scale`), with the softmax's running max kept in the
   exponent's units (`softmax.exponent_units`) and P lifted by 2^`P_OFFSET_LOG2` into e4m3's
   range;
-- the epilogue scales O by V's descale (one per key head) with 1 / l, and stores the 16-bit O.
+- V's descale (per key block or per key head) enters P through the exponent's bias
+  (`value_scale`, `softmax.exponent_units`), so the epilogue's O / l is the output.
 
 Descales are float32 arrays read through strides, so one kernel serves per-tensor (all strides
-0), per-(batch, head) (block stride 0) and per-block descales (Q per `block_m` query rows, K per
-`block_n` keys: the kernel's tiles); `qd_ratio` maps a query head to its descale row (1, or the
-GQA ratio for descales given per key head, FA3's layout).
+0), per-(batch, head) (block stride 0) and per-block descales (Q per `block_m` query rows, K and V
+per `block_n` keys: the kernel's tiles); `qd_ratio` maps a query head to its descale row (1, or
+the GQA ratio for descales given per key head, FA3's layout).
 """
 import functools
 
@@ -35,6 +36,8 @@ from .tiles import fp8_tiles_for
 P_OFFSET_LOG2 = fp8_model.P_OFFSET_LOG2
 #: Bytes of a descale (float32).
 DESCALE_BYTES = 4
+#: V's smallest descale as the kernel takes it (the NumPy model's).
+MIN_V_DESCALE = fp8_model.MIN_V_DESCALE
 #: Bytes of an e4m3 element, and of an element of O.
 FP8_BYTES, OUT_BYTES = 1, 2
 #: O's columns per 128-byte swizzle row (16-bit).
@@ -43,11 +46,11 @@ OUT_CHUNK_COLS = smem.SWIZZLE_BYTES // OUT_BYTES
 _U64, _I32, _F32, _I64 = types.uint64, types.int32, types.float32, types.int64
 #: The forward's parameters, then the descales: Q's (address, batch / head / query-block
 #: strides, query heads per descale row), K's (address, batch / head / key-block strides), V's
-#: (address, batch / head strides), in elements.
+#: (address, batch / head / key-block strides), in elements.
 ForwardFP8Params = launch.params("ForwardFP8Params", FORWARD_FIELDS + [
     ("qd_ptr", _U64), ("qd_batch", _I64), ("qd_head", _I64), ("qd_block", _I64), ("qd_ratio", _I32),
     ("kd_ptr", _U64), ("kd_batch", _I64), ("kd_head", _I64), ("kd_block", _I64),
-    ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64)])
+    ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64), ("vd_block", _I64)])
 
 
 class FlashForwardFP8(FlashForward):
@@ -89,11 +92,8 @@ class FlashForwardFP8(FlashForward):
 
         @cuda.jit(device=True, forceinline=True)
         def finish(p, st, b, h):
-            """1/l times V's descale (one per key head) for O's rows, and the LSE."""
-            hk, _ = udivmod32(h, p.head_ratio)
-            vd = memory.ld_global_nc_f32(p.vd_ptr + (b * p.vd_batch + hk * p.vd_head) * DESCALE_BYTES)
-            inv0, lse0, inv1, lse1 = finish_units(st)
-            return inv0 * vd, lse0, inv1 * vd, lse1
+            """1/l for O's rows (V's descales are in P already), and the LSE."""
+            return finish_units(st)
         self.finish = finish
 
         self._scale_hooks()
@@ -107,19 +107,22 @@ class FlashForwardFP8(FlashForward):
         @cuda.jit(device=True, forceinline=True)
         def tile_scale(p, b, h, mb):
             """(the first scale, log2 e scale or scale / softcap, times Q's descale of this tile,
-            the address of its key head's K descale row): what the per-block scale reads."""
+            the element offsets of its key head's K and V descale rows): what the per-block
+            scales read.  The offsets are int32 (the host checks that every descale's offsets
+            fit): a tile keeps them live through its steps, as two registers where addresses
+            would take four."""
             hq, _ = udivmod32(h, p.qd_ratio)
             hk, _ = udivmod32(h, p.head_ratio)
             qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block)
                                          * DESCALE_BYTES)
             first = p.softcap_scale if SOFTCAP else p.scale_log2
-            return first * qd, p.kd_ptr + (b * p.kd_batch + hk * p.kd_head) * DESCALE_BYTES
+            return (first * qd, np.int32(b * p.kd_batch + hk * p.kd_head), np.int32(b * p.vd_batch + hk * p.vd_head))
 
         @cuda.jit(device=True, forceinline=True)
         def block_scale(p, env, nb):
             """The tile's part times K's descale of key block nb."""
-            qs, kd_row = env.scale
-            return qs * memory.ld_global_nc_f32(kd_row + nb * p.kd_block * DESCALE_BYTES)
+            qs, kd_row, _ = env.scale
+            return qs * memory.ld_global_nc_f32(p.kd_ptr + (kd_row + nb * p.kd_block) * DESCALE_BYTES)
 
         @cuda.jit(device=True, forceinline=True)
         def score_scale(p, env, nb):
@@ -128,8 +131,18 @@ class FlashForwardFP8(FlashForward):
                 return p.scale_log2
             return block_scale(p, env, nb)
 
+        @cuda.jit(device=True, forceinline=True)
+        def value_scale(p, env, nb):
+            """(log2 v, 1 / v) of V's descale v of key block nb, as `softmax.exponent_units`
+            takes it.  v is clamped to MIN_V_DESCALE, where 1 / v and the row sums it scales
+            stay finite (a descale is positive; a zero one would make 0 * inf)."""
+            _, _, vd_row = env.scale
+            vd = max(memory.ld_global_nc_f32(p.vd_ptr + (vd_row + nb * p.vd_block) * DESCALE_BYTES), MIN_V_DESCALE)
+            log2_v = special.lg2(vd)
+            return log2_v, special.ex2(-log2_v)
+
         self.tile_scale, self.tanh_scale = tile_scale, block_scale
-        self.score_scale = score_scale
+        self.score_scale, self.value_scale = score_scale, value_scale
 
     @property
     def pv(self):
@@ -177,7 +190,7 @@ class FlashForwardFP8(FlashForward):
                descales, cu_seqlens=(0, 0), lse_strides=None, total=(0, 0)):
         """softcap: the soft-cap (0: none; the kernel's specialization must match).  descales:
         ((q address, batch, head, block strides, query heads per row), (k address, batch, head,
-        block strides), (v address, batch, head strides)), strides in elements; with varlen a
+        block strides), (v address, batch, head, block strides)), strides in elements; with varlen a
         batch entry is a sequence.  cu_seqlens, lse_strides, total: as `FlashForward.launch`'s."""
         m_blocks = -(-sq_max // self.block_m)
         tiles = m_blocks * heads * batch
@@ -194,13 +207,13 @@ class FlashForwardFP8(FlashForward):
         if lse_strides is None:
             lse_strides = (heads * sq_max, sq_max)
         stream = launch.stream_handle(stream)
-        (qd, qdb, qdh, qdm, qratio), (kd, kdb, kdh, kdn), (vd, vdb, vdh) = descales
+        (qd, qdb, qdh, qdm, qratio), (kd, kdb, kdh, kdn), (vd, vdb, vdh, vdn) = descales
         self.launch_with(grid, stream, ForwardFP8Params(
             table, lse_ptr, scheduler.tile_counters.get(stream), o.ptr, cu_seqlens[0], cu_seqlens[1], batch, heads,
             heads // heads_k, sq_max, sk_max, total[0], total[1], m_blocks, section, tail, window[0], window[1],
             np.float32(exp_scale * softmax.LOG2E), np.float32(exp_scale), np.float32(tanh_scale),
             *o_strides, *lse_strides, 0,
-            qd, qdb, qdh, qdm, qratio, kd, kdb, kdh, kdn, vd, vdb, vdh))
+            qd, qdb, qdh, qdm, qratio, kd, kdb, kdh, kdn, vd, vdb, vdh, vdn))
 
 
 @functools.lru_cache(maxsize=None)

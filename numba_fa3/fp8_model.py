@@ -319,6 +319,11 @@ def _e4m3_inputs(q8, k8, v8):
     return _check_qkv(q8, k8, v8, 4)
 
 
+#: V's smallest descale as the kernel takes it (a zero one is clamped here): its reciprocal scales
+#: the row sums, which stay finite for any sequence (at most 2^P_OFFSET_LOG2 per key times it).
+MIN_V_DESCALE = np.float32(2.0**-64)
+
+
 def _p_offset(p_offset_log2):
     ok = isinstance(p_offset_log2, (int, np.integer)) and not isinstance(p_offset_log2, bool)
     if not ok or not 0 <= p_offset_log2 <= MAX_P_OFFSET_LOG2:
@@ -345,12 +350,15 @@ def attention_fp8_model(q8, k8, v8, q_descale, k_descale, v_descale, softmax_sca
 
     * ``S``: exact sums of exact e4m3 products (float64 holds them exactly for D < 2^17), rounded
       once;
-    * ``c = (descale_q * descale_k) * (softmax_scale * log2 e)``, one per (row, key tile);
-      ``m`` is the running max of ``S c`` (``max(S) c``: ``c > 0``);
-    * ``P = exp2(S c - (m - offset))`` (one rounding, the FFMA) in ``(0, 2^offset]``; ``l``
-      adds float32 ``P``; ``O = O * (corr * dv_prev / dv) + fl(e4m3(P) V8)`` with
-      ``corr = exp2(m_prev - m)`` and ``dv`` the key tile's V descale (1 for per-head V);
-    * ``out = O * (dv / l)`` rounded to bf16; ``LSE = m ln 2 + ln(l 2^-offset)``.
+    * ``c = (descale_q * descale_k) * (softmax_scale * log2 e)``, one per (row, key tile), and
+      the key tile's V descale ``dv`` (per block, or its head's) as ``lv = log2 dv`` and
+      ``iv = exp2(-lv)``;
+    * ``m`` is the running max of ``S c + lv`` (``max(S) c + lv``, one rounding: ``c > 0``);
+    * ``P = exp2(S c - (m - (offset + lv)))`` (one rounding, the FFMA) in ``(0, 2^offset]``: P
+      carries V's descale (``P = 2^offset p dv / max(p dv)`` of the row's probabilities p);
+      ``l = l corr + sum(P) iv`` (the probabilities' sum); ``O = O corr + fl(e4m3(P) V8)``
+      with ``corr = exp2(m_prev - m)``;
+    * ``out = O / l`` rounded to bf16; ``LSE = m ln 2 + ln(l 2^-offset)``.
 
     Returns ``out [B, Sq, H, Dv]`` (bfloat16) or ``(out, lse)`` with ``lse [B, H, Sq]`` float32;
     rows that see no key give 0 and ``-inf``.
@@ -374,7 +382,8 @@ def attention_fp8_model(q8, k8, v8, q_descale, k_descale, v_descale, softmax_sca
     # One value per key tile: the per-row expansion, read at each tile's first row.
     dk = np.repeat(_descale_rows(k_descale, (b, hk), sk, bn, "k_descale")[..., ::bn], g, axis=1)
     dvs = np.repeat(_descale_rows(v_descale, (b, hk), sk, bn, "v_descale")[..., ::bn], g, axis=1)
-    v_per_block = np.ndim(v_descale) == 3
+    log2_v = np.log2(np.maximum(dvs, MIN_V_DESCALE)).astype(f32)          # [B, H, key tiles]
+    inv_v = np.exp2(-log2_v).astype(f32)
 
     scale_log2 = f32(scale * _LOG2E)
     vis_all = attention_mask(sq, sk, causal=causal)
@@ -391,7 +400,6 @@ def attention_fp8_model(q8, k8, v8, q_descale, k_descale, v_descale, softmax_sca
         m = np.full((b, h, rows), -np.inf, dtype=f32)
         l = np.zeros((b, h, rows), dtype=f32)
         acc = np.zeros((b, h, rows, dv), dtype=f32)
-        dv_cur = np.ones((b, h), dtype=f32)
         for nb in range((k_hi - 1) // bn, -1, -1):
             n0, n1 = nb * bn, min(nb * bn + bn, sk)
             vis = vis_all[m0:m1, n0:n1]
@@ -401,28 +409,25 @@ def attention_fp8_model(q8, k8, v8, q_descale, k_descale, v_descale, softmax_sca
             if not vis.all():
                 s = np.where(vis, s, f32(-np.inf))
             c = ((dq[:, :, m0:m1] * dk[:, :, nb, None]).astype(f32) * scale_log2).astype(f32)
-            m_new = np.maximum(m, (s.max(axis=-1) * c).astype(f32))
+            lv, iv = log2_v[:, :, nb, None], inv_v[:, :, nb, None]
+            # float64 products of float32 are exact, so one rounding models an FFMA.
+            m_new = np.maximum(m, (s.max(axis=-1).astype(f64) * c + lv).astype(f32))
             # A row with nothing visible yet keeps max -inf; FA3's Check_inf uses 0 as its
             # offset there so that exp2(-inf - (-inf)) never produces NaN.
             unseen = m_new == -np.inf
-            corr = np.exp2(m - np.where(unseen, f32(0), m_new)).astype(f32)
-            max_scaled = np.where(unseen, f32(0), m_new - offset).astype(f32)
-            # float64 products of float32 are exact, so one rounding models the FFMA.
+            base = np.where(unseen, f32(0), m_new)
+            corr = np.exp2(m - base).astype(f32)
+            max_scaled = (base - (offset + lv).astype(f32)).astype(f32)
             x = (s.astype(f64) * c[..., None].astype(f64) - max_scaled[..., None]).astype(f32)
             p = np.exp2(x)
-            l = (l * corr + p.sum(axis=-1, dtype=f32)).astype(f32)
+            l = (l * corr + (p.sum(axis=-1, dtype=f32) * iv).astype(f32)).astype(f32)
             p_mma = to_e4m3(p).astype(f64) if quantize_p else p.astype(f64)
             pv = (p_mma @ vf[:, :, n0:n1]).astype(f32)
-            if v_per_block:
-                ratio = (dv_cur / dvs[:, :, nb]).astype(f32)
-                dv_cur = dvs[:, :, nb]
-                corr = (corr * ratio[..., None]).astype(f32)
             acc = (acc * corr[..., None] + pv).astype(f32)
             m = m_new
         seen = l > 0
         l_safe = np.where(seen, l, f32(1))
-        final = dv_cur[..., None] if v_per_block else dvs[:, :, 0, None]
-        final = np.where(seen, (f32(1) / l_safe) * final, f32(0)).astype(f32)
+        final = np.where(seen, f32(1) / l_safe, f32(0)).astype(f32)
         out[:, :, m0:m1] = acc * final[..., None]
         lse_rows = m * f32(_LN2) + np.log(l_safe * np.exp2(-offset))
         lse[:, :, m0:m1] = np.where(seen, lse_rows, -np.inf)

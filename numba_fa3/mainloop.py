@@ -67,7 +67,8 @@ def _constants(fwd):
     S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
     PACK = fwd.pack_p
     ONLINE_MAX, ONLINE_STEP = fwd.softmax_ops.online_max, fwd.softmax_ops.online_step
-    SCORE_SCALE, TANH_SCALE = fwd.score_scale, fwd.tanh_scale
+    ONLINE_SUM = fwd.softmax_ops.online_sum
+    SCORE_SCALE, VALUE_SCALE, TANH_SCALE = fwd.score_scale, fwd.value_scale, fwd.tanh_scale
     MASKED = fwd.masked
     PINGPONG, OVERLAP = fwd.schedule.pingpong, fwd.schedule.overlap
     SOFTCAP, TRACE = fwd.softcap, fwd.trace
@@ -182,7 +183,8 @@ def _parts(c):
 def _step(c, h, masked):
     """One step of the overlapped loop, with the mask or without (`masked`)."""
     BN, STAGES, KV_STAGE, QK, PV, S_ZERO, PACK = c.BN, c.STAGES, c.KV_STAGE, c.QK, c.PV, c.S_ZERO, c.PACK
-    ONLINE_MAX, ONLINE_STEP, SCORE_SCALE, TANH_SCALE = c.ONLINE_MAX, c.ONLINE_STEP, c.SCORE_SCALE, c.TANH_SCALE
+    ONLINE_MAX, ONLINE_STEP, ONLINE_SUM = c.ONLINE_MAX, c.ONLINE_STEP, c.ONLINE_SUM
+    SCORE_SCALE, VALUE_SCALE, TANH_SCALE = c.SCORE_SCALE, c.VALUE_SCALE, c.TANH_SCALE
     SOFTCAP, INTERLEAVE, UNIFORM, THRESHOLD, LAZY = c.SOFTCAP, c.INTERLEAVE, c.UNIFORM, c.THRESHOLD, c.LAZY
     TAIL_AFTER_WAIT, P_HEAD, P_REGS = c.TAIL_AFTER_WAIT, c.P_HEAD, c.P_REGS
     turn_wait, turn_pass, mark_step = c.turn_wait, c.turn_pass, c.mark_step
@@ -221,8 +223,9 @@ def _step(c, h, masked):
             s = tanh_rows(s, TANH_SCALE(p, env, nb))
         if masked:
             s = mask.apply(s, nb, BN, env.col0, env.limits)
+        vscale = VALUE_SCALE(p, env, nb)
         if INTERLEAVE:
-            st, b0, b1 = ONLINE_MAX(s, ls.softmax, c, UNMASKED_STEP, THRESHOLD)
+            st, b0, b1 = ONLINE_MAX(s, ls.softmax, c, vscale, UNMASKED_STEP, THRESHOLD)
             pr = exp2_regs(s, c, b0, b1, 0, P_HEAD)
             if UNIFORM:
                 # the releases after the exponentials before the P V wait, which ptxas would
@@ -240,9 +243,9 @@ def _step(c, h, masked):
                 pr = exp2_regs(pr, c, b0, b1, P_HEAD, P_REGS)
             else:
                 o, pr = rescale_among_exponentials(o, pr, st, b0, b1, c)
-            st = softmax.online_sum(pr, st)
+            st = ONLINE_SUM(pr, st, vscale)
         else:
-            pr, st = ONLINE_STEP(s, ls.softmax, c, UNMASKED_STEP, THRESHOLD)
+            pr, st = ONLINE_STEP(s, ls.softmax, c, vscale, UNMASKED_STEP, THRESHOLD)
             o, pk = pv_done(o, ls.pk, p, sh, ls.v, env, t)
         pk = PACK(pr)
         if INTERLEAVE and LAZY:
@@ -316,7 +319,7 @@ def make_mainloop(fwd):
     c = _constants(fwd)
     h = _parts(c)
     STAGES, KV_STAGE, PV, O_ZERO, PACK = c.STAGES, c.KV_STAGE, c.PV, c.O_ZERO, c.PACK
-    ONLINE_STEP, SCORE_SCALE = c.ONLINE_STEP, c.SCORE_SCALE
+    ONLINE_STEP, SCORE_SCALE, VALUE_SCALE = c.ONLINE_STEP, c.SCORE_SCALE, c.VALUE_SCALE
     INTERLEAVE, LAZY, OVERLAP = c.INTERLEAVE, c.LAZY, c.OVERLAP
     mark = c.mark
     stage_addr, release, release_q, s_now, masked_scores = h.stage_addr, h.release, h.release_q, h.s_now, h.masked_scores
@@ -332,7 +335,7 @@ def make_mainloop(fwd):
         if nb == env.n_min:  # the tile's last S GEMM is done: Q may be reloaded
             release_q(env.q_empty, env.lane)
         s = masked_scores(s, nb, mb, sq, sk, p, env)
-        pr, st = ONLINE_STEP(s, softmax.initial(), SCORE_SCALE(p, env, nb))
+        pr, st = ONLINE_STEP(s, softmax.initial(), SCORE_SCALE(p, env, nb), VALUE_SCALE(p, env, nb), False, 0.0)
         return LoopState(O_ZERO, PACK(pr), st, pipeline.advance(kv, STAGES), kv)
 
     @cuda.jit(device=True, forceinline=True)
@@ -369,7 +372,7 @@ def make_mainloop(fwd):
         while nb >= env.n_min:
             s = s_now(p, sh, kv, env)
             s = masked_scores(s, nb, mb, sq, sk, p, env)
-            pr, st = ONLINE_STEP(s, st, SCORE_SCALE(p, env, nb))
+            pr, st = ONLINE_STEP(s, st, SCORE_SCALE(p, env, nb), VALUE_SCALE(p, env, nb), False, 0.0)
             o = scale_rows(o, st.a0, st.a1)
             pk = PACK(pr)
             pipeline.consumer_wait(sh.v_bars, kv)

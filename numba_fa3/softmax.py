@@ -160,6 +160,27 @@ def finish(st, softmax_scale):
     return inv0, lse0, inv1, lse1
 
 
+def raw_units():
+    """The online softmax as the 16-bit forward's main loop takes it, beside `exponent_units`:
+    online_max(s, st, c, vscale, unmasked, threshold), online_sum(p, st, vscale) and
+    online_step(s, st, c, vscale, unmasked, threshold), the running max kept in raw scores
+    (one scale per launch) and `vscale` ignored (V is not scaled)."""
+
+    @cuda.jit(device=True, forceinline=True)
+    def raw_max(s, st, c, vscale, unmasked, threshold):
+        return online_max(s, st, c, unmasked, threshold)
+
+    @cuda.jit(device=True, forceinline=True)
+    def raw_sum(p, st, vscale):
+        return online_sum(p, st)
+
+    @cuda.jit(device=True, forceinline=True)
+    def raw_step(s, st, c, vscale, unmasked, threshold):
+        return online_step(s, st, c, unmasked, threshold)
+
+    return SimpleNamespace(online_max=raw_max, online_sum=raw_sum, online_step=raw_step)
+
+
 def exponent_units(offset):
     """The online softmax with the running max kept in the exponent's units (log2, scale
     applied), for kernels whose score scale changes from key block to key block (the FP8
@@ -169,9 +190,18 @@ def exponent_units(offset):
     into (0, 2^offset] (FA3 section 3.3: e4m3's range, 448, keeps 2^8); l and O carry the
     same factor, and `finish` takes it out of the LSE.
 
-    Returns a namespace with online_max(s, st, c, unmasked, threshold) -> (st, b0, b1),
-    online_step(s, st, c, unmasked, threshold) -> (p, st), finish(st) -> (1/l0, lse0, 1/l1,
-    lse1).  `threshold` must be 0: the lazy rescale would let P reach 2^(offset + threshold)."""
+    V's descale of the block, v (per key block or per head), is folded into P the same way:
+    `vscale` is (log2 v, 1 / v), the running max is taken of s c + log2 v and P's exponent
+    gains log2 v, so the P V GEMM adds P v V8 (P v <= 2^offset: e4m3's range holds whatever the
+    blocks' descales), while l adds rowsum(P v) / v, the sum of P alone: O / l is then the
+    dequantized output with no factor left for the epilogue, and m - offset + log2 l is still
+    the row's log2-sum-exp (each p v / v is p).  Two multiplies and an add per row and block,
+    none per element.
+
+    Returns a namespace with online_max(s, st, c, vscale, unmasked, threshold) -> (st, b0, b1),
+    online_sum(p, st, vscale) -> st, online_step(s, st, c, vscale, unmasked, threshold) -> (p,
+    st), finish(st) -> (1/l0, lse0, 1/l1, lse1).  `threshold` must be 0: the lazy rescale would
+    let P reach 2^(offset + threshold)."""
     OFFSET = np.float32(offset)
     LSE_SHIFT = np.float32(offset * LN2)
     LN2_32 = np.float32(LN2)
@@ -184,20 +214,28 @@ def exponent_units(offset):
         return n
 
     @cuda.jit(device=True, forceinline=True)
-    def online_max(s, st, c, unmasked=False, threshold=0.0):
+    def online_max(s, st, c, vscale, unmasked=False, threshold=0.0):
+        log2_v, _ = vscale
         mx0, mx1 = fragment.row_max(s)
-        n0 = max(st.m0, quad_max(mx0) * c)
-        n1 = max(st.m1, quad_max(mx1) * c)
+        n0 = max(st.m0, quad_max(mx0) * c + log2_v)
+        n1 = max(st.m1, quad_max(mx1) * c + log2_v)
         e0, e1 = base(n0, unmasked), base(n1, unmasked)
         a0 = special.ex2(st.m0 - e0)
         a1 = special.ex2(st.m1 - e1)
-        return Softmax(n0, n1, st.l0, st.l1, a0, a1), e0 - OFFSET, e1 - OFFSET
+        lift = OFFSET + log2_v
+        return Softmax(n0, n1, st.l0, st.l1, a0, a1), e0 - lift, e1 - lift
 
     @cuda.jit(device=True, forceinline=True)
-    def online_step(s, st, c, unmasked=False, threshold=0.0):
-        st, b0, b1 = online_max(s, st, c, unmasked, threshold)
+    def value_sum(p, st, vscale):
+        _, inv_v = vscale
+        s0, s1 = fragment.row_sum(p)
+        return Softmax(st.m0, st.m1, st.l0 * st.a0 + s0 * inv_v, st.l1 * st.a1 + s1 * inv_v, st.a0, st.a1)
+
+    @cuda.jit(device=True, forceinline=True)
+    def online_step(s, st, c, vscale, unmasked=False, threshold=0.0):
+        st, b0, b1 = online_max(s, st, c, vscale, unmasked, threshold)
         p = fragment.exp2_rows(s, c, b0, b1)
-        return p, online_sum(p, st)
+        return p, value_sum(p, st, vscale)
 
     @cuda.jit(device=True, forceinline=True)
     def finish_row(m, l):
@@ -212,5 +250,4 @@ def exponent_units(offset):
         inv1, lse1 = finish_row(st.m1, st.l1)
         return inv0, lse0, inv1, lse1
 
-    return SimpleNamespace(online_max=online_max, online_step=online_step, finish=finish)
-
+    return SimpleNamespace(online_max=online_max, online_sum=value_sum, online_step=online_step, finish=finish)

@@ -174,7 +174,11 @@ FP8_TILES = {
     (128, False): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, rescale_rounds=2, **_TWO),
     (128, True): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, rescale_rounds=2,
                        sequential_mask_loops=True, **_TWO),
-    (256, False): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, **_TWO),
+    # Q's last four descriptors rebuilt per S GEMM: with more hoisted the uniform registers run
+    # out and ptxas spills (the varlen kernel with all eight hoisted, every kernel with seven
+    # once V's descale per key block joined the step)
+    (256, False): Tiles(block_n=128, interleaved_rescale=True, uniform_pipeline=True, hoist_q_descriptors=4,
+                        **_TWO),
     # hoisted Q descriptors, or the uniform pipeline, spill here
     (256, True): Tiles(block_n=128, interleaved_rescale=True, sequential_mask_loops=True, hoist_q_descriptors=False,
                        **_TWO),

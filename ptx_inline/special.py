@@ -1,5 +1,5 @@
-"""Small special instructions: shared-window addresses, `elect.sync`, `ex2.approx`, cache policies,
-warp-uniform indices, byte permutes.
+"""Small special instructions: shared-window addresses, `elect.sync`, `ex2.approx`, `lg2.approx`,
+cache policies, warp-uniform indices, byte permutes.
 """
 from numba import types
 from numba.core.errors import TypingError
@@ -40,6 +40,17 @@ def ex2(typingctx, x):
     def codegen(context, builder, sig, args):
         v = context.cast(builder, args[0], sig.args[0], types.float32)
         return emit(builder, "ex2.approx.ftz.f32 $0, $1;", [F32], [(v, "f")],
+                    clobber_memory=False, side_effect=False)
+    return types.float32(x), codegen
+
+
+@intrinsic
+def lg2(typingctx, x):
+    """`lg2.approx.ftz.f32` (PTX ISA, floating-point instructions: lg2): log2(x) on the MUFU
+    unit, one instruction; exact for powers of two, 0 gives -inf."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return emit(builder, "lg2.approx.ftz.f32 $0, $1;", [F32], [(v, "f")],
                     clobber_memory=False, side_effect=False)
     return types.float32(x), codegen
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import numba_fa3
-from numba_fa3 import fp8_layout, fp8_model, reference
+from numba_fa3 import api_fp8, fp8_layout, fp8_model, reference
 from numba_fa3.api_fp8 import fp8_blocks
 from numba_fa3.forward_fp8 import FlashForwardFP8
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
@@ -45,6 +45,18 @@ def test_fp8_specialization_compiles_clean(head_dim, mask_kind, out_dtype):
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     _assert_clean(kc.ptxas_report(ptx), f"fp8 forward d{head_dim} mask {mask_kind} out {out_dtype}")
+
+
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("head_dim,mask_kind,softcap,varlen",
+                         [(d, m, sc, vl) for d in FP8_HEAD_DIMS for m in (MASK_NONE, MASK_CAUSAL, MASK_LOCAL)
+                          for sc, vl in ((True, False), (False, True), (True, True))])
+def test_fp8_softcap_varlen_specializations_compile_clean(head_dim, mask_kind, softcap, varlen):
+    """The soft-cap and varlen kernels (bf16 O: the output type changes only the epilogue's
+    conversion) fit their registers too."""
+    kern = FlashForwardFP8(head_dim, mask_kind, "bf16", softcap=softcap, varlen=varlen)
+    _assert_clean(kc.ptxas_report(kern.compile_ptx()),
+                  f"fp8 forward d{head_dim} mask {mask_kind} softcap {softcap} varlen {varlen}")
 
 
 def _thread_columns(q):
@@ -88,6 +100,11 @@ def test_bad_inputs_raise_before_launch():
         numba_fa3.flash_attn_fp8(q8, k8, k8, out_dtype="f32")
     with pytest.raises(ValueError):
         numba_fa3.flash_attn(q8, k8, k8, precision="fp4")
+    for name in ("q_descale", "k_descale", "v_descale"):
+        with pytest.raises(ValueError, match=name):   # a shape of neither layout
+            numba_fa3.flash_attn_fp8(q8, k8, k8, **{name: np.ones((1, 2, 7), np.float32)})
+        with pytest.raises(ValueError, match=name):   # not positive
+            numba_fa3.flash_attn_fp8(q8, k8, k8, **{name: np.zeros((1, 2), np.float32)})
     # varlen: packed 3-D inputs, cu_seqlens that fit them
     p8 = _codes(rng, (64, 2, 128))
     cu = np.array([0, 30, 64], np.int32)
@@ -112,7 +129,7 @@ def _descales(rng, kind, b, h, hk, sq, sk, d, causal):
         return pos(b, h), pos(b, hk), pos(b, hk)
     if kind == "kv_head":
         return pos(b, hk), pos(b, hk), pos(b, hk)
-    return pos(b, h, mq), pos(b, hk, nk), pos(b, hk)
+    return pos(b, h, mq), pos(b, hk, nk), pos(b, hk, nk)
 
 
 def _dequant(x8, descale, block):
@@ -264,10 +281,10 @@ def test_fp8_varlen_matches_dense(d, causal, window, block_descales):
     bm, bn = fp8_blocks(d, causal, window)
     pos = lambda *shape: rng.uniform(0.5, 2.0, size=shape).astype(np.float32) / 64
     if block_descales:
-        qd, kd = pos(n, h, -(-max(lens_q) // bm)), pos(n, hk, -(-max(lens_k) // bn))
+        nk = -(-max(lens_k) // bn)
+        qd, kd, vd = pos(n, h, -(-max(lens_q) // bm)), pos(n, hk, nk), pos(n, hk, nk)
     else:
-        qd, kd = pos(n, h), pos(n, hk)
-    vd = pos(n, hk)
+        qd, kd, vd = pos(n, h), pos(n, hk), pos(n, hk)
     out = torch.full((int(cuq[-1]), h, d), float("nan"), dtype=torch.bfloat16, device="cuda")   # poisoned
     _, lse = numba_fa3.flash_attn_fp8_varlen(t(q8), t(k8), t(v8), c(cuq), c(cuk), max(lens_q), max(lens_k),
                                               c(qd), c(kd), c(vd), causal=causal, window_size=window,
@@ -281,8 +298,9 @@ def test_fp8_varlen_matches_dense(d, causal, window, block_descales):
             continue
         qs = qd[i:i + 1, :, :-(-lens_q[i] // bm)] if block_descales else qd[i:i + 1]
         ks = kd[i:i + 1, :, :-(-lens_k[i] // bn)] if block_descales else kd[i:i + 1]
+        vs = vd[i:i + 1, :, :-(-lens_k[i] // bn)] if block_descales else vd[i:i + 1]
         want, want_lse = numba_fa3.flash_attn_fp8(t(q8[None, rows]), t(k8[None, keys]), t(v8[None, keys]), c(qs),
-                                                  c(ks), c(vd[i:i + 1]), causal=causal, window_size=window,
+                                                  c(ks), c(vs), causal=causal, window_size=window,
                                                   return_lse=True)
         assert torch.equal(out[rows].view(torch.int16), want[0].view(torch.int16)), i
         assert torch.equal(lse[:, rows], want_lse[0]), i
@@ -339,7 +357,7 @@ def test_precision_fp8_end_to_end(d, causal):
     got = numba_fa3.flash_attn(t(q), t(k), t(v), causal=causal, precision="fp8").float().cpu().numpy()
     bm, bn = fp8_blocks(d, causal)
     q8, k8, v8, qd, kd, vd = fp8_model.quantize_fp8_model(q, k, v, hadamard=True, block_m=bm, block_n=bn,
-                                                          v_granularity="head")
+                                                          v_granularity=api_fp8.V_GRANULARITY)
     model = fp8_model.attention_fp8_model(q8, k8, v8, qd, kd, vd, causal=causal, block_m=bm, block_n=bn)
     rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))
     assert rmse(got - want) <= 1.25 * rmse(model.astype(np.float64) - want) + 1e-3
