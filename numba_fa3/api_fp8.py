@@ -33,8 +33,8 @@ def fp8_blocks(head_dim, causal=False, window_size=(-1, -1)):
 #: (per head it reads V twice: its amax needs the whole sequence first), and the kernel takes
 #: either at the same cost (`forward_fp8`); the NumPy model's error is the same or lower.
 V_GRANULARITY = "block"
-#: The largest element offset of a descale row (its batch and head) the kernel takes.
-MAX_ROW_OFFSET = 2**31 - 1
+#: The largest element offset into a descale array the kernel takes (int32).
+MAX_OFFSET = 2**31 - 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,10 +64,9 @@ def _descale(x, name, shapes, stream):
         values = np.asarray(info.obj)
         if not (np.all(values > 0) and np.all(np.isfinite(values))):
             raise ValueError(f"{name} must be positive and finite everywhere")
-    # (the kernel keeps a head's row offset, the first two axes', in an int32)
-    if sum((n - 1) * abs(st) for n, st in zip(info.shape[:2], info.strides[:2])) > MAX_ROW_OFFSET:
-        raise ValueError(f"{name}: a (batch, head) row lies past the kernel's int32 offsets (strides "
-                         f"{info.strides})")
+    # (the kernel's offsets into a descale array are int32)
+    if sum((n - 1) * abs(st) for n, st in zip(info.shape, info.strides)) > MAX_OFFSET:
+        raise ValueError(f"{name}: an element lies past the kernel's int32 offsets (strides {info.strides})")
     return info, info.shape, rank
 
 

@@ -46,11 +46,12 @@ OUT_CHUNK_COLS = smem.SWIZZLE_BYTES // OUT_BYTES
 _U64, _I32, _F32, _I64 = types.uint64, types.int32, types.float32, types.int64
 #: The forward's parameters, then the descales: Q's (address, batch / head / query-block
 #: strides, query heads per descale row), K's (address, batch / head / key-block strides), V's
-#: (address, batch / head / key-block strides), in elements.
+#: (address, batch / head / key-block strides), in elements (block strides int32: every offset
+#: into a descale array fits, `api_fp8._descale`).
 ForwardFP8Params = launch.params("ForwardFP8Params", FORWARD_FIELDS + [
     ("qd_ptr", _U64), ("qd_batch", _I64), ("qd_head", _I64), ("qd_block", _I64), ("qd_ratio", _I32),
-    ("kd_ptr", _U64), ("kd_batch", _I64), ("kd_head", _I64), ("kd_block", _I64),
-    ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64), ("vd_block", _I64)])
+    ("kd_ptr", _U64), ("kd_batch", _I64), ("kd_head", _I64), ("kd_block", _I32),
+    ("vd_ptr", _U64), ("vd_batch", _I64), ("vd_head", _I64), ("vd_block", _I32)])
 
 
 class FlashForwardFP8(FlashForward):
@@ -108,9 +109,9 @@ class FlashForwardFP8(FlashForward):
         def tile_scale(p, b, h, mb):
             """(the first scale, log2 e scale or scale / softcap, times Q's descale of this tile,
             the element offsets of its key head's K and V descale rows): what the per-block
-            scales read.  The offsets are int32 (the host checks that every descale's offsets
-            fit): a tile keeps them live through its steps, as two registers where addresses
-            would take four."""
+            scales read.  Offsets are int32 (the host checks that every descale's fit): a tile
+            keeps them live through its steps, two registers where addresses would take four,
+            and a step's block offset is one 32-bit multiply-add."""
             hq, _ = udivmod32(h, p.qd_ratio)
             hk, _ = udivmod32(h, p.head_ratio)
             qd = memory.ld_global_nc_f32(p.qd_ptr + (b * p.qd_batch + hq * p.qd_head + mb * p.qd_block)
@@ -122,7 +123,7 @@ class FlashForwardFP8(FlashForward):
         def block_scale(p, env, nb):
             """The tile's part times K's descale of key block nb."""
             qs, kd_row, _ = env.scale
-            return qs * memory.ld_global_nc_f32(p.kd_ptr + (kd_row + nb * p.kd_block) * DESCALE_BYTES)
+            return qs * memory.ld_global_nc_f32(p.kd_ptr + np.int32(kd_row + nb * p.kd_block) * DESCALE_BYTES)
 
         @cuda.jit(device=True, forceinline=True)
         def score_scale(p, env, nb):
@@ -137,7 +138,8 @@ class FlashForwardFP8(FlashForward):
             takes it.  v is clamped to MIN_V_DESCALE, where 1 / v and the row sums it scales
             stay finite (a descale is positive; a zero one would make 0 * inf)."""
             _, _, vd_row = env.scale
-            vd = max(memory.ld_global_nc_f32(p.vd_ptr + (vd_row + nb * p.vd_block) * DESCALE_BYTES), MIN_V_DESCALE)
+            vd = memory.ld_global_nc_f32(p.vd_ptr + np.int32(vd_row + nb * p.vd_block) * DESCALE_BYTES)
+            vd = max(vd, MIN_V_DESCALE)
             log2_v = special.lg2(vd)
             return log2_v, special.ex2(-log2_v)
 
