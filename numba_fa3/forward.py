@@ -83,6 +83,10 @@ class FlashForward(launch.HopperKernel):
     #: Input types, and the tile table's lookup.
     DTYPES = ("bf16", "f16")
     table_tiles = staticmethod(tiles_for)
+    #: Whether a consumer rebuilds its fragment row per tile instead of holding it across the
+    #: tile loop: a register for a few integer instructions per tile (the FP8 kernels, which hold
+    #: the descale rows too; the 16-bit kernels' step loops fit without it).
+    ROW_PER_TILE = False
 
     def __init__(self, dtype="bf16", head_dim=128, mask_kind=mask.MASK_NONE, schedule=FULL_SCHEDULE,
                  tiles=None, softcap=False, varlen=False, trace=False, long_queries=False):
@@ -227,7 +231,7 @@ class FlashForward(launch.HopperKernel):
         Q_BYTES = self.chunks * self.q_chunk
         WG_ROWS_BYTES = WGMMA_M * smem.SWIZZLE_BYTES
         MASKED, TMA_STORE, TRACE = self.masked, self.tma_store, self.trace
-        Q_REGS = self.q_in_registers
+        Q_REGS, ROW_PER_TILE = self.q_in_registers, self.ROW_PER_TILE
         MAP_O = self.MAP_O * TENSOR_MAP_BYTES
         A_SOURCE = self.qk.a_source
         tile_coords, seq_info = self.scheduler.coords, self.scheduler.seq
@@ -250,7 +254,7 @@ class FlashForward(launch.HopperKernel):
             kv_stage, kv_phase = np.int32(0), np.int32(0)
             q_stage, q_phase = np.int32(0), np.int32(0)
             tiles = np.int32(p.m_blocks * p.heads * p.batch)
-            r_local = fragment_row(utid)
+            r_held = fragment_row(utid)
             col0 = fragment_col(utid)
             n = np.int32(0)  # tiles done (trace build)
             tracer_thread = TRACE and tid == 0
@@ -271,6 +275,8 @@ class FlashForward(launch.HopperKernel):
                 if Q_REGS:
                     release_q_now(q_empty, lane)  # (the arrive's release semantics order the loads)
                 n_min, n_max = mask.block_range(mb, BM, BN, sq, sk, p.left, p.right)
+                # (rebuilt from a copy of the thread index that cannot be hoisted out of the loop)
+                r_local = fragment_row(special.recompute_here(utid)) if ROW_PER_TILE else r_held
                 row0 = np.int32(mb * BM + wg * WGMMA_M + r_local)
                 limits = mask.row_limits(row0, sk - sq, p.left, p.right, sk, MASKED)
                 env = TileEnv(q_src, q_empty, n_min, n_max, col0, limits, lane, wg, tracer_thread, n,

@@ -59,6 +59,8 @@ class FlashForwardFP8(FlashForward):
 
     PARAMS = ForwardFP8Params
     DTYPES = ("e4m3",)
+    # (held across the tile loop, the row was the one value the hdim-256 varlen kernel spilled)
+    ROW_PER_TILE = True
     table_tiles = staticmethod(lambda head_dim, masked, long_queries=False: fp8_tiles_for(head_dim, masked))
 
     def __init__(self, head_dim=128, mask_kind=mask.MASK_NONE, out_dtype="bf16", tiles=None, softcap=False,

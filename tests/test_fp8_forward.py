@@ -47,16 +47,9 @@ def test_fp8_specialization_compiles_clean(head_dim, mask_kind, out_dtype):
     _assert_clean(kc.ptxas_report(ptx), f"fp8 forward d{head_dim} mask {mask_kind} out {out_dtype}")
 
 
-#: The varlen D = 256 kernel without a mask spills one tile-level value (4 bytes, reloaded once per
-#: tile, never in the step loop), whichever of Q's descriptors are hoisted: a known miss.
-_VARLEN_256_SPILL = pytest.mark.xfail(strict=True, reason="d256 varlen full: a 4-byte tile-level spill")
-
-
 @pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 @pytest.mark.parametrize("head_dim,mask_kind,softcap,varlen",
-                         [pytest.param(d, m, sc, vl, marks=_VARLEN_256_SPILL) if (d, m, vl) == (256, MASK_NONE, True)
-                          else (d, m, sc, vl)
-                          for d in FP8_HEAD_DIMS for m in (MASK_NONE, MASK_CAUSAL, MASK_LOCAL)
+                         [(d, m, sc, vl) for d in FP8_HEAD_DIMS for m in (MASK_NONE, MASK_CAUSAL, MASK_LOCAL)
                           for sc, vl in ((True, False), (False, True), (True, True))])
 def test_fp8_softcap_varlen_specializations_compile_clean(head_dim, mask_kind, softcap, varlen):
     """The soft-cap and varlen kernels (bf16 O: the output type changes only the epilogue's
