@@ -29,7 +29,7 @@ from numba_fa3.ptx_inline import mbarrier, special
 from . import backward_prep, mask, softmax, tile_scheduler
 from .backward_mainloop import make_backward_mainloop
 from .backward_producer import STAT_BYTES, make_backward_producer
-from .tiles import backward_tiles_for
+from .tiles import SPLIT_COLUMNS, backward_tiles_for
 
 #: Bytes per element of Q, K, V, dO and the gradients (bf16 or fp16).
 ELEMENT_BYTES = 2
@@ -50,9 +50,9 @@ BackwardParams = launch.params("BackwardParams", [
     ("dk_row_stride", _I64), ("dk_head_stride", _I64), ("dk_batch_stride", _I64),
     ("dv_row_stride", _I64), ("dv_head_stride", _I64), ("dv_batch_stride", _I64)])
 
-#: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, the tiles, and dQ's
-#: staging tiles (dq_bulk; else 0).
-SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds dq")
+#: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, the tiles, P^T's tiles
+#: (split by columns; else 0) and dQ's staging tiles (dq_bulk; else 0).
+SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds p dq")
 #: dQ's float32 staging boxes: 32 columns (one 128-byte swizzle row) by the block's rows.
 DQ_BOX_COLS, ACC_BYTES = smem.SWIZZLE_BYTES // 4, 4
 
@@ -76,6 +76,7 @@ class FlashBackward(launch.HopperKernel):
         # tiles claimed last key block first (docs/decisions.md, "The backward")
         self.descending = self.deterministic and self.masked
         self.block_m, self.block_n, self.stages, self.consumers = t.block_m, t.block_n, t.stages, t.consumers
+        self.columns = t.split == SPLIT_COLUMNS
         # one K/V buffer: a second (the next tile's K and V loading under this tile) measured
         # within +-1.5% either way (docs/decisions.md, "The backward")
         self.kv_stages = 1
@@ -92,35 +93,50 @@ class FlashBackward(launch.HopperKernel):
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
         self.qd_bytes = self.chunks * self.q_chunk
         self.kv_bytes = self.chunks * self.kv_chunk
-        # dS^T: block_n rows (keys) of block_m 16-bit columns (queries), one 128-byte row each
+        # dS^T (and P^T, split by columns): block_n rows (keys) of block_m 16-bit columns
+        # (queries), one 128-byte row each
         self.ds_bytes = self.block_n * self.block_m * ELEMENT_BYTES
         self.stats_stage_bytes = 2 * self.block_m * STAT_BYTES
+        half = head_dim // self.consumers
+        if self.columns:
+            # each warpgroup: S^T and dP^T of all 64 keys by its share of the block's queries, dK
+            # and dV (and dQ) over its share of D, whole 64-column chunks of the MN-major Q, dO, K
+            if half % self.chunk_cols or self.block_m % (self.consumers * 16):
+                raise ValueError(f"head dim {head_dim}, block_m {self.block_m}: a column split needs whole "
+                                 f"{self.chunk_cols}-column chunks and 16-query parts per warpgroup")
+            self.s_cols, self.kv_cols = self.block_m // self.consumers, half
+        else:
+            self.s_cols, self.kv_cols = self.block_m, head_dim
         # dQ's columns split between the warpgroups where each half is whole 64-column chunks
         # (K's MN-major chunks); else each warpgroup does all of dQ every other query block
-        half = head_dim // self.consumers
         self.dq_split = half % self.chunk_cols == 0
         self.dq_cols = half if self.dq_split else head_dim
-        # dQ through shared memory and TMA reduce-adds; the deterministic mode keeps its ordered
-        # reductions from registers (a bulk add's completion would gate each semaphore release)
-        self.dq_bulk = not self.deterministic
         self.dq_stage_bytes = WGMMA_M * self.dq_cols * ACC_BYTES
         self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
-        self.smem = self._plan().check()
+        # dQ through shared memory and TMA reduce-adds where its staging tiles fit; the
+        # deterministic mode keeps its ordered reductions from registers (a bulk add's
+        # completion would gate each semaphore release), and so does D = 256, whose two Q/dO
+        # stages leave no room for the staging tiles
+        self.dq_bulk = not self.deterministic and self._plan(True).bytes <= smem.MAX_DYNAMIC_SMEM
+        self.smem = self._plan(self.dq_bulk).check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
         self.seq = sched.seq
         self.workspace_row = backward_prep.block_row(self.block_m, self.varlen)
 
     @property
     def sdp(self):
-        """S^T = K_w Q^T and dP^T = V_w dO^T: A the warpgroup's 64 rows of K (V), B Q (dO), K-major."""
-        return mma.warpgroup_mma(self.block_m, self.dtype, self.head_dim, mma.Operand("k", self.kv_chunk),
+        """S^T = K_w Q^T and dP^T = V_w dO^T: A the warpgroup's 64 rows of K (V), B Q (dO), K-major
+        (split by columns: B the warpgroup's s_cols rows of Q, dO)."""
+        return mma.warpgroup_mma(self.s_cols, self.dtype, self.head_dim, mma.Operand("k", self.kv_chunk),
                                  mma.Operand("k", self.q_chunk))
 
     @property
     def dkv(self):
-        """dV += P^T dO and dK += dS^T Q: A from registers, B (dO, Q) MN-major."""
-        return mma.warpgroup_mma(self.head_dim, self.dtype, self.block_m, mma.REGISTERS,
-                                 mma.Operand("mn", self.q_chunk))
+        """dV += P^T dO and dK += dS^T Q: A from registers (split by columns: P^T's and dS^T's
+        shared tiles, K-major, both warpgroups' parts), B (dO, Q; split by columns the
+        warpgroup's kv_cols of them) MN-major."""
+        a = mma.Operand("k", self.ds_bytes) if self.columns else mma.REGISTERS
+        return mma.warpgroup_mma(self.kv_cols, self.dtype, self.block_m, a, mma.Operand("mn", self.q_chunk))
 
     @property
     def dq(self):
@@ -128,15 +144,17 @@ class FlashBackward(launch.HopperKernel):
         return mma.warpgroup_mma(self.dq_cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
                                  mma.Operand("mn", self.kv_chunk))
 
-    def _plan(self):
+    def _plan(self, dq_bulk):
         plan = smem.SharedLayout()
         plan.add("k", self.kv_stages * self.kv_bytes)
         plan.add("v", self.kv_stages * self.kv_bytes)
         plan.add("q", self.stages * self.qd_bytes)
         plan.add("do", self.stages * self.qd_bytes)
         plan.add("ds", 2 * self.ds_bytes)
+        if self.columns:
+            plan.add("p", 2 * self.ds_bytes)
         plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
-        if self.dq_bulk:
+        if dq_bulk:
             plan.add("dq", self.consumers * self.dq_stage_bytes, align=smem.ATOM_BYTES)
         # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
         plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
@@ -151,6 +169,7 @@ class FlashBackward(launch.HopperKernel):
         OFF_Q, OFF_DO, OFF_STATS, OFF_K, OFF_V, OFF_DS, OFF_BARS = (
             off[k] for k in ("q", "do", "stats", "k", "v", "ds", "barriers"))
         OFF_DQ = off["dq"] if self.dq_bulk else 0
+        OFF_P = off["p"] if self.columns else 0
         KV_STAGES = self.kv_stages
         RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(KV_STAGES)
 
@@ -161,7 +180,7 @@ class FlashBackward(launch.HopperKernel):
             q_bars = base + OFF_BARS
             sh = SharedRegions(q_bars, q_bars + RING, q_bars + RING + KV_RING, base + OFF_Q, base + OFF_DO,
                                base + OFF_STATS, base + OFF_K, base + OFF_V, base + OFF_DS,
-                               base + OFF_DQ)
+                               base + OFF_P, base + OFF_DQ)
             if cuda.threadIdx.x == 0:
                 # every consumer thread arrives on the empty barriers (its own shared reads)
                 pipeline.init(sh.q_bars, STAGES, CONSUMER_THREADS)

@@ -16,6 +16,14 @@ P^T and dS^T come out of the accumulators already as the A fragments of the dV a
                            by vector reductions from registers, in key-block order (a
                            semaphore per query block, FA3's).
 After the tile's last step: dK times the softmax scale, dK and dV stored from registers.
+
+Split by columns (`tiles.SPLIT_COLUMNS`, D = 256: dK and dV of 64 keys over all of D would not
+fit a thread's registers) the warpgroups share the block's 64 keys and each keeps dK and dV over
+its half of D's columns:
+  S^T, dP^T, P^T, dS^T as above, for all 64 keys by the warpgroup's half of the queries
+  P^T, dS^T               staged in shared memory, each warpgroup its half of the columns
+  dV  += P^T dO_w         (A: P^T's whole tile, K-major; B: dO's warpgroup columns, MN-major)
+  dK  += dS^T Q_w         (likewise), and dQ_w = dS K_w as above with the warpgroup's columns.
 """
 from collections import namedtuple
 
@@ -26,7 +34,7 @@ from numba_fa3.primitives import epilogue, pipeline, warpgroup
 from numba_fa3.primitives.epilogue import fragment_col, fragment_row
 from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, pack_f16, scale_rows,
                                            mul_tanh_slope, sub_cols_mul, tanh_rows, zeros)
-from numba_fa3.primitives.mma import WGMMA_M
+from numba_fa3.primitives.mma import ELEMENT_BYTES as MMA_ELEMENT_BYTES, WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
 from numba_fa3.primitives.unroll import static_range, unrolled
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
@@ -37,10 +45,11 @@ from .producer import receive_tile
 from .tile_scheduler import key_block_coords
 
 #: What every step of a tile reads: the tile's key block, batch entry and sequence placement,
-#: this thread's first key (its fragment's first row in the key block), and its warpgroup.  The
-#: thread's fragment row and column, and its keys' query limits, are recomputed where used
-#: (`epilogue.rebuilt`): held through the loop they cost registers its dK and dV need.
-TileEnv = namedtuple("TileEnv", "nb b q_off sq sk key0 wg")
+#: this thread's first key (its fragment's first row in the key block), its warpgroup, and the
+#: warpgroup's first query column of S^T (0 unless split by columns).  The thread's fragment row
+#: and column, and its keys' query limits, are recomputed where used (`epilogue.rebuilt`): held
+#: through the loop they cost registers its dK and dV need.
+TileEnv = namedtuple("TileEnv", "nb b q_off sq sk key0 wg q0")
 #: dQ workspace element bytes (float32), and the rows between a fragment's two rows.
 ACC_BYTES, SECOND_ROW = 4, 8
 #: Spins on the deterministic mode's semaphore before giving up the order (a broken order then
@@ -67,27 +76,36 @@ def dq_adder(groups):
 def make_backward_mainloop(bwd):
     """consume(p, sh, wg, tid) for a FlashBackward `bwd`."""
     BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
-    CONSUMERS = bwd.consumers
+    CONSUMERS, COLUMNS = bwd.consumers, bwd.columns
     QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
     KV_STAGES, KV_BYTES, DESCENDING = bwd.kv_stages, bwd.kv_bytes, bwd.descending
     ROW_BYTES = BM * STAT_BYTES
-    WG_KV_BYTES = WGMMA_M * bwd.chunk_bytes     # a warpgroup's 64 rows of K or V (first chunk)
-    WG_DS_BYTES = WGMMA_M * bwd.chunk_bytes     # its 64 rows (keys) of dS^T
+    # a warpgroup's first key in the block (split by columns every warpgroup has all 64)
+    WG_KEYS = 0 if COLUMNS else WGMMA_M
+    WG_KV_BYTES = WG_KEYS * bwd.chunk_bytes     # its rows of K or V (first chunk)
+    WG_DS_BYTES = WG_KEYS * bwd.chunk_bytes     # its rows (keys) of dS^T
+    S_COLS, KV_COLS = bwd.s_cols, bwd.kv_cols
+    # split by columns: a warpgroup's query rows of Q and dO (K-major B of S^T, dP^T), its
+    # columns of Q and dO (MN-major B of dK, dV), and its first column byte in P^T's, dS^T's rows
+    WG_Q_ROWS_BYTES = S_COLS * bwd.chunk_bytes
+    WG_QD_COLS_BYTES = (KV_COLS // bwd.chunk_cols) * bwd.q_chunk
+    WG_S_COL_BYTES = S_COLS * MMA_ELEMENT_BYTES[bwd.dtype]
     MASKED, SOFTCAP, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.deterministic
     DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
     DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
     SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
     SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
-    S_ZERO, KV_ZERO, DQ_ZERO = zeros(BM // 2), zeros(D // 2), zeros(NQ // 2)
+    S_ZERO, KV_ZERO, DQ_ZERO = zeros(S_COLS // 2), zeros(KV_COLS // 2), zeros(NQ // 2)
     DQ_BULK = bwd.dq_bulk
     DQ_STAGE_BYTES, DQ_BOX_COLS, DQ_BOX_BYTES = bwd.dq_stage_bytes, bwd.dq_box_cols, bwd.dq_box_bytes
     DQ_BOXES = NQ // DQ_BOX_COLS
     MAP_DQ = bwd.MAP_DQ * TENSOR_MAP_BYTES
     stage_dq = epilogue.stager(NQ // 8, ACC_BYTES, DQ_BOX_BYTES)
     PACK = pack_bf16 if bwd.dtype == "bf16" else pack_f16
-    load_cols = column_loader(BM // 8)
-    stage_ds = epilogue.stmatrix_stager(BM // 8, bwd.kv_chunk)
-    store_rows = epilogue.row_storer(D // epilogue.GROUP_COLS, 2)
+    load_cols = column_loader(S_COLS // 8)
+    stage_ds = epilogue.stmatrix_stager(S_COLS // 8, bwd.kv_chunk)
+    store_rows = epilogue.row_storer(KV_COLS // epilogue.GROUP_COLS, 2)
+    DKV_SRC = bwd.dkv.a_source
     add_dq = dq_adder(NQ // 8)(D * ACC_BYTES)
     consumers_sync = warpgroup.consumers_sync(CONSUMERS)
     seq_info, ws_row = bwd.seq, bwd.workspace_row
@@ -106,7 +124,7 @@ def make_backward_mainloop(bwd):
     @cuda.jit(device=True, forceinline=True)
     def masked(s, m, p, env, utid):
         limits = mask.key_row_limits(env.key0, env.sk - env.sq, p.left, p.right, env.sk)
-        return mask.apply(s, m, BM, epilogue.rebuilt(fragment_col(utid)), limits)
+        return mask.apply(s, m, BM, epilogue.rebuilt(fragment_col(utid)) + env.q0, limits)
 
     @cuda.jit(device=True, forceinline=True)
     def ordered(p, env, h, m, first):
@@ -194,7 +212,7 @@ def make_backward_mainloop(bwd):
         dsk = PACK(ds)
         dk = DKV(dk, dsk, q, 1)
         ds_buf = sh.ds + (j & 1) * DS_BYTES
-        stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid)
+        stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid, np.uint32(0))
         barrier.fence_proxy_async()
         dq_buffer_free(tid)
         consumers_sync()
@@ -216,16 +234,63 @@ def make_backward_mainloop(bwd):
         return dk, dv
 
     @cuda.jit(device=True, forceinline=True)
+    def step_columns(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
+        """One query block, split by columns: returns dK, dV (the warpgroup's columns)."""
+        pipeline.consumer_wait(sh.q_bars, qs)
+        q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
+        do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
+        stats = sh.stats + qs.stage * STATS_STAGE
+        rows = special.uniform_u32(env.wg * WG_Q_ROWS_BYTES)
+        s = SDP(S_ZERO, kw, q + rows, 0)
+        dp = SDP(S_ZERO, vw, do + rows, 0)
+        s = wgmma.wait_group_tied(1, s)
+        if SOFTCAP:
+            s = tanh_rows(s, p.softcap_scale)
+        s = scores(s, m, p, env, utid)
+        col0 = epilogue.rebuilt(fragment_col(utid)) + env.q0
+        pr = exp2_cols(s, p.scale_log2, load_cols(stats, col0))
+        # (the tiles alternate per step: a tile is rewritten two steps after its GEMMs, which
+        # every warpgroup has waited for before the barrier of the step in between)
+        p_buf = sh.p + (j & 1) * DS_BYTES
+        col_byte = np.uint32(env.wg * WG_S_COL_BYTES)
+        stage_ds(p_buf, PACK(pr), utid, col_byte)
+        dp = wgmma.wait_group_tied(0, dp)
+        ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, col0))
+        if SOFTCAP:
+            ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
+        ds_buf = sh.ds + (j & 1) * DS_BYTES
+        stage_ds(ds_buf, PACK(ds), utid, col_byte)
+        barrier.fence_proxy_async()
+        dq_buffer_free(tid)
+        consumers_sync()   # both warpgroups' parts of P^T and dS^T are written
+        cols = special.uniform_u32(env.wg * WG_QD_COLS_BYTES)
+        dv = DKV(dv, DKV_SRC(p_buf, utid), do + cols, 1)
+        dk = DKV(dk, DKV_SRC(ds_buf, utid), q + cols, 1)
+        dq = dq_step(k_tile, env, ds_buf, utid)
+        dq, dk, dv = wgmma.wait_group_hold(0, (dq, dk, dv))
+        mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
+        if DQ_BULK:
+            bulk_add(p, sh, env, dq, m, ws_base, utid, tid)
+        else:
+            add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, True)
+        return dk, dv
+
+    run_step = step_columns if COLUMNS else step
+
+    @cuda.jit(device=True, forceinline=True)
     def store_dkdv(p, dk, dv, hk, env, k_off, utid):
-        """dK (times the softmax scale) and dV of the warpgroup's 64 keys, rows past the
-        sequence's end not stored."""
+        """dK (times the softmax scale) and dV of the warpgroup's 64 keys (split by columns: its
+        columns of them), rows past the sequence's end not stored."""
         quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))
         key = env.key0
         row = np.int64(k_off) + key
-        head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + 8 * quad) * 2
+        col = np.int32(env.wg * KV_COLS) if COLUMNS else np.int32(0)
+        head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + col
+                           + 8 * quad) * 2
         store_rows(PACK(scale_rows(dk, p.grad_scale, p.grad_scale)), epilogue.rebuilt(head), p.dk_row_stride,
                    key, env.sk, quad)
-        head = p.dv_ptr + (env.b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride + 8 * quad) * 2
+        head = p.dv_ptr + (env.b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride + col
+                           + 8 * quad) * 2
         store_rows(PACK(dv), epilogue.rebuilt(head), p.dv_row_stride, key, env.sk, quad)
 
     @cuda.jit(device=True, forceinline=True)
@@ -245,8 +310,8 @@ def make_backward_mainloop(bwd):
                 break
             nb, hk, b = key_block_coords(p, tile, DESCENDING)
             q_off, sq, k_off, sk = seq_info(p, b)
-            key0 = np.int32(nb * BN + wg * WGMMA_M + fragment_row(utid))
-            env = TileEnv(nb, b, q_off, sq, sk, key0, wg)
+            key0 = np.int32(nb * BN + wg * WG_KEYS + fragment_row(utid))
+            env = TileEnv(nb, b, q_off, sq, sk, key0, wg, np.int32(wg * S_COLS) if COLUMNS else np.int32(0))
             k_tile = sh.k + kv.stage * KV_BYTES
             kw = SDP_SRC(k_tile + wg * WG_KV_BYTES, utid)
             vw = SDP_SRC(sh.v + kv.stage * KV_BYTES + wg * WG_KV_BYTES, utid)
@@ -258,8 +323,8 @@ def make_backward_mainloop(bwd):
                 m = m_min
                 ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
                 while m < m_max:
-                    dk, dv = step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, k_tile, kw,
-                                  vw, utid, tid)
+                    dk, dv = run_step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, k_tile,
+                                      kw, vw, utid, tid)
                     qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
                     j = np.int32(j + 1)
                     m = np.int32(m + 1)

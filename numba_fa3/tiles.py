@@ -114,32 +114,45 @@ def has_long_tiles(head_dim, masked, seqlen_q):
     return seqlen_q >= LONG_QUERIES and (head_dim, bool(masked)) in LONG_TILES
 
 
+#: How the backward's consumer warpgroups share a key block: each owns 64 keys and all of D
+#: (block_n = 64 x consumers), or all of a 64-key block shares out D's columns (block_n = 64).
+SPLIT_KEYS, SPLIT_COLUMNS = "keys", "columns"
+
+
 @dataclass(frozen=True)
 class BackwardTiles:
-    """The backward kernel's geometry (`backward`): each consumer warpgroup owns 64 keys of the
-    key block (block_n = 64 * consumers) and holds their dK and dV (D/2 registers each per
-    thread); query blocks of block_m rows stream through `stages` shared-memory stages of Q, dO
-    and their LSE and D rows."""
+    """The backward kernel's geometry (`backward`): with `split` SPLIT_KEYS each consumer
+    warpgroup owns 64 keys of the key block and holds their dK and dV over all of D (D / 2
+    registers each per thread); with SPLIT_COLUMNS the warpgroups share 64 keys and each holds
+    dK and dV over its share of D's columns (D / (2 x consumers) registers each), for the head
+    dims whose whole rows do not fit a thread's registers.  Query blocks of block_m rows stream
+    through `stages` shared-memory stages of Q, dO and their LSE and D rows."""
     block_m: int
     stages: int
     consumers: int
     producer_registers: int
     consumer_registers: int
+    split: str = SPLIT_KEYS
+
+    def __post_init__(self):
+        if self.split not in (SPLIT_KEYS, SPLIT_COLUMNS):
+            raise ValueError(f"split must be {SPLIT_KEYS!r} or {SPLIT_COLUMNS!r}, got {self.split!r}")
 
     @property
     def block_n(self):
-        return 64 * self.consumers
+        return 64 * self.consumers if self.split == SPLIT_KEYS else 64
 
 
 #: FA3's split: at 32 / 232 ptxas serialized the D = 128 wgmmas (C7512); at 24 the producer
 #: fits once its loop-invariant arithmetic is 32-bit and its tile slot address is recomputed
 _BWD_TWO = dict(consumers=2, producer_registers=24, consumer_registers=240)
 
-#: head_dim -> backward tiles, one line of reason each.  Registers per consumer thread: dK + dV
-#: D, S^T and dP^T block_m / 2 each, P^T and dS^T packed block_m / 4 each, dQ D / 4 (split
+#: head_dim -> backward tiles, one line of reason each.  Registers per consumer thread (SPLIT_KEYS):
+#: dK + dV D, S^T and dP^T block_m / 2 each, P^T and dS^T packed block_m / 4 each, dQ D / 4 (split
 #: between the two warpgroups) or D / 2 (every other query block, where D / 2 is not whole
-#: 64-column chunks).  Shared memory: K and V (block_n x D), `stages` x (Q and dO: block_m x D),
-#: dS^T twice (block_n x block_m).
+#: 64-column chunks); SPLIT_COLUMNS: dK + dV D / 2, S^T and dP^T block_m / 4 each, dQ D / 4.
+#: Shared memory: K and V (block_n x D), `stages` x (Q and dO: block_m x D), dS^T twice (block_n
+#: x block_m), and P^T twice with SPLIT_COLUMNS.
 BACKWARD_TILES = {
     # the forward's 64-key warpgroup split with Q, dO in two stages: 16 + 16 + 2 x 16 + 16 KB
     64: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
@@ -147,6 +160,11 @@ BACKWARD_TILES = {
     96: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
     # dK + dV take 128 of the 240 registers; 32 + 32 + 2 x 32 + 32 KB of shared memory
     128: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
+    # whole rows of dK + dV would take 256 registers: the warpgroups split D (128 columns each, whole
+    # 64-column chunks of the MN-major operands) over a 64-key block, P^T and dS^T through shared
+    # memory; 32 + 32 + 2 x (32 + 32) + 2 x (8 + 8) KB fills shared memory, so dQ's adds are
+    # vector reductions from registers (no staging tiles)
+    256: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, **_BWD_TWO),
 }
 
 BACKWARD_HEAD_DIMS = tuple(sorted(BACKWARD_TILES))

@@ -57,25 +57,27 @@ def stager(groups, element_bytes, chunk_bytes):
 
 @functools.lru_cache(maxsize=None)
 def stmatrix_stager(groups, chunk_bytes):
-    """stage(buf, packed, thread): `stager` for 16-bit output by stmatrix.x4: per warp and
-    instruction two 8-column groups of its 16 rows (matrices: rows 0-7 / 8-15 of group 2i, then
-    of group 2i + 1), lane l addressing row l % 8 (+ 8 for matrices 1 and 3), its group by l // 16.
-    The register order is the fragment's: packed[2j] row r, packed[2j + 1] row r + 8 of group j,
-    which is what the backward's transposed operands (P, dS) are staged from."""
+    """stage(buf, packed, thread, col_byte): `stager` for 16-bit output by stmatrix.x4: per warp
+    and instruction two 8-column groups of its 16 rows (matrices: rows 0-7 / 8-15 of group 2i,
+    then of group 2i + 1), lane l addressing row l % 8 (+ 8 for matrices 1 and 3), its group by
+    l // 16.  The register order is the fragment's: packed[2j] row r, packed[2j + 1] row r + 8 of
+    group j, which is what the backward's transposed operands (P, dS) are staged from.
+    `col_byte`: where the fragment's first column sits in a 128-byte row (a multiple of 16, the
+    fragment's columns within the row: a part of a tile another warpgroup stages the rest of)."""
     if groups % 2:
         raise ValueError("stmatrix.x4 stages groups in pairs")
     per_chunk = smem.SWIZZLE_BYTES // (GROUP_COLS * 2)
 
     @cuda.jit(device=True, forceinline=True)
     @unrolled
-    def stage(buf, packed, thread):
+    def stage(buf, packed, thread, col_byte):
         lane = thread % np.uint32(32)
         row = np.uint32(16) * (thread // np.uint32(32)) + (lane & np.uint32(7)) + ((lane >> np.uint32(3)) & np.uint32(1)) * np.uint32(8)
         second = lane >> np.uint32(4)
         for i in static_range(groups // 2):
             j = 2 * i
             c, g = j // per_chunk, j % per_chunk
-            cb = np.uint32(g * GROUP_COLS * 2) + second * np.uint32(GROUP_COLS * 2)
+            cb = np.uint32(g * GROUP_COLS * 2) + second * np.uint32(GROUP_COLS * 2) + np.uint32(col_byte)
             memory.stmatrix_x4(buf + c * chunk_bytes + smem.swizzle_128b(row, cb),
                                (packed[2 * j], packed[2 * j + 1], packed[2 * j + 2], packed[2 * j + 3]))
     return stage

@@ -8,6 +8,8 @@ gives registers back with `setmaxnreg.dec` and the consumers take them with `set
 """
 import enum
 
+import numpy as np
+
 from numba import cuda
 
 from numba_fa3.ptx_inline import barrier, regs, special
@@ -83,7 +85,9 @@ def specialize(load, mma, registers):
     @cuda.jit(device=True, forceinline=True)
     def run(params, smem):
         wg = warpgroup_index()
-        tid = cuda.threadIdx.x % WARPGROUP_THREADS
+        # (32-bit: Python's modulo promotes to 64 bits with a sign fix-up, and the high word,
+        # live across the role split, was what the 24-register producer spilled)
+        tid = np.int32(np.uint32(cuda.threadIdx.x) % np.uint32(WARPGROUP_THREADS))
         if wg == 0:
             regs.setmaxnreg_dec(producer_registers)
             if tid < WARP_THREADS:

@@ -74,7 +74,7 @@ def test_stmatrix_stager_matches_the_store_stager():
             regs = regs + (np.uint32(t * np.uint32(64) + np.uint32(i)),)
         row = epilogue.fragment_row(t)
         stage_st(base, regs, np.uint32(row), np.uint32(epilogue.fragment_col(t) * 2))
-        stage_mx(base + tile_bytes, regs, t)
+        stage_mx(base + tile_bytes, regs, t, np.uint32(0))
         cuda.syncthreads()
         for k in range(cuda.threadIdx.x, 2 * 64 * 64 // 2, 128):
             out[k] = memory.ld_shared_b32(base + 4 * k)
