@@ -9,7 +9,9 @@ A kernel class composed of the library's collectives:
 - the consumers (`backward_mainloop`): two warpgroups of 64 keys each, their GEMMs issued by
   `primitives.mma` (S^T, dP^T from shared memory; dV, dK with P^T, dS^T from registers; dQ with
   dS^T through shared memory, staged by `primitives.epilogue.stmatrix_stager`), the mask of
-  `mask` on transposed fragments, dK and dV stored by `primitives.epilogue.row_storer`;
+  `mask` on transposed fragments, dK and dV stored by `primitives.epilogue.row_storer`; at
+  D = 256 (`tiles.SPLIT_COLUMNS`) the two share a 64-key block and each keeps half of D's
+  columns of dK and dV, P^T and dS^T meeting in shared memory;
 - the scheduler: dynamic persistent tiles (`primitives.scheduler`) of (key block, key head,
   batch), key blocks fastest (`tile_scheduler.key_block_coords`); a tile runs every query head
   of its key head's group, so GQA's dK and dV are sums in registers, not atomics.

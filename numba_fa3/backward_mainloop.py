@@ -278,20 +278,22 @@ def make_backward_mainloop(bwd):
     run_step = step_columns if COLUMNS else step
 
     @cuda.jit(device=True, forceinline=True)
-    def store_dkdv(p, dk, dv, hk, env, k_off, utid):
+    def store_dkdv(p, dk, dv, hk, env, utid):
         """dK (times the softmax scale) and dV of the warpgroup's 64 keys (split by columns: its
         columns of them), rows past the sequence's end not stored."""
         quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))
+        # (the sequence's placement read again: held across the tile's steps it was a spill)
+        _, _, k_off, sk = seq_info(p, env.b)
         key = env.key0
         row = np.int64(k_off) + key
         col = np.int32(env.wg * KV_COLS) if COLUMNS else np.int32(0)
         head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + col
                            + 8 * quad) * 2
         store_rows(PACK(scale_rows(dk, p.grad_scale, p.grad_scale)), epilogue.rebuilt(head), p.dk_row_stride,
-                   key, env.sk, quad)
+                   key, sk, quad)
         head = p.dv_ptr + (env.b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride + col
                            + 8 * quad) * 2
-        store_rows(PACK(dv), epilogue.rebuilt(head), p.dv_row_stride, key, env.sk, quad)
+        store_rows(PACK(dv), epilogue.rebuilt(head), p.dv_row_stride, key, sk, quad)
 
     @cuda.jit(device=True, forceinline=True)
     def consume(p, sh, wg, tid):
@@ -304,7 +306,9 @@ def make_backward_mainloop(bwd):
         j = np.int32(0)  # steps done: the dS buffer's parity
         while True:
             kv = PipelineState(kv_stage, kv_phase)
-            pipeline.consumer_wait(sh.kv_bars, kv)
+            # (the ring's address recomputed per tile: held across the tile loop it was a spill)
+            kv_bars = special.recompute_here(sh.kv_bars)
+            pipeline.consumer_wait(kv_bars, kv)
             tile = receive_tile(special.recompute_here(sh.tile_slots), kv)
             if tile >= tiles:
                 break
@@ -330,9 +334,9 @@ def make_backward_mainloop(bwd):
                     m = np.int32(m + 1)
                 h = np.int32(h + 1)
             # K and V (and the tile slot) are free: every consumer thread arrives after its reads
-            mbarrier.arrive(pipeline.empty_barrier(sh.kv_bars, KV_STAGES, kv.stage))
+            mbarrier.arrive(pipeline.empty_barrier(kv_bars, KV_STAGES, kv.stage))
             kv_stage, kv_phase = pipeline.advance(kv, KV_STAGES)
-            store_dkdv(p, dk, dv, hk, env, k_off, utid)
+            store_dkdv(p, dk, dv, hk, env, utid)
         if DQ_BULK and tid == 0:
             tma.wait_group(0)   # (the staging tiles must outlive the reduce-adds' reads)
     return consume

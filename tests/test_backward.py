@@ -206,11 +206,15 @@ EDGE_CASES = [
     ("dense", 2, 17, 129, 4, 2, 128, "f16", "none", 15.0),
     ("dense", 1, 799, 17, 2, 2, 96, "bf16", "causal", 30.0),     # rows 0-781 see no key
     ("dense", 1, 255, 300, 4, 2, 128, "bf16", (64, 0), 0.0),
+    ("dense", 1, 200, 333, 4, 2, 256, "bf16", "causal", 0.0),    # D = 256: the column split
+    ("dense", 2, 129, 65, 2, 2, 256, "f16", "none", 12.0),
+    ("dense", 1, 97, 160, 2, 1, 256, "bf16", (40, 7), 0.0),
     ("varlen", [0, 1, 129, 70], [5, 0, 200, 70], 4, 2, 128, "bf16", "causal", 0.0),
     ("varlen", [33, 250], [300, 1], 2, 2, 128, "f16", (40, 8), 20.0),
     ("varlen", [17, 0, 64], [17, 17, 64], 4, 1, 64, "bf16", "none", 0.0),  # keys 17-33: no query
     ("varlen", [1, 1, 1], [799, 1, 128], 2, 1, 64, "f16", "causal", 0.0),
     ("varlen", [3, 5], [0, 0], 2, 1, 96, "bf16", "none", 0.0),  # no keys at all: dq is 0
+    ("varlen", [0, 65, 130], [7, 64, 200], 4, 2, 256, "f16", "causal", 10.0),
 ]
 
 
@@ -304,7 +308,8 @@ def test_rows_that_see_no_key_give_zero_gradients(sq, sk, mask, softcap, dtype):
 # --- deterministic mode ----------------------------------------------------------------------------
 
 @gpu
-@pytest.mark.parametrize("h,hk,d,dtype,mask", [(4, 2, 128, "bf16", "none"), (4, 1, 64, "f16", "causal")])
+@pytest.mark.parametrize("h,hk,d,dtype,mask", [(4, 2, 128, "bf16", "none"), (4, 1, 64, "f16", "causal"),
+                                                (2, 1, 256, "bf16", "causal")])
 def test_deterministic_is_bitwise_reproducible(h, hk, d, dtype, mask):
     """deterministic=True: three runs give the same bits, on a shape where each query block
     gathers dQ from 24-32 key blocks (4096 keys) and each key head dK, dV from 2 or 4 query

@@ -27,7 +27,7 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
     # dQ: TMA reduce-adds from shared memory, or (deterministic) ordered vector reductions
     assert ("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add" in ptx) == kern.dq_bulk
     assert ("red.relaxed.gpu.global.add.v2.f32" in ptx) == (not kern.dq_bulk)
-    assert kern.dq_bulk == (not deterministic)
+    assert kern.dq_bulk == (not deterministic and not kern.columns)
     assert ("ld.acquire.gpu.global.s32" in ptx) == deterministic
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     _assert_wgmma_operands_untouched(ptx, reads_allowed=True)
@@ -37,11 +37,17 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
 
 
 def test_backward_geometry():
-    """Each warpgroup owns 64 keys; dQ's columns split into whole 64-column chunks where they
-    can (D = 128), else alternate between the warpgroups (D = 64, 96)."""
+    """Each warpgroup owns 64 keys (D <= 128) or half of D's columns of a 64-key block (D = 256,
+    whose dK and dV rows would not fit a thread's registers); dQ's columns split into whole
+    64-column chunks where they can (D = 128, 256), else alternate between the warpgroups (D = 64,
+    96).  dQ goes through shared memory where its staging fits (not at D = 256)."""
     for d in BACKWARD_HEAD_DIMS:
         k = FlashBackward("bf16", d, MASK_NONE)
-        assert k.block_n == 64 * k.consumers
-        assert k.dq_split == (d == 128)
+        assert k.columns == (d == 256)
+        assert k.block_n == (64 if k.columns else 64 * k.consumers)
+        assert k.kv_cols == (d // k.consumers if k.columns else d)
+        assert k.s_cols == (k.block_m // k.consumers if k.columns else k.block_m)
+        assert k.dq_split == (d in (128, 256))
         assert k.dq_cols == (d // 2 if k.dq_split else d)
+        assert k.dq_bulk == (not k.columns)
         assert k.smem.bytes <= 227 * 1024

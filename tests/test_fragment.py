@@ -61,12 +61,16 @@ def test_stmatrix_stager_matches_the_store_stager():
     groups = 8
     stage_st = epilogue.stager(groups, 2, 0)
     stage_mx = epilogue.stmatrix_stager(groups, 0)
+    # the same fragment as two 32-column halves, the second at column byte 64 (the backward's
+    # column split: each warpgroup stages its half of P^T's and dS^T's rows)
+    stage_half = epilogue.stmatrix_stager(groups // 2, 0)
     tile_bytes = 64 * smem.SWIZZLE_BYTES
+    half_regs, half_bytes = groups, groups // 2 * epilogue.GROUP_COLS * 2
 
     @cuda.jit
     @unrolled
     def kernel(out):
-        buf = cuda.shared.array(2 * 64 * 64, dtype=np.uint16)
+        buf = cuda.shared.array(3 * 64 * 64, dtype=np.uint16)
         base = special.shared_address(buf)
         t = np.uint32(cuda.threadIdx.x)
         regs = ()
@@ -75,14 +79,17 @@ def test_stmatrix_stager_matches_the_store_stager():
         row = epilogue.fragment_row(t)
         stage_st(base, regs, np.uint32(row), np.uint32(epilogue.fragment_col(t) * 2))
         stage_mx(base + tile_bytes, regs, t, np.uint32(0))
+        stage_half(base + 2 * tile_bytes, regs[:half_regs], t, np.uint32(0))
+        stage_half(base + 2 * tile_bytes, regs[half_regs:], t, np.uint32(half_bytes))
         cuda.syncthreads()
-        for k in range(cuda.threadIdx.x, 2 * 64 * 64 // 2, 128):
+        for k in range(cuda.threadIdx.x, 3 * 64 * 64 // 2, 128):
             out[k] = memory.ld_shared_b32(base + 4 * k)
 
-    d_out = cuda.to_device(np.full(2 * 64 * 64 // 2, 0xDEADBEEF, dtype=np.uint32))
+    d_out = cuda.to_device(np.full(3 * 64 * 64 // 2, 0xDEADBEEF, dtype=np.uint32))
     kernel[1, 128](d_out)
-    got = d_out.copy_to_host().view(np.uint16).reshape(2, 64, 64)
+    got = d_out.copy_to_host().view(np.uint16).reshape(3, 64, 64)
     np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_array_equal(got[0], got[2])
     # the model: thread t's packed register i (group j = i // 2, second row if i odd) holds the
     # pair at columns 8 j + 2 (t % 4), +1 of row r (+ 8), stored little-endian (lo = first column)
     want = np.zeros((64, 64), np.uint16)
