@@ -164,7 +164,8 @@ class FlashBackward(launch.HopperKernel):
         return plan
 
     def body(self):
-        run = warpgroup.specialize(make_backward_producer(self), make_backward_mainloop(self), self.registers)
+        run = warpgroup.specialize(make_backward_producer(self), make_backward_mainloop(self), self.registers,
+                                   narrow_index=True)
         STAGES = self.stages
         CONSUMER_THREADS = self.consumers * warpgroup.WARPGROUP_THREADS
         off = self.smem.offsets

@@ -75,19 +75,23 @@ def warpgroup_index():
     return special.warp_uniform(cuda.threadIdx.x // WARPGROUP_THREADS)
 
 
-def specialize(load, mma, registers):
+def specialize(load, mma, registers, narrow_index=False):
     """The role dispatch of a warp-specialized kernel: warp 0 of warpgroup 0 runs
     `load(params, smem, lane)` with the producer's registers, warpgroups 1.. run
     `mma(params, smem, consumer_index, thread_in_warpgroup)` with the consumers'.  The producer's
-    other three warps only give their registers back."""
+    other three warps only give their registers back.  `narrow_index`: the thread's index as
+    int32; else as Python's modulo gives it, int64 with a sign fix-up, whose high word stays live
+    across the role split (the backward's 24-register producer spilled it; the forwards were
+    measured with the wide index, and narrowing it moves where ptxas puts their P V wait)."""
     producer_registers, consumer_registers = registers
 
     @cuda.jit(device=True, forceinline=True)
     def run(params, smem):
         wg = warpgroup_index()
-        # (32-bit: Python's modulo promotes to 64 bits with a sign fix-up, and the high word,
-        # live across the role split, was what the 24-register producer spilled)
-        tid = np.int32(np.uint32(cuda.threadIdx.x) % np.uint32(WARPGROUP_THREADS))
+        if narrow_index:
+            tid = np.int32(np.uint32(cuda.threadIdx.x) % np.uint32(WARPGROUP_THREADS))
+        else:
+            tid = cuda.threadIdx.x % WARPGROUP_THREADS
         if wg == 0:
             regs.setmaxnreg_dec(producer_registers)
             if tid < WARP_THREADS:
