@@ -101,19 +101,28 @@ class FlashBackward(launch.HopperKernel):
         self.stats_stage_bytes = 2 * self.block_m * STAT_BYTES
         half = head_dim // self.consumers
         if self.columns:
-            # each warpgroup: S^T and dP^T of all 64 keys by its share of the block's queries, dK
-            # and dV (and dQ) over its share of D, whole 64-column chunks of the MN-major Q, dO, K
-            if half % self.chunk_cols or self.block_m % (self.consumers * 16):
+            # each warpgroup: S^T and dP^T of all 64 keys by its share of the block's queries, dK,
+            # dV and dQ over its share of D: whole 64-column chunks of the MN-major Q, dO and K,
+            # as even as they go (D = 192: 128 and 64 columns), warpgroup w's from w x col_stride
+            chunks = head_dim // self.chunk_cols
+            per = -(-chunks // self.consumers)
+            shares = tuple(min(per, chunks - w * per) * self.chunk_cols for w in range(self.consumers))
+            if head_dim % self.chunk_cols or min(shares) <= 0 or self.block_m % (self.consumers * 16):
                 raise ValueError(f"head dim {head_dim}, block_m {self.block_m}: a column split needs whole "
-                                 f"{self.chunk_cols}-column chunks and 16-query parts per warpgroup")
-            self.s_cols, self.kv_cols = self.block_m // self.consumers, half
+                                 f"{self.chunk_cols}-column chunks for every warpgroup and 16-query parts")
+            self.col_shares, self.col_stride = shares, per * self.chunk_cols
+            self.s_cols, self.kv_cols = self.block_m // self.consumers, shares[0]
+            self.dq_split, self.dq_cols = True, shares[0]
         else:
             self.s_cols, self.kv_cols = self.block_m, head_dim
-        # dQ's columns split between the warpgroups where each half is whole 64-column chunks
-        # (K's MN-major chunks); else each warpgroup does all of dQ every other query block
-        self.dq_split = half % self.chunk_cols == 0
-        self.dq_cols = half if self.dq_split else head_dim
-        self.dq_stage_bytes = WGMMA_M * self.dq_cols * ACC_BYTES
+            # dQ's columns split between the warpgroups where each half is whole 64-column
+            # chunks (K's MN-major chunks); else each warpgroup does all of dQ every other query
+            # block
+            self.dq_split = half % self.chunk_cols == 0
+            self.dq_cols = half if self.dq_split else head_dim
+            self.col_shares, self.col_stride = (self.dq_cols,) * self.consumers, self.dq_cols
+        # dQ's float32 staging: each warpgroup's share, col_stride columns apart
+        self.dq_stage_bytes = WGMMA_M * self.col_stride * ACC_BYTES
         self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
         # dQ through shared memory and TMA reduce-adds where its staging tiles fit; the
         # deterministic mode keeps its ordered reductions from registers (a bulk add's
@@ -132,18 +141,17 @@ class FlashBackward(launch.HopperKernel):
         return mma.warpgroup_mma(self.s_cols, self.dtype, self.head_dim, mma.Operand("k", self.kv_chunk),
                                  mma.Operand("k", self.q_chunk))
 
-    @property
-    def dkv(self):
-        """dV += P^T dO and dK += dS^T Q: A from registers (split by columns: P^T's and dS^T's
-        shared tiles, K-major, both warpgroups' parts), B (dO, Q; split by columns the
-        warpgroup's kv_cols of them) MN-major."""
+    def dkv_mma(self, cols):
+        """dV += P^T dO and dK += dS^T Q over `cols` of D: A from registers (split by columns:
+        P^T's and dS^T's shared tiles, K-major, both warpgroups' parts), B (dO, Q; split by
+        columns the warpgroup's columns of them) MN-major."""
         a = mma.Operand("k", self.ds_bytes) if self.columns else mma.REGISTERS
-        return mma.warpgroup_mma(self.kv_cols, self.dtype, self.block_m, a, mma.Operand("mn", self.q_chunk))
+        return mma.warpgroup_mma(cols, self.dtype, self.block_m, a, mma.Operand("mn", self.q_chunk))
 
-    @property
-    def dq(self):
-        """dQ = dS K: A dS^T's tile read MN-major (queries contiguous), B K MN-major."""
-        return mma.warpgroup_mma(self.dq_cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
+    def dq_mma(self, cols):
+        """dQ = dS K over `cols` of D: A dS^T's tile read MN-major (queries contiguous), B K
+        MN-major."""
+        return mma.warpgroup_mma(cols, self.dtype, self.block_n, mma.Operand("mn", self.ds_bytes),
                                  mma.Operand("mn", self.kv_chunk))
 
     def _plan(self, dq_bulk):
@@ -157,7 +165,7 @@ class FlashBackward(launch.HopperKernel):
             plan.add("p", 2 * self.ds_bytes)
         plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
         if dq_bulk:
-            plan.add("dq", self.consumers * self.dq_stage_bytes, align=smem.ATOM_BYTES)
+            plan.add("dq", WGMMA_M * sum(self.col_shares) * ACC_BYTES, align=smem.ATOM_BYTES)
         # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
         plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
                  + self.kv_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)

@@ -44,12 +44,11 @@ from .backward_producer import STAT_BYTES
 from .producer import receive_tile
 from .tile_scheduler import key_block_coords
 
-#: What every step of a tile reads: the tile's key block, batch entry and sequence placement,
-#: this thread's first key (its fragment's first row in the key block), its warpgroup, and the
-#: warpgroup's first query column of S^T (0 unless split by columns).  The thread's fragment row
-#: and column, and its keys' query limits, are recomputed where used (`epilogue.rebuilt`): held
-#: through the loop they cost registers its dK and dV need.
-TileEnv = namedtuple("TileEnv", "nb b q_off sq sk key0 wg q0")
+#: What every step of a tile reads: the tile's key block, batch entry and sequence placement, its
+#: warpgroup, and the warpgroup's first query column of S^T (0 unless split by columns).  The
+#: thread's fragment row and column, its first key, and its keys' query limits are recomputed
+#: where used (`epilogue.rebuilt`): held through the loop they cost registers its dK and dV need.
+TileEnv = namedtuple("TileEnv", "nb b q_off sq sk wg q0")
 #: dQ workspace element bytes (float32), and the rows between a fragment's two rows.
 ACC_BYTES, SECOND_ROW = 4, 8
 #: Spins on the deterministic mode's semaphore before giving up the order (a broken order then
@@ -74,7 +73,29 @@ def dq_adder(groups):
 
 
 def make_backward_mainloop(bwd):
-    """consume(p, sh, wg, tid) for a FlashBackward `bwd`."""
+    """consume(p, sh, wg, tid) for a FlashBackward `bwd`: one consumer for every warpgroup, or
+    split by columns into unequal shares (D = 192: 128 and 64 columns) one per share, chosen by
+    the warpgroup (each with its accumulators' own sizes, so no wgmma accumulator crosses a
+    branch)."""
+    shares = bwd.col_shares
+    if not bwd.columns or len(set(shares)) == 1:
+        return _consumer(bwd, bwd.kv_cols, bwd.dq_cols)
+    if len(shares) != 2:
+        raise ValueError(f"unequal column shares {shares} are built for two consumer warpgroups")
+    first, last = _consumer(bwd, shares[0], shares[0]), _consumer(bwd, shares[1], shares[1])
+
+    @cuda.jit(device=True, forceinline=True)
+    def consume(p, sh, wg, tid):
+        if wg == 0:
+            first(p, sh, wg, tid)
+        else:
+            last(p, sh, wg, tid)
+    return consume
+
+
+def _consumer(bwd, kv_cols, dq_cols):
+    """consume(p, sh, wg, tid) of a warpgroup holding dK and dV over kv_cols of D and computing
+    dQ over dq_cols (its column share, from wg x bwd.col_stride where the shares split D)."""
     BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
     CONSUMERS, COLUMNS = bwd.consumers, bwd.columns
     QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
@@ -84,17 +105,18 @@ def make_backward_mainloop(bwd):
     WG_KEYS = 0 if COLUMNS else WGMMA_M
     WG_KV_BYTES = WG_KEYS * bwd.chunk_bytes     # its rows of K or V (first chunk)
     WG_DS_BYTES = WG_KEYS * bwd.chunk_bytes     # its rows (keys) of dS^T
-    S_COLS, KV_COLS = bwd.s_cols, bwd.kv_cols
+    S_COLS, KV_COLS, COL_STRIDE = bwd.s_cols, kv_cols, bwd.col_stride
     # split by columns: a warpgroup's query rows of Q and dO (K-major B of S^T, dP^T), its
     # columns of Q and dO (MN-major B of dK, dV), and its first column byte in P^T's, dS^T's rows
     WG_Q_ROWS_BYTES = S_COLS * bwd.chunk_bytes
-    WG_QD_COLS_BYTES = (KV_COLS // bwd.chunk_cols) * bwd.q_chunk
+    WG_QD_COLS_BYTES = (COL_STRIDE // bwd.chunk_cols) * bwd.q_chunk
     WG_S_COL_BYTES = S_COLS * MMA_ELEMENT_BYTES[bwd.dtype]
     MASKED, SOFTCAP, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.deterministic
-    DQ_SPLIT, NQ = bwd.dq_split, bwd.dq_cols
-    DQ_PART_BYTES = bwd.kv_chunk * (NQ // bwd.chunk_cols) if DQ_SPLIT else 0
-    SDP, DKV, DQ = bwd.sdp.issue, bwd.dkv.issue, bwd.dq.issue
-    SDP_SRC, DQ_SRC = bwd.sdp.a_source, bwd.dq.a_source
+    DQ_SPLIT, NQ = bwd.dq_split, dq_cols
+    DQ_PART_BYTES = bwd.kv_chunk * (COL_STRIDE // bwd.chunk_cols) if DQ_SPLIT else 0
+    dkv_mma, dq_mma = bwd.dkv_mma(KV_COLS), bwd.dq_mma(NQ)
+    SDP, DKV, DQ = bwd.sdp.issue, dkv_mma.issue, dq_mma.issue
+    SDP_SRC, DQ_SRC, DKV_SRC = bwd.sdp.a_source, dq_mma.a_source, dkv_mma.a_source
     S_ZERO, KV_ZERO, DQ_ZERO = zeros(S_COLS // 2), zeros(KV_COLS // 2), zeros(NQ // 2)
     DQ_BULK = bwd.dq_bulk
     DQ_STAGE_BYTES, DQ_BOX_COLS, DQ_BOX_BYTES = bwd.dq_stage_bytes, bwd.dq_box_cols, bwd.dq_box_bytes
@@ -105,10 +127,14 @@ def make_backward_mainloop(bwd):
     load_cols = column_loader(S_COLS // 8)
     stage_ds = epilogue.stmatrix_stager(S_COLS // 8, bwd.kv_chunk)
     store_rows = epilogue.row_storer(KV_COLS // epilogue.GROUP_COLS, 2)
-    DKV_SRC = bwd.dkv.a_source
     add_dq = dq_adder(NQ // 8)(D * ACC_BYTES)
     consumers_sync = warpgroup.consumers_sync(CONSUMERS)
     seq_info, ws_row = bwd.seq, bwd.workspace_row
+
+    @cuda.jit(device=True, forceinline=True)
+    def first_key(env, utid):
+        """The thread's first key: its fragment's first row in the tile's key block."""
+        return np.int32(env.nb * BN + env.wg * WG_KEYS + epilogue.rebuilt(fragment_row(utid)))
 
     @cuda.jit(device=True, forceinline=True)
     def scores(s, m, p, env, utid):
@@ -123,7 +149,7 @@ def make_backward_mainloop(bwd):
 
     @cuda.jit(device=True, forceinline=True)
     def masked(s, m, p, env, utid):
-        limits = mask.key_row_limits(env.key0, env.sk - env.sq, p.left, p.right, env.sk)
+        limits = mask.key_row_limits(first_key(env, utid), env.sk - env.sq, p.left, p.right, env.sk)
         return mask.apply(s, m, BM, epilogue.rebuilt(fragment_col(utid)) + env.q0, limits)
 
     @cuda.jit(device=True, forceinline=True)
@@ -158,7 +184,7 @@ def make_backward_mainloop(bwd):
         barrier.fence_proxy_async()
         warpgroup.epilogue_sync(env.wg)
         if tid == 0:
-            col = np.int32(env.wg * NQ) if DQ_SPLIT else np.int32(0)
+            col = np.int32(env.wg * COL_STRIDE) if DQ_SPLIT else np.int32(0)
             row = np.int32(ws_base + m * BM)
             for c in static_range(DQ_BOXES):
                 tma.reduce_add(p.maps + MAP_DQ, (col + c * DQ_BOX_COLS, row), buf + c * DQ_BOX_BYTES)
@@ -178,7 +204,7 @@ def make_backward_mainloop(bwd):
             sem = ordered(p, env, h, m, first)
             consumers_sync()
         if does_dq:
-            col = np.int32(env.wg * NQ) if DQ_SPLIT else np.int32(0)
+            col = np.int32(env.wg * COL_STRIDE) if DQ_SPLIT else np.int32(0)
             row = ws_base + np.int64(m * BM + epilogue.rebuilt(fragment_row(utid)))
             add_dq(p.dq_ptr + (row * D + col + epilogue.rebuilt(fragment_col(utid))) * ACC_BYTES, dq)
         if DETERMINISTIC:
@@ -284,9 +310,9 @@ def make_backward_mainloop(bwd):
         quad = np.int32(epilogue.rebuilt(utid % np.uint32(4)))
         # (the sequence's placement read again: held across the tile's steps it was a spill)
         _, _, k_off, sk = seq_info(p, env.b)
-        key = env.key0
+        key = first_key(env, utid)
         row = np.int64(k_off) + key
-        col = np.int32(env.wg * KV_COLS) if COLUMNS else np.int32(0)
+        col = np.int32(env.wg * COL_STRIDE) if COLUMNS else np.int32(0)
         head = p.dk_ptr + (env.b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride + col
                            + 8 * quad) * 2
         store_rows(PACK(scale_rows(dk, p.grad_scale, p.grad_scale)), epilogue.rebuilt(head), p.dk_row_stride,
@@ -314,8 +340,7 @@ def make_backward_mainloop(bwd):
                 break
             nb, hk, b = key_block_coords(p, tile, DESCENDING)
             q_off, sq, k_off, sk = seq_info(p, b)
-            key0 = np.int32(nb * BN + wg * WG_KEYS + fragment_row(utid))
-            env = TileEnv(nb, b, q_off, sq, sk, key0, wg, np.int32(wg * S_COLS) if COLUMNS else np.int32(0))
+            env = TileEnv(nb, b, q_off, sq, sk, wg, np.int32(wg * S_COLS) if COLUMNS else np.int32(0))
             k_tile = sh.k + kv.stage * KV_BYTES
             kw = SDP_SRC(k_tile + wg * WG_KV_BYTES, utid)
             vw = SDP_SRC(sh.v + kv.stage * KV_BYTES + wg * WG_KV_BYTES, utid)

@@ -165,6 +165,12 @@ BACKWARD_TILES = {
     # memory; 32 + 32 + 2 x (32 + 32) + 2 x (8 + 8) KB fills shared memory, so dQ's adds are
     # vector reductions from registers (no staging tiles)
     256: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, **_BWD_TWO),
+    # as 256 with unequal shares (128 and 64 columns: a share is whole 64-column chunks), each
+    # warpgroup its own consumer code; 24 + 24 + 2 x (24 + 24) + 32 KB leaves room for dQ's
+    # staging (48 KB); its producer spilled at 24 registers (the tile loop's ring phases), its
+    # consumers fit 232
+    192: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, consumers=2, producer_registers=32,
+                       consumer_registers=232),
 }
 
 BACKWARD_HEAD_DIMS = tuple(sorted(BACKWARD_TILES))

@@ -23,11 +23,13 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
     ptx = kern.compile_ptx()
     # per step: S^T and dP^T (D / 16 k-steps each), dV and dK (block_m / 16), dQ (block_n / 16)
     steps = 2 * (head_dim // 16) + 2 * (kern.block_m // 16) + kern.block_n // 16
-    assert ptx.count("wgmma.mma_async") == steps
+    # (unequal column shares: a consumer's code per share)
+    copies = len(set(kern.col_shares)) if kern.columns else 1
+    assert ptx.count("wgmma.mma_async") == copies * steps
     # dQ: TMA reduce-adds from shared memory, or (deterministic) ordered vector reductions
     assert ("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add" in ptx) == kern.dq_bulk
     assert ("red.relaxed.gpu.global.add.v2.f32" in ptx) == (not kern.dq_bulk)
-    assert kern.dq_bulk == (not deterministic and not kern.columns)
+    assert kern.dq_bulk == (not deterministic and head_dim != 256)
     assert ("ld.acquire.gpu.global.s32" in ptx) == deterministic
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
     _assert_wgmma_operands_untouched(ptx, reads_allowed=True)
@@ -37,17 +39,21 @@ def test_backward_specialization_compiles_clean(dtype, head_dim, mask_kind, soft
 
 
 def test_backward_geometry():
-    """Each warpgroup owns 64 keys (D <= 128) or half of D's columns of a 64-key block (D = 256,
-    whose dK and dV rows would not fit a thread's registers); dQ's columns split into whole
-    64-column chunks where they can (D = 128, 256), else alternate between the warpgroups (D = 64,
-    96).  dQ goes through shared memory where its staging fits (not at D = 256)."""
+    """Each warpgroup owns 64 keys (D <= 128) or a share of D's columns of a 64-key block (D = 192,
+    256, whose dK and dV rows would not fit a thread's registers: whole 64-column chunks, 128 and
+    64 at D = 192); dQ's columns split into whole 64-column chunks where they can, else alternate
+    between the warpgroups (D = 64, 96).  dQ goes through shared memory where its staging fits
+    (not at D = 256)."""
     for d in BACKWARD_HEAD_DIMS:
         k = FlashBackward("bf16", d, MASK_NONE)
-        assert k.columns == (d == 256)
+        assert k.columns == (d >= 192)
         assert k.block_n == (64 if k.columns else 64 * k.consumers)
-        assert k.kv_cols == (d // k.consumers if k.columns else d)
+        if k.columns:
+            assert k.col_shares == {192: (128, 64), 256: (128, 128)}[d]
+            assert sum(k.col_shares) == d and k.col_stride == k.col_shares[0]
+        assert k.kv_cols == (k.col_shares[0] if k.columns else d)
         assert k.s_cols == (k.block_m // k.consumers if k.columns else k.block_m)
-        assert k.dq_split == (d in (128, 256))
-        assert k.dq_cols == (d // 2 if k.dq_split else d)
-        assert k.dq_bulk == (not k.columns)
+        assert k.dq_split == (d in (128, 192, 256))
+        assert k.dq_cols == (k.col_shares[0] if k.columns else d // 2 if k.dq_split else d)
+        assert k.dq_bulk == (d != 256)
         assert k.smem.bytes <= 227 * 1024
