@@ -160,17 +160,17 @@ BACKWARD_TILES = {
     96: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
     # dK + dV take 128 of the 240 registers; 32 + 32 + 2 x 32 + 32 KB of shared memory
     128: BackwardTiles(block_m=64, stages=2, **_BWD_TWO),
-    # whole rows of dK + dV would take 256 registers: the warpgroups split D (128 columns each, whole
-    # 64-column chunks of the MN-major operands) over a 64-key block, P^T and dS^T through shared
-    # memory; 32 + 32 + 2 x (32 + 32) + 2 x (8 + 8) KB fills shared memory, so dQ's adds are
-    # vector reductions from registers (no staging tiles)
-    256: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, **_BWD_TWO),
-    # as 256 with unequal shares (128 and 64 columns: a share is whole 64-column chunks), each
+    # as 256 (below) with unequal shares (128 and 64 columns: a share is whole 64-column chunks), each
     # warpgroup its own consumer code; 24 + 24 + 2 x (24 + 24) + 32 KB leaves room for dQ's
     # staging (48 KB); its producer spilled at 24 registers (the tile loop's ring phases), its
     # consumers fit 232
     192: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, consumers=2, producer_registers=32,
                        consumer_registers=232),
+    # whole rows of dK + dV would take 256 registers: the warpgroups split D (128 columns each, whole
+    # 64-column chunks of the MN-major operands) over a 64-key block, P^T and dS^T through shared
+    # memory; 32 + 32 + 2 x (32 + 32) + 2 x (8 + 8) KB fills shared memory, so dQ's adds are
+    # vector reductions from registers (no staging tiles)
+    256: BackwardTiles(block_m=64, stages=2, split=SPLIT_COLUMNS, **_BWD_TWO),
 }
 
 BACKWARD_HEAD_DIMS = tuple(sorted(BACKWARD_TILES))
