@@ -361,3 +361,25 @@ def test_precision_fp8_end_to_end(d, causal):
     model = fp8_model.attention_fp8_model(q8, k8, v8, qd, kd, vd, causal=causal, block_m=bm, block_n=bn)
     rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))
     assert rmse(got - want) <= 1.25 * rmse(model.astype(np.float64) - want) + 1e-3
+
+
+@pytest.mark.parametrize("head_dim", FP8_HEAD_DIMS)
+def test_varlen_tensor_maps_pass_the_driver_checks(head_dim):
+    """The packed varlen call's four maps, the transposed V as a batch of one included, meet the
+    driver's rules (`tma_desc.check_tiled`: no zero stride, even of a dimension of one), on the
+    CPU with made-up addresses."""
+    from numba_fa3 import api
+    from numba_fa3.primitives import tensors
+    from numba_fa3.primitives.tma_desc import check_tiled
+    tq, h, hk, keys = 300, 4, 2, 1024   # (the packed V^T's keys: each sequence padded, fp8_layout)
+
+    def info(shape, dtype, ptr):
+        strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+        return tensors.TensorInfo(ptr, shape, strides, dtype, "cai", None)
+    q, k = info((tq, h, head_dim), "e4m3", 1 << 20), info((keys, hk, head_dim), "e4m3", 2 << 20)
+    o, vt = info((tq, h, head_dim), "bf16", 3 << 20), info((hk, head_dim, keys), "e4m3", 4 << 20)
+    kern = FlashForwardFP8(head_dim, MASK_NONE, "bf16", varlen=True)
+    specs = kern.tensor_maps(api._as_batch_of_one(q), api._as_batch_of_one(k), api_fp8._vt_batch_of_one(vt),
+                             api._as_batch_of_one(o))
+    for dtype, ptr, dims, strides, box in specs:
+        check_tiled(dtype, dims, strides, box, ptr)
