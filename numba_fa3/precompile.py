@@ -49,6 +49,12 @@ def specializations(hdims, dtypes, masks, softcap, varlen, gemm, backward=False)
     return specs
 
 
+def specs_of(args):
+    """`specializations` of the parsed command line."""
+    return specializations(args.hdims, [DTYPES[d] for d in dict.fromkeys(args.dtypes)], args.masks, args.softcap,
+                           args.varlen, args.gemm, backward=args.backward)
+
+
 def _kernel(kind, args):
     if kind == "gemm":
         from numba_fa3.primitives.gemm import gemm_kernel
@@ -78,7 +84,7 @@ def build(spec, cc):
     return label, time.perf_counter() - start
 
 
-def main(argv=None):
+def parser():
     from .tiles import SUPPORTED_HEAD_DIMS
     p = argparse.ArgumentParser(prog="python -m numba_fa3.precompile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +97,11 @@ def main(argv=None):
     p.add_argument("--gemm", action="store_true", help="also matmul's kernels (bf16/fp16 or fp32 out, both B layouts)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compiles at once (each is one CPU core for 5-30 s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
     from numba_fa3.primitives import kernel_cache
@@ -106,8 +116,7 @@ def main(argv=None):
         print(f"no GPU here: compiling for sm_{kernel_cache.ASSUMED_CC[0]}{kernel_cache.ASSUMED_CC[1]} "
               "(H100/H200), as a Hopper GPU would")
     cc = kernel_cache.device_cc()
-    specs = specializations(args.hdims, [DTYPES[d] for d in dict.fromkeys(args.dtypes)], args.masks,
-                            args.softcap, args.varlen, args.gemm)
+    specs = specs_of(args)
     print(f"{len(specs)} kernels into {directory}, {args.jobs} at a time")
     start, failed = time.perf_counter(), 0
     # Processes, since Numba compiles under a global lock; spawned, since a forked child cannot use

@@ -272,3 +272,12 @@ def test_precompile_lists_the_kernels_the_api_builds():
             assert (("bf16", d, kind, False, False, True) in forward) == long
     assert sorted(args for kind, args in specs if kind == "gemm") == sorted(
         ("bf16", out, tb) for out in ("bf16", "f32") for tb in (True, False))
+
+
+def test_precompile_backward_flag_reaches_the_specializations():
+    """`--backward` adds the backward's kernels (main once parsed it and dropped it)."""
+    from numba_fa3.precompile import parser, specs_of
+    with_bwd = {kind for kind, _ in specs_of(parser().parse_args(["--hdims", "192", "--backward"]))}
+    without = {kind for kind, _ in specs_of(parser().parse_args(["--hdims", "192"]))}
+    assert {"backward", "preprocess", "postprocess"} <= with_bwd
+    assert without == {"forward"}
