@@ -183,6 +183,11 @@ SPECS += [
     _bwd("bwd128_local", "bwd128", 128, "local", (2, 900, 1100, 4, 2), window=(64, 0)),  # 36
     _bwd("bwd128_full_softcap", "bwd128", 128, "full", (2, 255, 1000, 4, 2), softcap=30.0),  # 32
     _bwd("bwd128_causal_det", "bwd-det", 128, "causal", (2, 300, 1100, 4, 2), deterministic=True),  # 36
+    # D = 192 and 256: the column split (64-key blocks; two unequal consumers at 192)
+    _bwd("bwd192_full", "bwd192", 192, "full", (2, 300, 700, 4, 2)),               # 44
+    _bwd("bwd192_causal_f16", "bwd192", 192, "causal", (2, 600, 500, 4, 2), dtype="f16"),  # 32
+    _bwd("bwd256_full", "bwd256", 256, "full", (2, 300, 500, 4, 2)),               # 32
+    _bwd("bwd256_causal", "bwd256", 256, "causal", (2, 500, 500, 4, 2)),           # 32
     _bwd_varlen("bwd_v64_full", "bwd-varlen", 64, "full", [0, 1, 300, 129, 17, 250],
                 [5, 1, 300, 200, 0, 380], 4, 2),                                     # 36
     _bwd_varlen("bwd_v96_local_softcap", "bwd-varlen", 96, "local", [300, 1, 450, 0, 77], [280, 0, 640, 3, 129],
