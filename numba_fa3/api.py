@@ -286,10 +286,12 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _as_batch_of_one(info):
-    """A packed [T, H, D] TensorInfo seen as [1, T, H, D] (the kernel's 4-D tensor maps)."""
+    """A packed 3-D TensorInfo ([T, H, D], or the FP8 kernel's V^T [Hk, D, keys]) seen as a batch
+    of one for the kernels' 4-D tensor maps; the batch stride spans the array (TMA takes no zero
+    stride, even of a dimension of one)."""
     t, h, d = info.shape
     return tensors.TensorInfo(info.ptr, (1, t, h, d), (t * info.strides[0],) + tuple(info.strides),
-                              info.dtype, info.kind, info.obj)
+                              info.dtype, info.kind, info.obj, info.owner)
 
 
 # --- the backward pass ---------------------------------------------------------------------------

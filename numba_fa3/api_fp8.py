@@ -154,13 +154,6 @@ def flash_attn_fp8(q8, k8, v8, q_descale=None, k_descale=None, v_descale=None, s
     return api._results(o, lse, like, io, host, out, stream, return_lse)
 
 
-def _vt_batch_of_one(ivt):
-    """The packed V^T `[Hk, D, keys]` seen as `[1, Hk, D, keys]` for the kernel's 4-D map: the
-    batch stride spans the whole array (TMA takes no zero stride, even of a dimension of one)."""
-    return tensors.TensorInfo(ivt.ptr, (1,) + ivt.shape, (ivt.shape[0] * ivt.strides[0],) + tuple(ivt.strides),
-                              ivt.dtype, ivt.kind, ivt.obj, ivt.owner)
-
-
 def flash_attn_fp8_varlen(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale=None,
                           k_descale=None, v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1),
                           softcap=0.0, return_lse=False, out=None, out_dtype="bf16", stream=None):
@@ -211,9 +204,8 @@ def flash_attn_fp8_varlen(q8, k8, v8, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         tensors.fill(lse, -np.inf)
     elif tq and max_q:
         vt = fp8_layout.transpose_v_varlen(iv.obj, cuk, max_k, stream=stream)
-        ivt = _vt_batch_of_one(tensors.inspect(vt, "vt", stream))
-        table = descriptor_tables.get(kern.tensor_maps(*(api._as_batch_of_one(x) for x in (iq, ik)), ivt,
-                                                       api._as_batch_of_one(io)))
+        ivt = tensors.inspect(vt, "vt", stream)
+        table = descriptor_tables.get(kern.tensor_maps(*(api._as_batch_of_one(x) for x in (iq, ik, ivt, io))))
         kern.launch(table, tensors.device_ptr(lse), io, bq, h, hk, max_q, max_k, window, scale, cap, stream,
                     descales, cu_seqlens=(cuq_ptr, cuk_ptr), lse_strides=(0, tq), total=(tq, tk))
         keep += (vt,)

@@ -379,7 +379,6 @@ def test_varlen_tensor_maps_pass_the_driver_checks(head_dim):
     q, k = info((tq, h, head_dim), "e4m3", 1 << 20), info((keys, hk, head_dim), "e4m3", 2 << 20)
     o, vt = info((tq, h, head_dim), "bf16", 3 << 20), info((hk, head_dim, keys), "e4m3", 4 << 20)
     kern = FlashForwardFP8(head_dim, MASK_NONE, "bf16", varlen=True)
-    specs = kern.tensor_maps(api._as_batch_of_one(q), api._as_batch_of_one(k), api_fp8._vt_batch_of_one(vt),
-                             api._as_batch_of_one(o))
+    specs = kern.tensor_maps(*(api._as_batch_of_one(x) for x in (q, k, vt, o)))
     for dtype, ptr, dims, strides, box in specs:
         check_tiled(dtype, dims, strides, box, ptr)
