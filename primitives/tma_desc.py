@@ -49,9 +49,24 @@ def check_tiled(dtype, dims, strides_bytes, box, ptr):
         raise ValueError(f"the 128B swizzle allows at most 128 bytes in the box's inner dim, got {box}")
 
 
+def unit_dim_strides(dtype, dims, strides_bytes):
+    """strides_bytes with the stride of every dimension of extent 1 replaced by the span of the
+    dimensions inside it (rounded up to TMA's alignment).  Such a stride is never used to address
+    (its index is always 0), and arrays carry any value there: NumPy's `x[None]` and a broadcast
+    give 0, which the driver rejects.  Other strides are returned as given."""
+    out, span = [], itemsize(dtype) * dims[0]
+    for extent, stride in zip(dims[1:], strides_bytes):
+        if extent == 1:
+            stride = -(-span // GLOBAL_ALIGN) * GLOBAL_ALIGN
+        out.append(stride)
+        span = max(span, stride * extent)
+    return tuple(out)
+
+
 def encode_tiled(dtype, ptr, dims, strides_bytes, box):
     """One 128B-swizzled, zero-filling tiled tensor map as 128 bytes (uint64[16])."""
     from cuda.bindings import driver as drv
+    strides_bytes = unit_dim_strides(dtype, dims, strides_bytes)
     check_tiled(dtype, dims, strides_bytes, box, ptr)
     err, tmap = drv.cuTensorMapEncodeTiled(
         getattr(drv.CUtensorMapDataType, _DTYPES[dtype][0]), len(dims), ptr,

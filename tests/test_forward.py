@@ -315,3 +315,21 @@ def test_bad_inputs_raise():
         flash_attn_varlen(p, p, p, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 8, -1)
     with pytest.raises(ValueError, match=r"\[total_tokens"):
         flash_attn_varlen(q, q, q, np.array([0, 8], np.int32), np.array([0, 8], np.int32), 8, 8)
+
+
+@gpu
+def test_forward_batch_of_one_with_zero_batch_stride():
+    """`x[None]` gives a batch of one with stride 0 (NumPy, and torch tensors made from it): the
+    batch dimension's stride is never used, so the result equals the contiguous input's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((333, 4, 128)).astype(NUMPY_DTYPES["bf16"]) for _ in range(3))
+    want = flash_attn(q[None].copy(), k[None].copy(), v[None].copy(), causal=True)
+    assert q[None].strides[0] == 0
+    got = flash_attn(q[None], k[None], v[None], causal=True)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    t = lambda x: torch.from_numpy(x.view(np.uint16)).cuda().view(torch.bfloat16)
+    tq, tk, tv = t(q[None]), t(k[None]), t(v[None])
+    assert tq.stride(0) == 0
+    gt = flash_attn(tq, tk, tv, causal=True)
+    assert np.array_equal(gt.view(torch.int16).cpu().numpy().view(np.uint16), want.view(np.uint16))

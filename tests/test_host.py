@@ -178,3 +178,22 @@ def test_cluster_launch_config():
     assert (attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z) == (2, 1, 1)
     with pytest.raises(ValueError, match="whole number of clusters"):
         launch.cluster_config(133, 384, 0, 0, 2)
+
+
+def test_unit_dimension_strides_meet_the_tma_rules():
+    """A dimension of extent 1 may carry any stride (NumPy's `x[None]` and a broadcast give 0);
+    the tensor map gets the span of the dimensions inside it, every other stride as given."""
+    from numba_fa3.primitives import tma_desc
+    b, s, h, d = 1, 300, 4, 128
+    x = np.zeros((s, h, d), tensors.NUMPY_DTYPES["bf16"])[None]
+    assert x.strides[0] == 0
+    info = tensors.inspect(x, "q")
+    dtype, ptr, dims, strides, box = tma_desc.bshd_spec(info, 64, 128)
+    with pytest.raises(ValueError, match="positive multiples"):
+        tma_desc.check_tiled(dtype, dims, strides, box, 1 << 20)
+    fixed = tma_desc.unit_dim_strides(dtype, dims, strides)
+    tma_desc.check_tiled(dtype, dims, fixed, box, 1 << 20)
+    assert fixed == (d * 2, h * d * 2, s * h * d * 2)
+    # a head of one between others, and strides that are not packed: only unit dims move
+    assert tma_desc.unit_dim_strides("e4m3", (64, 1, 50, 3), (0, 4096, 4096 * 64)) == (64, 4096, 4096 * 64)
+    assert tma_desc.unit_dim_strides("f32", (32, 5, 7), (256, 4096)) == (256, 4096)
