@@ -76,7 +76,7 @@ from numba import cuda, types
 from numba_fa3.primitives import launch, smem, tensors, warpgroup
 from numba_fa3.primitives.intmath import udivmod32
 from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
-from numba_fa3.ptx_inline import cluster, convert, memory, special, tma
+from numba_fa3.ptx_inline import cluster, convert, mbarrier, memory, special, tma
 from . import fp8_model
 
 __all__ = ["HEAD_DIMS", "Scaling", "QuantizeKernel", "quantize_kernel", "quantize_fp8", "block_plan",
@@ -108,10 +108,17 @@ MAX_CTA_VALUES = 16384
 MAX_CTA_THREADS = 256
 #: The most CTAs in a portable thread-block cluster.
 MAX_CLUSTER = 8
-#: L2 prefetch of a later CTA's rows (`QuantizeKernel.prefetch`), and how far ahead, in CTA
-#: groups per SM (about two resident at a time: the next wave's).
-PREFETCH = False
-PREFETCH_GROUPS_PER_SM = 2
+#: Tiles of a CTA's shared-memory ring (`QuantizeKernel.stages`): with two CTAs per SM, each
+#: streams the next STAGES - 1 tiles while it computes one, so DRAM reads never wait for a CTA's
+#: butterflies and stores (a CTA that loads, computes and stores in turn leaves DRAM idle between
+#: its reads).  Three fit two CTAs' shared memory at every head dim; 0: rows loaded straight into
+#: registers, one tile per CTA (the design before the ring, kept for its A/B).
+STAGES = 3
+#: Padding after each row of a ring tile: 32 bytes put the four rows that a quarter-warp's
+#: 16-byte loads touch on distinct banks (rows are a multiple of 128 bytes long).
+ROW_PAD = 32
+#: Bytes of an mbarrier.
+MBARRIER_BYTES = 8
 #: Row, tile and CTA indices are int32 in the kernel.
 MAX_INDEX = 2**31 - 1
 FULL_MASK = 0xFFFFFFFF
@@ -285,25 +292,25 @@ def bytes_moved(q_shape, k_shape, block_m=128, block_n=128, v_granularity="head"
 #: head), the tile amaxes' (AMAX writes, HEAD reads) and the sign masks' addresses; heads, rows
 #: per (batch, head), tiles per (batch, head) (blocks, or the V passes' tiles), and tiles in all
 #: (batch * heads * tiles); the (batch, row, head) strides of the input (elements) and of the codes
-#: (bytes); c, the rotation's scale (1 without); ahead: how many CTA groups ahead a CTA asks
-#: L2 for its rows (`prefetch`).
+#: (bytes); c, the rotation's scale (1 without); the packed sequences' cu_seqlens (varlen).
 QuantizeParams = launch.params("QuantizeParams", [
     ("x_ptr", _U64), ("out_ptr", _U64), ("descale_ptr", _U64), ("tile_amax_ptr", _U64), ("signs_ptr", _U64),
     ("heads", _I32), ("seqlen", _I32), ("tiles", _I32), ("groups", _I32),
     ("x_batch_stride", _I64), ("x_row_stride", _I64), ("x_head_stride", _I64),
     ("out_batch_stride", _I64), ("out_row_stride", _I64), ("out_head_stride", _I64),
-    ("rotation_scale", _F32), ("cu_ptr", _U64), ("ahead", _I32)])
+    ("rotation_scale", _F32), ("cu_ptr", _U64)])
 
 
 class QuantizeKernel(launch.HopperKernel):
     """One tensor's quantizer (see the module docstring): CTAs of `rows` rows, 2 threads per row,
-    in clusters of `cluster` CTAs per descale block (BLOCK; 1 otherwise).  One specialization per
-    dtype, head dim, rows, cluster, rotation and `Scaling`."""
+    in clusters of `cluster` CTAs per descale block (BLOCK; 1 otherwise), each CTA (cluster) taking
+    tiles (blocks) in turn through a ring of `stages` shared-memory tiles.  One specialization per
+    dtype, head dim, rows, cluster, rotation, `Scaling` and stages."""
 
     PARAMS = QuantizeParams
 
     def __init__(self, dtype="bf16", head_dim=128, rows=128, rotate=True, scaling=Scaling.BLOCK, cluster=1,
-                 varlen=False, prefetch=False):
+                 varlen=False, stages=STAGES):
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         self.dtype, self.head_dim = dtype, _head_dim(head_dim)
@@ -312,9 +319,9 @@ class QuantizeKernel(launch.HopperKernel):
         #: packed sequences (`quantize_fp8_varlen`): a "batch" entry is a sequence of cu_seqlens,
         #: its blocks counted from its first row
         self.varlen = bool(varlen)
-        #: each CTA first asks L2 for the rows of the CTA `ahead` groups after it (dense only),
-        #: so that DRAM streams while the resident CTAs compute
-        self.prefetch = bool(prefetch) and not self.varlen
+        self.stages = int(stages)
+        if self.stages < 0:
+            raise ValueError(f"stages must be >= 0, got {stages}")
         if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
             raise ValueError(f"rows {rows} must be a multiple of {ROW_QUANTUM} and at most "
                              f"{max_cta_rows(self.head_dim)} at head dim {head_dim}")
@@ -323,9 +330,21 @@ class QuantizeKernel(launch.HopperKernel):
                              f"the per-head passes 1")
         self.threads = self.rows * LANES_PER_ROW
         plan = smem.SharedLayout()
-        plan.add("warp_amax", self.threads // WARP * F32_BYTES, align=PIECE_BYTES)
-        plan.add("cluster_amax", self.cluster * F32_BYTES, align=PIECE_BYTES)
+        # amax slots twice: tile i writes slot i % 2 while a slow thread may still read tile i - 1's
+        plan.add("warp_amax", 2 * self.threads // WARP * F32_BYTES, align=PIECE_BYTES)
+        plan.add("cluster_amax", 2 * self.cluster * F32_BYTES, align=PIECE_BYTES)
+        plan.add("full", max(self.stages, 1) * MBARRIER_BYTES, align=MBARRIER_BYTES)
+        plan.add("tiles", self.stages * self.tile_bytes, align=smem.ATOM_BYTES)
         self.smem = plan.check()
+
+    @property
+    def row_bytes(self):
+        return self.head_dim * ELEMENT_BYTES
+
+    @property
+    def tile_bytes(self):
+        """Shared bytes of one ring tile: `rows` rows of `row_bytes`, each padded by `ROW_PAD`."""
+        return self.rows * (self.row_bytes + ROW_PAD)
 
     @property
     def values_per_thread(self):
@@ -338,8 +357,9 @@ class QuantizeKernel(launch.HopperKernel):
         BLOCK = ROWS * CLUSTER
         WARPS = THREADS // WARP
         WARP_SHUFFLES = tuple(WARP >> (i + 1) for i in range(WARP.bit_length() - 1))
-        ROTATE, VARLEN, PREFETCH = self.rotate, self.varlen, self.prefetch
-        ROW_BYTES = self.head_dim * ELEMENT_BYTES
+        ROTATE, VARLEN, STAGES = self.rotate, self.varlen, self.stages
+        ROW_BYTES, TILE_BYTES, PITCH = self.row_bytes, self.tile_bytes, self.row_bytes + ROW_PAD
+        LOAD_BYTES = ROWS * ROW_BYTES                    # what a tile's copies bring (the mbarrier's tx)
         FROM_VALUES = self.scaling != Scaling.HEAD      # the amax of this CTA's own values
         WRITE_CODES = self.scaling != Scaling.AMAX
         IS_BLOCK, IS_HEAD = self.scaling == Scaling.BLOCK, self.scaling == Scaling.HEAD
@@ -355,10 +375,14 @@ class QuantizeKernel(launch.HopperKernel):
         WORDS = CHUNK // CODES_PER_WORD                  # 32-bit words of a chunk's codes
         HALF_WORDS = WORDS // 2                          # ... of one half (one piece's values)
         OFF_WARPS, OFF_CLUSTER = self.smem.offsets["warp_amax"], self.smem.offsets["cluster_amax"]
+        OFF_FULL, OFF_TILES = self.smem.offsets["full"], self.smem.offsets["tiles"]
+        bf16 = self.dtype == "bf16"
         if ROTATE:
-            load = memory.ld_global_nc_v4_xor_bf16_f32 if self.dtype == "bf16" else memory.ld_global_nc_v4_xor_f16_f32
+            load = memory.ld_global_nc_v4_xor_bf16_f32 if bf16 else memory.ld_global_nc_v4_xor_f16_f32
+            load_shared = memory.ld_shared_v4_xor_bf16_f32 if bf16 else memory.ld_shared_v4_xor_f16_f32
         else:
-            load = memory.ld_global_nc_v4_bf16_f32 if self.dtype == "bf16" else memory.ld_global_nc_v4_f16_f32
+            load = memory.ld_global_nc_v4_bf16_f32 if bf16 else memory.ld_global_nc_v4_f16_f32
+            load_shared = memory.ld_shared_v4_bf16_f32 if bf16 else memory.ld_shared_v4_f16_f32
         ZERO, ONE = np.float32(0), np.float32(1)
         SHIFT16 = np.uint32(16)
 
@@ -468,31 +492,21 @@ class QuantizeKernel(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def quantize(p):
-            if constexpr(CLUSTER > 1):
-                cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
-            dyn = cuda.shared.array(0, dtype=np.uint8)
-            base = smem.aligned_base(special.shared_address(dyn))
-            tid = np.int32(cuda.threadIdx.x)
-            lane = tid & np.int32(LANES_PER_ROW - 1)
-            odd = lane != 0
-            group, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
-            if constexpr(PREFETCH):
-                later = np.int32(group + p.ahead)
-                if lane == 0 and later < p.groups:
-                    if constexpr(IS_HEAD):
-                        later = np.int32(p.groups - 1 - later)
-                    rest2, h2 = udivmod32(later, p.heads)
-                    b2, tile2 = udivmod32(rest2, p.tiles)
-                    s2 = np.int32(tile2 * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
-                    if s2 < p.seqlen:
-                        tma.prefetch_bulk_l2(p.x_ptr + (b2 * p.x_batch_stride + s2 * p.x_row_stride
-                                                        + h2 * p.x_head_stride) * ELEMENT_BYTES, ROW_BYTES)
+        def locate(p, group):
+            """(batch, head, tile) of a group (one block, or one tile of the V passes); HEAD takes
+            them in reverse, so that its first reads find the AMAX pass's last rows in L2."""
             if constexpr(IS_HEAD):
                 group = np.int32(p.groups - 1 - group)
             rest, h = udivmod32(group, p.heads)
             b, tile = udivmod32(rest, p.tiles)
-            s = np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
+            return b, h, tile
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def placement(p, b, s):
+            """(first, valid, row) of row s of a (batch entry's) tile: the sequence's first packed
+            row (0 when dense), whether s is inside it, and the row to read (rows past the end
+            re-read the last one and do not count)."""
             if constexpr(VARLEN):
                 # sequence b's rows (cu_seqlens clamped to the packed rows, as the attention
                 # kernels clamp them); its blocks start at its first row
@@ -500,27 +514,47 @@ class QuantizeKernel(launch.HopperKernel):
                 rows = min(max(memory.ld_global_s32(p.cu_ptr + (b + np.int32(1)) * np.int32(4)), first),
                            p.seqlen) - first
                 valid = s < rows
-                # (rows past the end re-read the sequence's last, an empty one's a neighbour's)
+                # (an empty sequence's rows re-read a neighbour's)
                 row = min(first + max(min(s, rows - np.int32(1)), np.int32(0)), p.seqlen - np.int32(1))
             else:
                 first = np.int32(0)
                 valid = s < p.seqlen
-                row = min(s, p.seqlen - 1)  # rows past the end re-read the last one, and do not count
-            src = p.x_ptr + (b * p.x_batch_stride + row * p.x_row_stride + h * p.x_head_stride) * ELEMENT_BYTES
-            src += lane * PIECE_BYTES
-            x = ()
-            for j in static_range(PIECES):
-                if constexpr(ROTATE):
-                    masks = memory.ld_global_nc_v4_b32(p.signs_ptr + (j * LANES_PER_ROW + lane) * PIECE_BYTES)
-                    x = x + (load(src + j * LOAD_STEP, masks),)
-                else:
-                    x = x + (load(src + j * LOAD_STEP),)
+                row = min(s, p.seqlen - 1)
+            return first, valid, row
+
+        @cuda.jit(device=True, forceinline=True)
+        def source(p, b, h, row):
+            return p.x_ptr + (b * p.x_batch_stride + row * p.x_row_stride + h * p.x_head_stride) * ELEMENT_BYTES
+
+        @cuda.jit(device=True, forceinline=True)
+        def issue(p, base, stage, group, rank, tid):
+            """Start the copies of `group`'s rows into ring tile `stage` (free: every thread has
+            read it): thread 0 tells the stage's barrier the bytes to expect, thread r < ROWS
+            copies row r (one bulk copy of a whole row)."""
+            bar = base + OFF_FULL + stage * np.int32(MBARRIER_BYTES)
+            if tid == 0:
+                mbarrier.arrive_expect_tx(bar, LOAD_BYTES)
+            if tid < ROWS:
+                b, h, tile = locate(p, group)
+                _, _, row = placement(p, b, np.int32(tile * BLOCK + rank * ROWS + tid))
+                tma.load_bulk(base + OFF_TILES + stage * np.int32(TILE_BYTES) + tid * np.int32(PITCH),
+                              source(p, b, h, row), ROW_BYTES, bar)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def quantize_tile(p, base, x, group, slot, rank, tid, lane, odd, stage, later):
+            """One tile from its loaded values `x` to its codes and descale: the rotation, the
+            block's amax (the amax slots `slot`), the scale, the stores.  With the ring, once every
+            thread has its values, group `later` (if any) starts loading into `stage`."""
+            b, h, tile = locate(p, group)
+            s = np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
+            first, valid, _ = placement(p, b, s)
             tile_index = (b * p.heads + h) * p.tiles + tile  # of this tile's descale or amax
             amax = ZERO
             if constexpr(IS_HEAD):
                 first_tile = (b * p.heads + h) * p.tiles
-                for i in range(tid, p.tiles, THREADS):
-                    amax = max(amax, memory.ld_global_nc_f32(p.tile_amax_ptr + (first_tile + i) * F32_BYTES))
+                for t in range(tid, p.tiles, THREADS):
+                    amax = max(amax, memory.ld_global_nc_f32(p.tile_amax_ptr + (first_tile + t) * F32_BYTES))
             if constexpr(ROTATE):
                 x = butterflies(x)
             if constexpr(WRITE_CODES):
@@ -535,20 +569,23 @@ class QuantizeKernel(launch.HopperKernel):
                     amax = ZERO
             for i in static_range(len(WARP_SHUFFLES)):
                 amax = max(amax, cuda.shfl_xor_sync(FULL_MASK, amax, constexpr(WARP_SHUFFLES[i])))
+            warps = base + OFF_WARPS + slot * np.int32(WARPS * F32_BYTES)
             if tid % WARP == 0:
-                memory.st_shared_f32(base + OFF_WARPS + (tid // WARP) * F32_BYTES, amax)
+                memory.st_shared_f32(warps + (tid // WARP) * F32_BYTES, amax)
             cuda.syncthreads()
+            if constexpr(STAGES > 0):
+                if later < p.groups:
+                    issue(p, base, stage, later, rank, tid)
             for w in static_range(WARPS):
-                amax = max(amax, memory.ld_shared_f32(base + OFF_WARPS + w * F32_BYTES))
+                amax = max(amax, memory.ld_shared_f32(warps + w * F32_BYTES))
             if constexpr(CLUSTER > 1):
-                cluster.barrier_wait()  # every CTA of the cluster has started
+                peers = base + OFF_CLUSTER + slot * np.int32(CLUSTER * F32_BYTES)
                 if tid < CLUSTER:  # thread t gives CTA t this CTA's amax
-                    peer = cluster.map_shared(base + OFF_CLUSTER + rank * F32_BYTES, tid)
-                    memory.st_shared_cluster_f32(peer, amax)
+                    memory.st_shared_cluster_f32(cluster.map_shared(peers + rank * F32_BYTES, tid), amax)
                 cluster.barrier_arrive()
                 cluster.barrier_wait()
                 for r in static_range(CLUSTER):
-                    amax = max(amax, memory.ld_shared_f32(base + OFF_CLUSTER + r * F32_BYTES))
+                    amax = max(amax, memory.ld_shared_f32(peers + r * F32_BYTES))
             if constexpr(IS_HEAD):
                 amax_r = amax  # the AMAX pass's tiles are scaled already
             else:
@@ -577,18 +614,95 @@ class QuantizeKernel(launch.HopperKernel):
             else:
                 if tid == 0:
                     memory.st_global_f32(p.tile_amax_ptr + tile_index * F32_BYTES, amax_r)
-        return quantize
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def sign_masks_of(p, j, lane):
+            return memory.ld_global_nc_v4_b32(p.signs_ptr + (j * LANES_PER_ROW + lane) * PIECE_BYTES)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def quantize_direct(p):
+            """One tile per CTA (cluster), its rows loaded straight into registers."""
+            if constexpr(CLUSTER > 1):
+                cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
+            base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
+            tid = np.int32(cuda.threadIdx.x)
+            lane = tid & np.int32(LANES_PER_ROW - 1)
+            odd = lane != 0
+            group, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            b, h, tile = locate(p, group)
+            _, _, row = placement(p, b, np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW))
+            src = source(p, b, h, row) + lane * PIECE_BYTES
+            x = ()
+            for j in static_range(PIECES):
+                if constexpr(ROTATE):
+                    x = x + (load(src + j * LOAD_STEP, sign_masks_of(p, j, lane)),)
+                else:
+                    x = x + (load(src + j * LOAD_STEP),)
+            if constexpr(CLUSTER > 1):
+                cluster.barrier_wait()  # every CTA of the cluster has started
+            quantize_tile(p, base, x, np.int32(group), np.int32(0), rank, tid, lane, odd, np.int32(0), p.groups)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def quantize_streamed(p):
+            """The CTA (cluster) takes tiles `clusters` apart; each tile's rows arrive by bulk
+            copies into the ring, STAGES - 1 tiles ahead of the one computed."""
+            if constexpr(CLUSTER > 1):
+                cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
+            base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
+            tid = np.int32(cuda.threadIdx.x)
+            lane = tid & np.int32(LANES_PER_ROW - 1)
+            odd = lane != 0
+            cid, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            clusters = np.int32(np.uint32(cuda.gridDim.x) // np.uint32(CLUSTER))
+            if tid < STAGES:
+                mbarrier.init(base + OFF_FULL + tid * np.int32(MBARRIER_BYTES), 1)
+                mbarrier.fence_init()
+            cuda.syncthreads()
+            for st in static_range(STAGES):
+                ahead = np.int32(cid + st * clusters)
+                if ahead < p.groups:
+                    issue(p, base, np.int32(st), ahead, rank, tid)
+            if constexpr(CLUSTER > 1):
+                cluster.barrier_wait()  # every CTA of the cluster has started
+            # this thread's 16-byte pieces in a ring tile
+            mine = base + OFF_TILES + (tid // LANES_PER_ROW) * np.int32(PITCH) + lane * np.int32(PIECE_BYTES)
+            group = np.int32(cid)
+            stage = np.int32(0)
+            phase = np.int32(0)
+            slot = np.int32(0)
+            while group < p.groups:
+                mbarrier.wait_parity(base + OFF_FULL + stage * np.int32(MBARRIER_BYTES), phase)
+                src = mine + stage * np.int32(TILE_BYTES)
+                x = ()
+                for j in static_range(PIECES):
+                    if constexpr(ROTATE):
+                        x = x + (load_shared(src + j * LOAD_STEP, sign_masks_of(p, j, lane)),)
+                    else:
+                        x = x + (load_shared(src + j * LOAD_STEP),)
+                quantize_tile(p, base, x, group, slot, rank, tid, lane, odd, stage,
+                              np.int32(group + STAGES * clusters))
+                group = np.int32(group + clusters)
+                slot = slot ^ np.int32(1)
+                stage = np.int32(stage + 1)
+                if stage == STAGES:
+                    stage = np.int32(0)
+                    phase = phase ^ np.int32(1)
+
+        return quantize_streamed if STAGES > 0 else quantize_direct
 
 
-def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False, prefetch=None):
-    """The cached `QuantizeKernel`; prefetch None: the module's `PREFETCH`."""
+def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False, stages=None):
+    """The cached `QuantizeKernel`; stages None: `STAGES`."""
     return _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen,
-                            PREFETCH if prefetch is None else bool(prefetch))
+                            STAGES if stages is None else int(stages))
 
 
 @functools.lru_cache(maxsize=None)
-def _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, prefetch):
-    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, prefetch)
+def _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, stages):
+    return QuantizeKernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen, stages)
 
 
 # --- host -------------------------------------------------------------------------------------
@@ -727,9 +841,11 @@ def _launch(kern, info, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, tiles, s
     if groups * kern.cluster > MAX_INDEX:
         raise ValueError(f"{groups * kern.cluster} CTAs: more than a grid's int32 indices reach")
     scale = rotation_scale(d) if kern.rotate else np.float32(1)
-    kern.launch_with(groups * kern.cluster, stream, QuantizeParams(
+    # with the ring, as many CTAs (clusters) as are resident at once, each taking groups in turn
+    ctas = groups if not kern.stages else min(groups, max(1, kern.kernel().resident_ctas() // kern.cluster))
+    kern.launch_with(ctas * kern.cluster, stream, QuantizeParams(
         info.ptr, out_ptr, descale_ptr, tile_amax_ptr, signs_ptr, h, s, tiles, groups,
-        *strides, *out_strides, scale, cu_ptr, launch.sm_count() * PREFETCH_GROUPS_PER_SM))
+        *strides, *out_strides, scale, cu_ptr))
 
 
 def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_granularity="head",

@@ -109,6 +109,7 @@ class CompiledKernel:
         self._local = threading.local()
         self._configs = {}          # clustered launches: CUlaunchConfig per (grid, stream)
         self._max_clusters = None   # cuOccupancyMaxActiveClusters, asked once
+        self._resident = None       # resident_ctas of an unclustered kernel, asked once
 
     def _check(self, result, what):
         err, *value = result
@@ -128,6 +129,19 @@ class CompiledKernel:
                 raise RuntimeError(f"cuOccupancyMaxActiveClusters failed: {err.name}")
             self._max_clusters = int(n)
         return self._max_clusters
+
+    def resident_ctas(self):
+        """How many CTAs of this kernel the device holds at once: a persistent grid's size
+        (cuOccupancyMaxActiveBlocksPerMultiprocessor per SM, or `max_active_clusters` CTAs)."""
+        if self.cluster > 1:
+            return self.max_active_clusters() * self.cluster
+        if self._resident is None:
+            err, n = self._drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(self._function, self.threads,
+                                                                           self.smem_bytes)
+            if err != self._drv.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {err.name}")
+            self._resident = int(n) * sm_count()
+        return self._resident
 
     def _config(self, grid, stream):
         """The clustered launch's CUlaunchConfig, built once per (grid, stream)."""

@@ -195,23 +195,26 @@ def ld_global_nc_v4_f32(typingctx, addr):
 
 #: 16-bit elements in one 16-byte load.
 _HALVES_PER_V4 = 8
-#: The load both widenings share: four 32-bit words from the address, operand $8 (after the
-#: eight float32 outputs).
-_LD_V4_WORDS = f"ld.global.nc.v4.b32 {{w0, w1, w2, w3}}, [${_HALVES_PER_V4}];"
+#: The load the widenings share: four 32-bit words from the address, operand $8 (after the eight
+#: float32 outputs); global (64-bit address, non-coherent path) or shared (32-bit address).
+_LD_V4_WORDS = {"global": f"ld.global.nc.v4.b32 {{w0, w1, w2, w3}}, [${_HALVES_PER_V4}];",
+                "shared": f"ld.shared.v4.b32 {{w0, w1, w2, w3}}, [${_HALVES_PER_V4}];"}
+_ADDRESS_BITS = {"global": (64, "l"), "shared": (32, "r")}
 
 
-def _widening_load(widen, scratch=""):
+def _widening_load(widen, scratch="", space="global"):
     """An intrinsic of `addr` returning the eight 16-bit elements at addr (16-byte aligned) as
     eight float32, element 2i from the lower half of word i and 2i + 1 from its upper half: one
-    `ld.global.nc.v4.b32` and `widen(word, first_output)`'s conversion of each word, which may use
-    the registers `scratch` declares."""
-    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS + "\n"
+    `ld.global.nc.v4.b32` (or `ld.shared.v4.b32`, `space`) and `widen(word, first_output)`'s
+    conversion of each word, which may use the registers `scratch` declares."""
+    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS[space] + "\n"
     text += "".join(widen(f"w{i}", 2 * i) for i in range(_HALVES_PER_V4 // 2)) + "}"
+    bits, letter = _ADDRESS_BITS[space]
 
     def typer(typingctx, addr):
         def codegen(context, builder, sig, args):
             out = emit(builder, text, [F32] * _HALVES_PER_V4,
-                       [(as_int(context, builder, args[0], sig.args[0], 64), "l")], clobber_memory=False)
+                       [(as_int(context, builder, args[0], sig.args[0], bits), letter)], clobber_memory=False)
             return context.make_tuple(builder, sig.return_type, out)
         return types.UniTuple(types.float32, _HALVES_PER_V4)(addr), codegen
     return typer
@@ -259,18 +262,19 @@ def ld_global_nc_v4_b32(typingctx, addr):
 _XOR_WORDS = "".join(f"xor.b32 w{i}, w{i}, ${_HALVES_PER_V4 + 1 + i};\n" for i in range(_HALVES_PER_V4 // 2))
 
 
-def _flipping_load(widen, scratch=""):
+def _flipping_load(widen, scratch="", space="global"):
     """As `_widening_load`, with a tuple of four uint32 masks after the address: word i is xor-ed
     with mask i before it is widened, so a mask bit 15 or 31 negates element 2i or 2i + 1
     (the sign bit of a bf16 or an fp16; negation is exact)."""
-    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS + "\n" + _XOR_WORDS
+    text = "{\n.reg .b32 w<4>;\n" + scratch + _LD_V4_WORDS[space] + "\n" + _XOR_WORDS
     text += "".join(widen(f"w{i}", 2 * i) for i in range(_HALVES_PER_V4 // 2)) + "}"
+    bits, letter = _ADDRESS_BITS[space]
 
     def typer(typingctx, addr, masks):
         _regs(masks, 4, "a sign-flipping load")
 
         def codegen(context, builder, sig, args):
-            ins = [(as_int(context, builder, args[0], sig.args[0], 64), "l")]
+            ins = [(as_int(context, builder, args[0], sig.args[0], bits), letter)]
             ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
                     for i in range(_HALVES_PER_V4 // 2)]
             out = emit(builder, text, [F32] * _HALVES_PER_V4, ins, clobber_memory=False)
@@ -292,6 +296,33 @@ def ld_global_nc_v4_xor_bf16_f32(typingctx, addr, masks):
 def ld_global_nc_v4_xor_f16_f32(typingctx, addr, masks):
     """As `ld_global_nc_v4_xor_bf16_f32`, for eight fp16 (`cvt.f32.f16`, 9.7.9.21)."""
     return _flipping_load(_f16_words, ".reg .b16 h<2>;\n")(typingctx, addr, masks)
+
+
+@intrinsic
+def ld_shared_v4_bf16_f32(typingctx, addr):
+    """`ld.shared.v4.b32` (9.7.9.8) of eight bf16 at a 16-byte aligned shared address, widened to
+    eight float32 as by `ld_global_nc_v4_bf16_f32`: rows that a bulk copy brought into shared
+    memory ahead of their use (the FP8 quantizer's ring)."""
+    return _widening_load(_bf16_words, space="shared")(typingctx, addr)
+
+
+@intrinsic
+def ld_shared_v4_f16_f32(typingctx, addr):
+    """As `ld_shared_v4_bf16_f32`, for eight fp16 (`cvt.f32.f16`, 9.7.9.21)."""
+    return _widening_load(_f16_words, ".reg .b16 h<2>;\n", space="shared")(typingctx, addr)
+
+
+@intrinsic
+def ld_shared_v4_xor_bf16_f32(typingctx, addr, masks):
+    """`ld_shared_v4_bf16_f32` with each word xor-ed with a mask first, as
+    `ld_global_nc_v4_xor_bf16_f32` (the quantizer's random signs)."""
+    return _flipping_load(_bf16_words, space="shared")(typingctx, addr, masks)
+
+
+@intrinsic
+def ld_shared_v4_xor_f16_f32(typingctx, addr, masks):
+    """As `ld_shared_v4_xor_bf16_f32`, for eight fp16."""
+    return _flipping_load(_f16_words, ".reg .b16 h<2>;\n", space="shared")(typingctx, addr, masks)
 
 
 @intrinsic

@@ -72,18 +72,22 @@ def _kernel(dtype, head_dim, role, block):
 @pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
 @pytest.mark.parametrize("dtype,head_dim,role,block", SPECIALIZATIONS + CLUSTERED)
 def test_compiles_clean(dtype, head_dim, role, block):
-    """No spill, stack or warning, and two CTAs fit an SM's registers; per thread (D / 2 values,
-    P = D / 16 pieces): P 16-byte loads (and P of sign masks, four xors each, with the
-    rotation); D / 2 log2(D) butterfly additions and subtractions, the fewest; D / 4 shuffles for
-    the exchange and 5 for the warp's amax; the codes in D / 4 conversions and P / 2 16-byte
-    stores, each twice (the direct and the two-step scale); the cluster barrier twice and one
-    store to a peer's shared memory where a block spans CTAs."""
+    """No spill, stack or warning, and two CTAs fit an SM's registers and shared memory; per
+    thread (D / 2 values, P = D / 16 pieces): P 16-byte loads from the ring (and P of sign masks
+    from global memory, four xors each, with the rotation); one bulk copy per row, in the
+    prologue and in the loop; D / 2 log2(D) butterfly additions and subtractions, the fewest;
+    D / 4 shuffles for the exchange and 5 for the warp's amax; the codes in D / 4 conversions and
+    P / 2 16-byte stores, each twice (the direct and the two-step scale); the cluster barrier
+    twice and one store to a peer's shared memory where a block spans CTAs."""
     kern = _kernel(dtype, head_dim, role, block)
     ptx = kern.compile_ptx()
     values = head_dim // 2
     pieces = values // qz.PIECE_ELEMENTS
     writes = kern.scaling != qz.Scaling.AMAX
-    assert ptx.count("ld.global.nc.v4.b32") == pieces * (2 if kern.rotate else 1)
+    assert kern.stages == qz.STAGES > 0
+    assert ptx.count("ld.shared.v4.b32") == pieces
+    assert ptx.count("ld.global.nc.v4.b32") == (pieces if kern.rotate else 0)
+    assert ptx.count("cp.async.bulk.shared::cluster.global") == qz.STAGES + 1
     assert ptx.count("xor.b32") == (4 * pieces if kern.rotate else 0)
     butterflies = ptx.count("add.f32") + ptx.count("sub.f32")
     assert butterflies == (values * int(math.log2(head_dim)) if kern.rotate else 0)
@@ -100,6 +104,7 @@ def test_compiles_clean(dtype, head_dim, role, block):
     _assert_clean(report, f"quantize {dtype} d{head_dim} {role} block {block}")
     allocated = -(-report["registers"] // 8) * 8  # registers are allocated 8 per thread at a time
     assert 2 * kern.threads * allocated <= 64 * 1024, f"{report['registers']} registers: one CTA per SM"
+    assert 2 * (kern.smem.bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM, f"{kern.smem.bytes} B: one CTA per SM"
 
 
 @pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
@@ -111,12 +116,17 @@ def test_varlen_compiles_clean(head_dim, role):
     kern = qz.QuantizeKernel("bf16", head_dim, rows, rotate, scaling, cluster, varlen=True)
     ptx = kern.compile_ptx()
     pieces = head_dim // 2 // qz.PIECE_ELEMENTS
-    assert ptx.count("ld.global.nc.v4.b32") == pieces * (2 if kern.rotate else 1)
+    assert ptx.count("ld.shared.v4.b32") == pieces
+    assert ptx.count("ld.global.nc.v4.b32") == (pieces if kern.rotate else 0)
     assert ptx.count("st.global.v4.b32") == (pieces if scaling != qz.Scaling.AMAX else 0)
     report = kc.ptxas_report(ptx)
     _assert_clean(report, f"quantize varlen d{head_dim} {role}")
     allocated = -(-report["registers"] // 8) * 8
     assert 2 * kern.threads * allocated <= 64 * 1024, f"{report['registers']} registers: one CTA per SM"
+
+
+#: An H100's shared memory per SM, and what the driver keeps of it per resident CTA.
+SMEM_PER_SM, SMEM_RESERVED_PER_CTA = 228 * 1024, 1024
 
 
 VARLEN_LENS = [300, 0, 1, 129, 77, 0]
