@@ -12,14 +12,21 @@ outputs: q8, k8, v8 of the inputs' shapes (contiguous); q_descale ``[B, H, ceil(
 k_descale ``[B, Hk, ceil(Sk / block_n)]``, v_descale ``[B, Hk]`` (``v_granularity="head"``) or
 per block of block_n rows like k's, float32 and contiguous: FA3's layouts, as the model's.
 
-The kernel (`QuantizeKernel`), one CTA per block or part of one:
+The kernel (`QuantizeKernel`), one CTA per block or part of one at a time:
 
-* Rows and lanes.  Two adjacent lanes take one row: lane ``l`` loads the row's 16-byte pieces
-  ``2j + l`` (eight 16-bit elements each), so every load instruction reads whole 32-byte sectors,
-  and holds ``D / 2`` float32 values, the whole block staying in registers between the read and
-  the write (the input is read once).  Two lanes per row rather than more: the butterflies whose
-  partners sit in other lanes are what costs shuffles, and with two lanes only one stage of the
-  ``log2(D)`` does, as a half exchange (below); one lane per row would read half sectors.
+* Streaming.  The grid is as many CTAs (clusters) as the GPU holds at once; each takes blocks
+  `clusters` apart in turn.  A block's rows arrive in shared memory by one bulk copy per row
+  (`cp.async.bulk`, counted on an mbarrier) into a ring of `STAGES` tiles, issued as soon as
+  the tile they replace has been read, so a CTA's next blocks are loading while it rotates,
+  reduces and stores this one (loading a block into registers and then working on it leaves DRAM
+  idle whenever both resident CTAs work).  Rows are padded by `ROW_PAD` bytes in the ring so
+  that the 16-byte reads below hit distinct banks.
+* Rows and lanes.  Two adjacent lanes take one row: lane ``l`` reads the row's 16-byte pieces
+  ``2j + l`` (eight 16-bit elements each) from the ring and holds ``D / 2`` float32 values, the
+  whole block staying in registers between the read and the write (the input is read once).
+  Two lanes per row rather than more: the butterflies whose partners sit in other lanes are
+  what costs shuffles, and with two lanes only one stage of the ``log2(D)`` does, as a half
+  exchange (below); the two lanes' 16-byte code stores still fill whole 32-byte sectors.
 * The rotation.  The signs are applied while loading (an xor of the 16-bit sign bits, from a
   table of masks in the pieces' order: `sign_masks`); the Walsh-Hadamard butterflies of every
   index bit held within a lane's registers run first (bits 0-2 inside a piece, then the piece
