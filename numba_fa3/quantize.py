@@ -16,7 +16,7 @@ The kernel (`QuantizeKernel`), one CTA per block or part of one at a time:
 
 * Streaming.  The grid is as many CTAs (clusters) as the GPU holds at once; each takes blocks
   `clusters` apart in turn.  A block's rows arrive in shared memory by one bulk copy per row
-  (`cp.async.bulk`, counted on an mbarrier) into a ring of `STAGES` tiles, issued as soon as
+  (`cp.async.bulk`, counted on an mbarrier) into a ring of `RING_STAGES` tiles, issued as soon as
   the tile they replace has been read, so a CTA's next blocks are loading while it rotates,
   reduces and stores this one (loading a block into registers and then working on it leaves DRAM
   idle whenever both resident CTAs work).  Rows are padded by `ROW_PAD` bytes in the ring so
@@ -115,12 +115,13 @@ MAX_CTA_VALUES = 16384
 MAX_CTA_THREADS = 256
 #: The most CTAs in a portable thread-block cluster.
 MAX_CLUSTER = 8
-#: Tiles of a CTA's shared-memory ring (`QuantizeKernel.stages`): with two CTAs per SM, each
-#: streams the next STAGES - 1 tiles while it computes one, so DRAM reads never wait for a CTA's
-#: butterflies and stores (a CTA that loads, computes and stores in turn leaves DRAM idle between
-#: its reads).  Three fit two CTAs' shared memory at every head dim; 0: rows loaded straight into
-#: registers, one tile per CTA (the design before the ring, kept for its A/B).
-STAGES = 3
+#: Tiles of a CTA's shared-memory ring (`QuantizeKernel.stages`) per head dim; 0: no ring, each
+#: CTA loads one block straight into registers.  Measured per launch against copy's rate (H100,
+#: bench/NOTES.md, "Quantizer"):
+#:   64:  2 -- as fast as no ring (0.81 rotated, 0.86 plain), and no slower at any stage count
+#:   128: 2 -- 0.87 / 0.90 of copy against 0.69 / 0.83 without; 3 stages (110 KB) read 0.79 / 0.88
+#:   256: 0 -- 232 registers leave 8 warps per SM, too few to hide the ring's shared reads (0.96-0.98x)
+RING_STAGES = {64: 2, 128: 2, 256: 0}
 #: Padding after each row of a ring tile: 32 bytes put the four rows that a quarter-warp's
 #: 16-byte loads touch on distinct banks (rows are a multiple of 128 bytes long).
 ROW_PAD = 32
@@ -317,7 +318,7 @@ class QuantizeKernel(launch.HopperKernel):
     PARAMS = QuantizeParams
 
     def __init__(self, dtype="bf16", head_dim=128, rows=128, rotate=True, scaling=Scaling.BLOCK, cluster=1,
-                 varlen=False, stages=STAGES):
+                 varlen=False, stages=None):
         if dtype not in ("bf16", "f16"):
             raise ValueError(f"dtype must be bf16 or f16, got {dtype}")
         self.dtype, self.head_dim = dtype, _head_dim(head_dim)
@@ -326,7 +327,7 @@ class QuantizeKernel(launch.HopperKernel):
         #: packed sequences (`quantize_fp8_varlen`): a "batch" entry is a sequence of cu_seqlens,
         #: its blocks counted from its first row
         self.varlen = bool(varlen)
-        self.stages = int(stages)
+        self.stages = RING_STAGES[self.head_dim] if stages is None else int(stages)
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {stages}")
         if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
@@ -655,7 +656,7 @@ class QuantizeKernel(launch.HopperKernel):
         @unrolled
         def quantize_streamed(p):
             """The CTA (cluster) takes tiles `clusters` apart; each tile's rows arrive by bulk
-            copies into the ring, STAGES - 1 tiles ahead of the one computed."""
+            copies into the ring, up to STAGES - 1 tiles ahead of the one computed."""
             if constexpr(CLUSTER > 1):
                 cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
             base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
@@ -702,9 +703,9 @@ class QuantizeKernel(launch.HopperKernel):
 
 
 def quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster=1, varlen=False, stages=None):
-    """The cached `QuantizeKernel`; stages None: `STAGES`."""
+    """The cached `QuantizeKernel`; stages None: `RING_STAGES`'s."""
     return _quantize_kernel(dtype, head_dim, rows, rotate, scaling, cluster, varlen,
-                            STAGES if stages is None else int(stages))
+                            RING_STAGES[_head_dim(head_dim)] if stages is None else int(stages))
 
 
 @functools.lru_cache(maxsize=None)
