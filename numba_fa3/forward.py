@@ -134,6 +134,7 @@ class FlashForward(launch.HopperKernel):
         self.chunks = -(-self.head_dim // self.chunk_cols)        # 128-byte column chunks of a row
         self.q_chunk = self.block_m * smem.SWIZZLE_BYTES
         self.kv_chunk = self.block_n * smem.SWIZZLE_BYTES
+        self.v_stage = self.chunks * self.kv_chunk                  # V's stage is K's shape
         self.out_dtype = self.dtype
         self.o_chunk_cols, self.o_chunks = self.chunk_cols, self.chunks
         self.o_bytes = self.chunks * self.q_chunk
@@ -217,7 +218,7 @@ class FlashForward(launch.HopperKernel):
         plan = smem.SharedLayout()
         plan.add("q", q_stages * q_bytes)
         plan.add("k", self.stages * self.chunks * self.kv_chunk)
-        plan.add("v", self.stages * self.chunks * self.kv_chunk)
+        plan.add("v", self.stages * self.v_stage)
         # K, V and Q rings, and per Q buffer the slot that passes the tile id (an 8-byte unit).
         plan.add("barriers", 2 * pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(q_stages)
                  + q_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)

@@ -69,9 +69,10 @@ class FlashForwardFP8(FlashForward):
             raise ValueError(f"out_dtype must be bf16 or f16, got {out_dtype}")
         self._out = out_dtype
         super().__init__("e4m3", head_dim, mask_kind, FULL_SCHEDULE, tiles=tiles, softcap=softcap, varlen=varlen)
-        if self.block_n % (smem.SWIZZLE_BYTES // FP8_BYTES):
-            # (V^T's stage holds D rows of block_n keys in 128-byte swizzle chunks)
-            raise ValueError(f"block_n {self.block_n}: the FP8 kernel's V^T rows are whole 128-byte chunks")
+        if self.block_n % mma.WGMMA_K["e4m3"] or self.block_n % fp8_layout.KEY_GROUP:
+            # (P V takes keys in k steps of 32, and V^T's key order is permuted within 32)
+            raise ValueError(f"block_n {self.block_n}: the FP8 kernel takes key blocks of whole "
+                             f"{mma.WGMMA_K['e4m3']}-key steps")
         if self.q_in_registers:
             raise ValueError("the FP8 kernel reads Q from shared memory")
 
@@ -85,6 +86,11 @@ class FlashForwardFP8(FlashForward):
         self.chunks = -(-D // self.chunk_cols)
         self.q_chunk = BM * smem.SWIZZLE_BYTES
         self.kv_chunk = BN * smem.SWIZZLE_BYTES
+        # V^T's stage: D rows of the key block in whole 128-key chunks (a block of 192 or 224 keys
+        # loads 256: TMA's 128-byte swizzle rows are whole, and P V's k steps stop at block_n)
+        # (and no less than K's stage, which it is at 128 keys but for D = 64: that layout is kept)
+        self.v_key_chunks = -(-BN // self.chunk_cols)
+        self.v_stage = max(self.v_key_chunks * D * smem.SWIZZLE_BYTES, self.chunks * self.kv_chunk)
         self.out_dtype = self._out
         self.o_chunk_cols, self.o_chunks = OUT_CHUNK_COLS, D // OUT_CHUNK_COLS
         self.o_bytes = BM * D * OUT_BYTES
@@ -156,13 +162,12 @@ class FlashForwardFP8(FlashForward):
 
     def v_loader(self):
         """A key block's V^T (D rows of block_n keys) by one TMA box per 128 keys: each box lands
-        as one K-major chunk of the P V GEMM's B operand."""
-        # (a V^T stage sits where the mainloop's PV GEMM reads it, one K stage's stride apart,
-        # and holds D rows of block_n keys, less than the stride where D rounds up)
-        STAGES, STAGE_STRIDE = self.stages, self.chunks * self.kv_chunk
-        STAGE_BYTES = self.head_dim * self.block_n * FP8_BYTES
+        as one K-major chunk of the P V GEMM's B operand (the last one past the block where
+        block_n is not a multiple of 128: those keys are never read)."""
+        STAGES, STAGE_STRIDE = self.stages, self.v_stage
+        STAGE_BYTES = self.v_key_chunks * self.head_dim * smem.SWIZZLE_BYTES
         MAP_V = self.MAP_V * TENSOR_MAP_BYTES
-        KEY_CHUNKS, CHUNK_KEYS = self.block_n // self.chunk_cols, self.chunk_cols
+        KEY_CHUNKS, CHUNK_KEYS = self.v_key_chunks, self.chunk_cols
         CHUNK_BYTES = self.head_dim * smem.SWIZZLE_BYTES
 
         VARLEN = self.varlen

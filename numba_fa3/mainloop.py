@@ -62,7 +62,7 @@ def _constants(fwd):
     """The compile-time values every part of the main loop reads (bound into each factory's
     locals: a Numba device function sees closure constants, not attributes)."""
     BM, BN, D, STAGES = fwd.block_m, fwd.block_n, fwd.head_dim, fwd.stages
-    KV_STAGE = fwd.chunks * fwd.kv_chunk
+    KV_STAGE, V_STAGE = fwd.chunks * fwd.kv_chunk, fwd.v_stage
     QK, PV = fwd.qk.issue, fwd.pv.issue
     S_ZERO, O_ZERO = zeros(BN // 2), zeros(D // 2)
     PACK = fwd.pack_p
@@ -183,6 +183,7 @@ def _parts(c):
 def _step(c, h, masked):
     """One step of the overlapped loop, with the mask or without (`masked`)."""
     BN, STAGES, KV_STAGE, QK, PV, S_ZERO, PACK = c.BN, c.STAGES, c.KV_STAGE, c.QK, c.PV, c.S_ZERO, c.PACK
+    V_STAGE = c.V_STAGE
     ONLINE_MAX, ONLINE_STEP, ONLINE_SUM = c.ONLINE_MAX, c.ONLINE_STEP, c.ONLINE_SUM
     SCORE_SCALE, VALUE_SCALE, TANH_SCALE = c.SCORE_SCALE, c.VALUE_SCALE, c.TANH_SCALE
     SOFTCAP, INTERLEAVE, UNIFORM, THRESHOLD, LAZY = c.SOFTCAP, c.INTERLEAVE, c.UNIFORM, c.THRESHOLD, c.LAZY
@@ -210,7 +211,7 @@ def _step(c, h, masked):
         if not INTERLEAVE:
             o = softmax.rescale(o, ls.softmax, LAZY)
         pipeline.consumer_wait(sh.v_bars, ls.v)
-        o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * KV_STAGE), 1)
+        o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * V_STAGE), 1)
         turn_pass(env.wg)
         s = wgmma.wait_group_tied(1, s)
         if env.tracer:
@@ -318,7 +319,7 @@ def make_mainloop(fwd):
     -> (O, softmax state, K/V ring position after the tile)."""
     c = _constants(fwd)
     h = _parts(c)
-    STAGES, KV_STAGE, PV, O_ZERO, PACK = c.STAGES, c.KV_STAGE, c.PV, c.O_ZERO, c.PACK
+    STAGES, V_STAGE, PV, O_ZERO, PACK = c.STAGES, c.V_STAGE, c.PV, c.O_ZERO, c.PACK
     ONLINE_STEP, SCORE_SCALE, VALUE_SCALE = c.ONLINE_STEP, c.SCORE_SCALE, c.VALUE_SCALE
     INTERLEAVE, LAZY, OVERLAP = c.INTERLEAVE, c.LAZY, c.OVERLAP
     mark = c.mark
@@ -347,7 +348,7 @@ def make_mainloop(fwd):
         if not INTERLEAVE:
             o = softmax.rescale(o, ls.softmax, LAZY)
         pipeline.consumer_wait(sh.v_bars, ls.v)
-        o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * KV_STAGE), 1)
+        o = PV(o, ls.pk, stage_addr(sh.v + ls.v.stage * V_STAGE), 1)
         o, pk = wgmma.wait_group_keep(0, o, ls.pk)
         release(sh.v_bars, ls.v, env.lane)
         if env.tracer:
@@ -376,7 +377,7 @@ def make_mainloop(fwd):
             o = scale_rows(o, st.a0, st.a1)
             pk = PACK(pr)
             pipeline.consumer_wait(sh.v_bars, kv)
-            o = PV(o, pk, special.uniform_u32(sh.v + kv.stage * KV_STAGE), 1)
+            o = PV(o, pk, special.uniform_u32(sh.v + kv.stage * V_STAGE), 1)
             o, pk = wgmma.wait_group_keep(0, o, pk)
             release(sh.v_bars, kv, env.lane)
             kv = pipeline.advance(kv, STAGES)

@@ -10,6 +10,7 @@ attention of the dequantized inputs, over odd shapes, GQA, causal with Sq != Sk,
 descale layout; outputs poisoned first; LSE; runs bitwise identical; `precision="fp8"` end to
 end within the model's error on outlier inputs.
 """
+import dataclasses
 import itertools
 
 import ml_dtypes
@@ -17,13 +18,13 @@ import numpy as np
 import pytest
 
 import numba_fa3
-from numba_fa3 import api_fp8, fp8_layout, fp8_model, reference
+from numba_fa3 import api_fp8, forward_fp8, fp8_layout, fp8_model, reference, tiles
 from numba_fa3.api_fp8 import fp8_blocks
 from numba_fa3.forward_fp8 import FlashForwardFP8
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
 from numba_fa3.primitives import compile as kc
 from numba_fa3.primitives.fragment import E4M3_FRAGMENT_SOURCES, E4M3_STEP_REGS
-from numba_fa3.tiles import FP8_HEAD_DIMS
+from numba_fa3.tiles import FP8_HEAD_DIMS, fp8_tiles_for
 from test_ptx_compile import _assert_clean
 
 gpu = pytest.mark.gpu
@@ -178,6 +179,49 @@ CASES = [  # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, desc
 @gpu
 @pytest.mark.parametrize("case", CASES)
 def test_fp8_forward_matches_model(case):
+    _check_against_model(case)
+
+
+#: Key blocks that are not whole 128-key chunks (FA3's FP8 tile at D = 128 is 128 x 224): V^T's
+#: last box runs past the block, and those keys must never reach O.
+KEY_BLOCKS = [192, 224]
+
+
+@pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
+@pytest.mark.parametrize("block_n", KEY_BLOCKS)
+@pytest.mark.parametrize("mask_kind,varlen", [(MASK_NONE, False), (MASK_CAUSAL, False), (MASK_NONE, True)])
+def test_fp8_key_blocks_past_a_chunk_compile_clean(block_n, mask_kind, varlen):
+    masked = mask_kind != MASK_NONE
+    kern = FlashForwardFP8(128, mask_kind, "bf16", tiles=dataclasses.replace(fp8_tiles_for(128, masked),
+                                                                              block_n=block_n), varlen=varlen)
+    ptx = kern.compile_ptx()
+    assert f"m64n{block_n}k32.f32.e4m3.e4m3" in ptx and "m64n128k32.f32.e4m3.e4m3" in ptx
+    assert kern.v_stage == 2 * 128 * 128   # two 128-key chunks of V^T's 128 rows
+    _assert_clean(kc.ptxas_report(ptx), f"fp8 forward d128 block_n {block_n} mask {mask_kind} varlen {varlen}")
+
+
+def test_fp8_key_blocks_are_whole_k_steps():
+    with pytest.raises(ValueError, match="whole 32-key steps"):
+        FlashForwardFP8(128, MASK_NONE, tiles=dataclasses.replace(fp8_tiles_for(128), block_n=176))
+
+
+@gpu
+@pytest.mark.parametrize("block_n", KEY_BLOCKS)
+@pytest.mark.parametrize("case", [(2, 300, 517, 4, 2, 128, False, "block"), (1, 517, 300, 2, 1, 128, True, "block"),
+                                  (1, 1000, 700, 2, 2, 128, True, "kv_head")])
+def test_fp8_key_blocks_past_a_chunk_match_model(block_n, case, monkeypatch):
+    """The tile table's key block changed (and the model's blocks with it, `fp8_blocks`)."""
+    key = (128, case[6])
+    monkeypatch.setitem(tiles.FP8_TILES, key, dataclasses.replace(tiles.FP8_TILES[key], block_n=block_n))
+    forward_fp8.forward_fp8_kernel.cache_clear()
+    try:
+        assert fp8_blocks(128, case[6])[1] == block_n
+        _check_against_model(case)
+    finally:
+        forward_fp8.forward_fp8_kernel.cache_clear()
+
+
+def _check_against_model(case):
     b, sq, sk, h, hk, d, causal, kind = case
     rng = np.random.default_rng(hash(case) % 2**32)
     # (without descales the codes are the values: keep the scores O(1), as a quantizer would)
