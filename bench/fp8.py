@@ -6,15 +6,17 @@ same process, same inputs, over FA3's Figure-5 grid (16k tokens per batch, hidde
                         [--host-rounds 10] [--no-headstart] [--cudnn-fp8 .fa3/cudnn_fp8.py] [--no-cudnn]
                         [--out F]
 
-Per point: random bf16 q, k, v [B, S, H, D], quantized once by `quantize_fp8` with the FP8
-kernel's blocks (`fp8_blocks`: Q per block_m rows, K per block_n rows, V per head, Q and K
-rotated), and these timed (a row's `impl`):
+Per point: random bf16 q, k, v [B, S, H, D], quantized once by `quantize_fp8` as
+`precision="fp8"` quantizes (`fp8_blocks`: Q per block_m rows, K per block_n rows, V as
+`api_fp8.V_GRANULARITY`, Q and K rotated), and these timed (a row's `impl`):
 - "ours_fp8": `flash_attn_fp8` on those codes and descales: the V transpose pass
   (`fp8_layout.transpose_v`) and the attention kernel, what a caller holding e4m3 inputs pays;
 - "transpose": `transpose_v` alone, into a buffer allocated outside the timed call;
 - "ours_fp8_kernel": the attention kernel alone, *not timed on its own*: ours_fp8's median minus
   transpose's, per timing method (a row's `derived` names the formula);
-- "quantize": `quantize_fp8` on the bf16 inputs;
+- "quantize": `quantize_fp8` on the bf16 inputs (three launches);
+- "copy": torch's copy of a buffer of q, k and v's bytes into another, the bandwidth the
+  quantizer is held against (its bytes read and written);
 - "e2e_fp8": `flash_attn(..., precision="fp8")`: quantize, transpose and kernel from bf16 inputs;
 - "ours_bf16": `flash_attn` on the bf16 inputs;
 - "cudnn_fp8": cuDNN's FP8 forward (`CudnnFP8`, the peer module given by --cudnn-fp8) on the same
@@ -23,8 +25,9 @@ rotated), and these timed (a row's `impl`):
   its speed, is that of any e4m3 input of this shape.  Where the peer cannot be loaded (no
   module, no cudnn frontend) or declines a shape, its rows are missing, the reason is printed
   and kept in the JSON's `missing`, and the rest still runs.
-Attention rows report TFLOPS (4 B H S^2 D, halved for causal); quantize and transpose report
-TB/s against the bytes they must move (`quantize.bytes_moved`, `fp8_layout.bytes_moved`).
+Attention rows report TFLOPS (4 B H S^2 D, halved for causal); quantize, transpose and copy
+report TB/s against the bytes they must move (`quantize.bytes_moved`, `fp8_layout.bytes_moved`,
+twice the buffer).
 
 Timing methods (a row's `timing`, `--timing`; see bench/timing.py):
 - "interleaved": `timing.interleaved_ms`, CUDA events around each launch, the launches of all
@@ -47,7 +50,8 @@ method, never across.
 
 Printed per point and method: TFLOPS or TB/s per function and the ratios ours_fp8 / cudnn_fp8,
 ours_fp8_kernel / cudnn_fp8 and e2e_fp8 / ours_bf16, each a throughput ratio (the inverse ratio
-of the times: above 1 when the first is faster).  The JSON (`--out`, by default
+of the times: above 1 when the first is faster); quantize's TB/s against copy's is the
+quantizer's share of the copy rate.  The JSON (`--out`, by default
 bench/results/fp8-<date>-<device>.json) holds `meta` (device, driver, date, commit, settings,
 notes), `rows` (one per function, point and method, as `bench attention`'s), `ratios` (one per
 point and method) and `missing`; it is rewritten after every point with `meta.complete` false,
@@ -64,12 +68,12 @@ import sys
 from . import common, timing
 
 #: The timed functions, in the order of the first interleaved round.
-TIMED = ("ours_fp8", "transpose", "quantize", "e2e_fp8", "ours_bf16", "cudnn_fp8")
+TIMED = ("ours_fp8", "transpose", "quantize", "copy", "e2e_fp8", "ours_bf16", "cudnn_fp8")
 PEER = "cudnn_fp8"
 #: The kernel-only figure: (name, minuend, subtrahend) of a difference of medians.
 KERNEL = ("ours_fp8_kernel", "ours_fp8", "transpose")
 #: Passes over memory: reported in TB/s against their bytes rather than in TFLOPS.
-MEMORY_PASSES = ("quantize", "transpose")
+MEMORY_PASSES = ("quantize", "transpose", "copy")
 #: (numerator, denominator) of each ratio printed and recorded per point.
 RATIOS = (("ours_fp8", PEER), (KERNEL[0], PEER), ("e2e_fp8", "ours_bf16"))
 #: Whose output is checked against SDPA's bf16 output (max |error|): the outputs that should be
@@ -260,15 +264,19 @@ def timed_functions(q, k, v, causal, peer):
     import torch
     import numba_fa3
     from numba_fa3 import fp8_layout
-    from numba_fa3.api_fp8 import flash_attn_fp8, fp8_blocks
+    from numba_fa3.api_fp8 import V_GRANULARITY, flash_attn_fp8, fp8_blocks
     from numba_fa3.quantize import quantize_fp8
     bm, bn = fp8_blocks(q.shape[-1], causal)
-    q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v, block_m=bm, block_n=bn)
+    vg = V_GRANULARITY
+    q8, k8, v8, qd, kd, vd = quantize_fp8(q, k, v, block_m=bm, block_n=bn, v_granularity=vg)
     vt = fp8_layout.transpose_v(v8)
     o8, oe, o16 = (torch.empty_like(q) for _ in range(3))
+    src = torch.empty(q.numel() + k.numel() + v.numel(), dtype=q.dtype, device=q.device)
+    dst = torch.empty_like(src)
     fns = {"ours_fp8": lambda: flash_attn_fp8(q8, k8, v8, qd, kd, vd, causal=causal, out=o8),
            "transpose": lambda: fp8_layout.transpose_v(v8, out=vt),
-           "quantize": lambda: quantize_fp8(q, k, v, block_m=bm, block_n=bn),
+           "quantize": lambda: quantize_fp8(q, k, v, block_m=bm, block_n=bn, v_granularity=vg),
+           "copy": lambda: dst.copy_(src),
            "e2e_fp8": lambda: numba_fa3.flash_attn(q, k, v, causal=causal, precision="fp8", out=oe),
            "ours_bf16": lambda: numba_fa3.flash_attn(q, k, v, causal=causal, out=o16)}
     note = None
@@ -349,7 +357,7 @@ def run(argv=None):
     if not points:
         p.error("no head dim of --hdims is supported by the FP8 forward")
     from numba_fa3 import fp8_layout, quantize
-    from numba_fa3.api_fp8 import fp8_blocks
+    from numba_fa3.api_fp8 import V_GRANULARITY, fp8_blocks
 
     peer, peer_note = (None, "--no-cudnn") if args.no_cudnn else load_peer(args.cudnn_fp8)
     if peer_note:
@@ -371,8 +379,9 @@ def run(argv=None):
             print(f"d={d} causal={causal} s={s}: {PEER} skipped: {note}", flush=True)
             missing.append(dict(hdim=d, causal=causal, seqlen=s, impl=PEER, reason=note))
         errors = {n: (o.float() - ref.float()).abs().max().item() for n, o in outputs.items()}
-        nbytes = {"quantize": quantize.bytes_moved(q.shape, k.shape, *blocks),
-                  "transpose": fp8_layout.bytes_moved(tuple(v.shape))}
+        nbytes = {"quantize": quantize.bytes_moved(q.shape, k.shape, *blocks, v_granularity=V_GRANULARITY),
+                  "transpose": fp8_layout.bytes_moved(tuple(v.shape)),
+                  "copy": 2 * (q.numel() + k.numel() + v.numel()) * q.element_size()}
         timed, per_round = time_point(fns, args.timing, args.rounds, args.launches, args.host_rounds,
                                       use_headstart=not args.no_headstart)
         for method, ms in timed.items():
