@@ -118,7 +118,7 @@ MAX_CLUSTER = 8
 #: Tiles of a CTA's shared-memory ring (`QuantizeKernel.stages`) per head dim; 0: no ring, each
 #: CTA loads one block straight into registers.  Measured per launch against copy's rate (H100,
 #: bench/NOTES.md, "Quantizer"):
-#:   64:  2 -- as fast as no ring (0.81 rotated, 0.86 plain), and no slower at any stage count
+#:   64:  2 -- as fast as no ring (0.81 rotated / 0.86 plain against 0.81 / 0.87); 3 read 0.77 / 0.83
 #:   128: 2 -- 0.87 / 0.90 of copy against 0.69 / 0.83 without; 3 stages (110 KB) read 0.79 / 0.88
 #:   256: 0 -- 232 registers leave 8 warps per SM, too few to hide the ring's shared reads (0.96-0.98x)
 RING_STAGES = {64: 2, 128: 2, 256: 0}
