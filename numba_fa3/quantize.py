@@ -75,7 +75,6 @@ Timing (bytes moved / time, with torch events)::
 import enum
 import functools
 import math
-import operator
 
 import numpy as np
 from numba import cuda, types
@@ -150,9 +149,11 @@ class Scaling(enum.Enum):
 # --- the plan ---------------------------------------------------------------------------------
 
 def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    """value as an int >= 1: TypeError for a non-integer (`tensors.integer`), ValueError below 1."""
+    value = tensors.integer(value, name)
+    if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return value
 
 
 def _head_dim(head_dim):
@@ -725,11 +726,9 @@ def _v_granularity(value):
 
 
 def _seed(seed):
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}") from None
-    if isinstance(seed, bool) or value < 0:
+    """seed as an int >= 0: TypeError for a non-integer (`tensors.integer`), ValueError below 0."""
+    value = tensors.integer(seed, "seed")
+    if value < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return value
 

@@ -176,9 +176,12 @@ def test_block_plans():
                 continue
             assert qz.block_plan(block, head_dim) == (fits[0], block // fits[0])  # the fewest CTAs
         assert qz.block_plan(qz.tile_rows(head_dim), head_dim) == (1, qz.tile_rows(head_dim))
-    for bad in (0, -16, 8, 24, 100, 127, True, 128.0, 8 * 64 + 16):
+    for bad in (0, -16, 8, 24, 100, 127, 8 * 64 + 16):
         with pytest.raises(ValueError):
             qz.block_plan(bad, 256)
+    for not_int in (True, 128.0, "128"):
+        with pytest.raises(TypeError):
+            qz.block_plan(not_int, 256)
     for bad_dim in (32, 96, 192, 512):
         with pytest.raises(ValueError):
             qz.block_plan(128, bad_dim)
@@ -436,7 +439,8 @@ def _np(shape, dtype=BF16):
     (dict(k=_np((1, 8, 2, 128)), v=_np((1, 8, 2, 128))), ValueError),                     # head dims
     (dict(q=_np((1, 0, 2, 64))), ValueError),                                             # empty
     (dict(block_m=100), ValueError), (dict(block_n=0), ValueError), (dict(block_m=8), ValueError),
-    (dict(v_granularity="tensor"), ValueError), (dict(seed=-1), ValueError), (dict(seed=1.5), ValueError),
+    (dict(v_granularity="tensor"), ValueError), (dict(seed=-1), ValueError), (dict(seed=1.5), TypeError),
+    (dict(seed=True), TypeError), (dict(block_m=128.0), TypeError),
     (dict(), TypeError),                                                                  # NumPy inputs
 ])
 def test_bad_inputs_raise(change, error):
