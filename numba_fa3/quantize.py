@@ -629,26 +629,46 @@ class QuantizeKernel(launch.HopperKernel):
         def sign_masks_of(p, j, lane):
             return memory.ld_global_nc_v4_b32(p.signs_ptr + (j * LANES_PER_ROW + lane) * PIECE_BYTES)
 
+        def piece_reader(read):
+            """pieces(p, src, lane): the thread's PIECES 16-byte pieces from src on, LOAD_STEP
+            apart, by `read` (from global or shared memory), with the rotation's signs."""
+            READ = read
+
+            @cuda.jit(device=True, forceinline=True)
+            @unrolled
+            def pieces(p, src, lane):
+                x = ()
+                for j in static_range(PIECES):
+                    if constexpr(ROTATE):
+                        x = x + (READ(src + j * LOAD_STEP, sign_masks_of(p, j, lane)),)
+                    else:
+                        x = x + (READ(src + j * LOAD_STEP),)
+                return x
+            return pieces
+
+        global_pieces, ring_pieces = piece_reader(load), piece_reader(load_shared)
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def cta_start():
+            """(shared base, thread, lane, odd lane, this CTA's cluster, its rank in it); the
+            cluster's first arrive (waited for before a peer's shared memory is written)."""
+            if constexpr(CLUSTER > 1):
+                cluster.barrier_arrive()
+            base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
+            tid = np.int32(cuda.threadIdx.x)
+            lane = tid & np.int32(LANES_PER_ROW - 1)
+            cid, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            return base, tid, lane, lane != 0, cid, rank
+
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def quantize_direct(p):
             """One tile per CTA (cluster), its rows loaded straight into registers."""
-            if constexpr(CLUSTER > 1):
-                cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
-            base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
-            tid = np.int32(cuda.threadIdx.x)
-            lane = tid & np.int32(LANES_PER_ROW - 1)
-            odd = lane != 0
-            group, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            base, tid, lane, odd, group, rank = cta_start()
             b, h, tile = locate(p, group)
             _, _, row = placement(p, b, np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW))
-            src = source(p, b, h, row) + lane * PIECE_BYTES
-            x = ()
-            for j in static_range(PIECES):
-                if constexpr(ROTATE):
-                    x = x + (load(src + j * LOAD_STEP, sign_masks_of(p, j, lane)),)
-                else:
-                    x = x + (load(src + j * LOAD_STEP),)
+            x = global_pieces(p, source(p, b, h, row) + lane * PIECE_BYTES, lane)
             if constexpr(CLUSTER > 1):
                 cluster.barrier_wait()  # every CTA of the cluster has started
             quantize_tile(p, base, x, np.int32(group), np.int32(0), rank, tid, lane, odd, np.int32(0), p.groups)
@@ -658,13 +678,7 @@ class QuantizeKernel(launch.HopperKernel):
         def quantize_streamed(p):
             """The CTA (cluster) takes tiles `clusters` apart; each tile's rows arrive by bulk
             copies into the ring, up to STAGES - 1 tiles ahead of the one computed."""
-            if constexpr(CLUSTER > 1):
-                cluster.barrier_arrive()  # (waited for before a peer's shared memory is written)
-            base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
-            tid = np.int32(cuda.threadIdx.x)
-            lane = tid & np.int32(LANES_PER_ROW - 1)
-            odd = lane != 0
-            cid, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
+            base, tid, lane, odd, cid, rank = cta_start()
             clusters = np.int32(np.uint32(cuda.gridDim.x) // np.uint32(CLUSTER))
             if tid < STAGES:
                 mbarrier.init(base + OFF_FULL + tid * np.int32(MBARRIER_BYTES), 1)
@@ -684,13 +698,7 @@ class QuantizeKernel(launch.HopperKernel):
             slot = np.int32(0)
             while group < p.groups:
                 mbarrier.wait_parity(base + OFF_FULL + stage * np.int32(MBARRIER_BYTES), phase)
-                src = mine + stage * np.int32(TILE_BYTES)
-                x = ()
-                for j in static_range(PIECES):
-                    if constexpr(ROTATE):
-                        x = x + (load_shared(src + j * LOAD_STEP, sign_masks_of(p, j, lane)),)
-                    else:
-                        x = x + (load_shared(src + j * LOAD_STEP),)
+                x = ring_pieces(p, mine + stage * np.int32(TILE_BYTES), lane)
                 quantize_tile(p, base, x, group, slot, rank, tid, lane, odd, stage,
                               np.int32(group + STAGES * clusters))
                 group = np.int32(group + clusters)
