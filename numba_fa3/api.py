@@ -287,8 +287,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def _as_batch_of_one(info):
     """A packed 3-D TensorInfo ([T, H, D], or the FP8 kernel's V^T [Hk, D, keys]) seen as a batch
-    of one for the kernels' 4-D tensor maps; the batch stride spans the array (TMA takes no zero
-    stride, even of a dimension of one)."""
+    of one for the kernels' 4-D tensor maps, its batch stride the array's span (the stride of a
+    dimension of one is never used; `tma_desc.unit_dim_strides` makes any such stride legal)."""
     t, h, d = info.shape
     return tensors.TensorInfo(info.ptr, (1, t, h, d), (t * info.strides[0],) + tuple(info.strides),
                               info.dtype, info.kind, info.obj, info.owner)
