@@ -77,6 +77,9 @@ class FlashBackward(launch.HopperKernel):
         # deterministic with a mask: dQ's adds per query block in descending key-block order, and
         # tiles claimed last key block first (docs/decisions.md, "The backward")
         self.descending = self.deterministic and self.masked
+        # deterministic without a mask: each key block's walk over the query blocks rotated, so
+        # that the blocks do not wait in a wavefront (`tile_scheduler.rotation`)
+        self.rotated = self.deterministic and not self.masked
         self.block_m, self.block_n, self.stages, self.consumers = t.block_m, t.block_n, t.stages, t.consumers
         self.columns = t.split == SPLIT_COLUMNS
         # one K/V buffer: a second (the next tile's K and V loading under this tile) measured

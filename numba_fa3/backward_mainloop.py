@@ -36,13 +36,13 @@ from numba_fa3.primitives.fragment import (column_loader, exp2_cols, pack_bf16, 
                                            mul_tanh_slope, sub_cols_mul, tanh_rows, zeros)
 from numba_fa3.primitives.mma import ELEMENT_BYTES as MMA_ELEMENT_BYTES, WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
-from numba_fa3.primitives.unroll import static_range, unrolled
+from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
 from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, tma, wgmma
 from . import mask
 from .backward_producer import STAT_BYTES
 from .producer import receive_tile
-from .tile_scheduler import key_block_coords
+from .tile_scheduler import key_block_coords, rotated_rank, rotation
 
 #: What every step of a tile reads: the tile's key block, batch entry and sequence placement, its
 #: warpgroup, and the warpgroup's first query column of S^T (0 unless split by columns).  The
@@ -99,7 +99,7 @@ def _consumer(bwd, kv_cols, dq_cols):
     BM, BN, D, STAGES = bwd.block_m, bwd.block_n, bwd.head_dim, bwd.stages
     CONSUMERS, COLUMNS = bwd.consumers, bwd.columns
     QD_BYTES, DS_BYTES, STATS_STAGE = bwd.qd_bytes, bwd.ds_bytes, bwd.stats_stage_bytes
-    KV_STAGES, KV_BYTES, DESCENDING = bwd.kv_stages, bwd.kv_bytes, bwd.descending
+    KV_STAGES, KV_BYTES, DESCENDING, ROTATED = bwd.kv_stages, bwd.kv_bytes, bwd.descending, bwd.rotated
     ROW_BYTES = BM * STAT_BYTES
     # a warpgroup's first key in the block (split by columns every warpgroup has all 64)
     WG_KEYS = 0 if COLUMNS else WGMMA_M
@@ -153,15 +153,22 @@ def _consumer(bwd, kv_cols, dq_cols):
         return mask.apply(s, m, BM, epilogue.rebuilt(fragment_col(utid)) + env.q0, limits)
 
     @cuda.jit(device=True, forceinline=True)
+    @unrolled
     def ordered(p, env, h, m, first):
         """Deterministic mode: wait until the key blocks before this one (of those that see
-        query block m) have added their dQ, so every dQ element sums in key-block order:
-        ascending, or with a mask descending (the block on the diagonal, whose first query block
-        m is, goes first, so no block waits at its start)."""
+        query block m) have added their dQ, so every dQ element sums in one order of key blocks:
+        without a mask the order in which the rotated walks reach m (`tile_scheduler.rotation`);
+        with a mask descending (the block on the diagonal, whose first query block m is, goes
+        first, so no block waits at its start)."""
         sem = p.sem_ptr + ((env.b * p.heads + h) * p.m_blocks + m) * 4
         if first:
-            n_min, n_max = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
-            rank = np.int32(n_max - 1 - env.nb) if DESCENDING else np.int32(env.nb - n_min)
+            if constexpr(ROTATED):
+                start, base, size = rotation(env.nb, np.int32((env.sk + (BN - 1)) // BN),
+                                             np.int32((env.sq + (BM - 1)) // BM), STAGES)
+                rank = rotated_rank(m, start, base, size)
+            else:
+                n_min, n_max = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
+                rank = np.int32(n_max - 1 - env.nb) if DESCENDING else np.int32(env.nb - n_min)
             spins = np.int32(0)
             while atomic.ld_acquire_s32(sem) != rank and spins < SPIN_LIMIT:
                 spins = np.int32(spins + 1)
@@ -322,6 +329,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         store_rows(PACK(dv), epilogue.rebuilt(head), p.dv_row_stride, key, sk, quad)
 
     @cuda.jit(device=True, forceinline=True)
+    @unrolled
     def consume(p, sh, wg, tid):
         utid = np.uint32(tid)
         if DQ_BULK and tid == 0:
@@ -349,14 +357,29 @@ def _consumer(bwd, kv_cols, dq_cols):
             h = np.int32(hk * p.head_ratio)
             h_end = np.int32(h + p.head_ratio)
             while h < h_end:
-                m = m_min
                 ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
-                while m < m_max:
-                    dk, dv = run_step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env, k_tile,
-                                      kw, vw, utid, tid)
-                    qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
-                    j = np.int32(j + 1)
-                    m = np.int32(m + 1)
+                if constexpr(ROTATED):
+                    # (the producer's order: from the rotation's start around)
+                    first, _, _ = rotation(nb, np.int32((sk + (BN - 1)) // BN), np.int32(m_max - m_min), STAGES)
+                    m = np.int32(m_min + first)
+                    i = m_min
+                    while i < m_max:
+                        dk, dv = run_step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env,
+                                          k_tile, kw, vw, utid, tid)
+                        qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
+                        j = np.int32(j + 1)
+                        m = np.int32(m + 1)
+                        if m == m_max:
+                            m = m_min
+                        i = np.int32(i + 1)
+                else:
+                    m = m_min
+                    while m < m_max:
+                        dk, dv = run_step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env,
+                                          k_tile, kw, vw, utid, tid)
+                        qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
+                        j = np.int32(j + 1)
+                        m = np.int32(m + 1)
                 h = np.int32(h + 1)
             # K and V (and the tile slot) are free: every consumer thread arrives after its reads
             mbarrier.arrive(pipeline.empty_barrier(kv_bars, KV_STAGES, kv.stage))

@@ -6,7 +6,8 @@ preprocess's padded float32 rows), all counted on the stage's one full barrier.
 Order per tile: K and V (into a free buffer of the K/V ring: with two, while the consumers still
 run the tile before), then for each query
 head of the key head's group, the query blocks [m_min, m_max) that see the key block
-(`mask.query_block_range`), first to last.  The tile id reaches the consumers through a shared
+(`mask.query_block_range`), first to last, or (`FlashBackward.rotated`) from the block's
+`tile_scheduler.rotation` start around to the one before it.  The tile id reaches the consumers through a shared
 slot written before K/V's full barrier completes; an id past the last tile tells them to stop.
 """
 import numpy as np
@@ -15,11 +16,11 @@ from numba import cuda
 from numba_fa3.primitives import pipeline, scheduler
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
 from numba_fa3.primitives.tma_load import chunk_loader
-from numba_fa3.primitives.unroll import static_range, unrolled
+from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.ptx_inline import atomic, mbarrier, special, tma
 from . import mask
 from .producer import send_tile
-from .tile_scheduler import key_block_coords
+from .tile_scheduler import key_block_coords, rotation
 
 #: Bytes of one LSE or D entry (float32).
 STAT_BYTES = 4
@@ -28,7 +29,7 @@ STAT_BYTES = 4
 def make_backward_producer(bwd):
     """load(p, sh, lane) for a FlashBackward `bwd`."""
     BM, BN, STAGES, CHUNKS, CHUNK_COLS = bwd.block_m, bwd.block_n, bwd.stages, bwd.chunks, bwd.chunk_cols
-    KV_STAGES, DESCENDING = bwd.kv_stages, bwd.descending
+    KV_STAGES, DESCENDING, ROTATED = bwd.kv_stages, bwd.descending, bwd.rotated
     KV_BYTES, QD_BYTES = bwd.kv_bytes, bwd.qd_bytes
     ROW_BYTES = BM * STAT_BYTES
     STAGE_TX = 2 * QD_BYTES + 2 * ROW_BYTES
@@ -108,14 +109,27 @@ def make_backward_producer(bwd):
             h = np.int32(hk * p.head_ratio)
             h_end = np.int32(h + p.head_ratio)
             while h < h_end:
-                m = m_min
                 # (the head's workspace offset once: the 64-bit row arithmetic per block did not
                 # fit the producer's registers)
                 stats_off = ws_row(p, b, h, np.int32(0), q_off) * STAT_BYTES
-                while m < m_max:
-                    load_block(p, sh, qs, h, m, stats_off, q_off, bc)
-                    qs = pipeline.advance(qs, STAGES)
-                    m = np.int32(m + 1)
+                if constexpr(ROTATED):
+                    first, _, _ = rotation(nb, np.int32((special.recompute_here(sk) + (BN - 1)) // BN),
+                                           np.int32(m_max - m_min), STAGES)
+                    m = np.int32(m_min + first)
+                    i = m_min
+                    while i < m_max:
+                        load_block(p, sh, qs, h, m, stats_off, q_off, bc)
+                        qs = pipeline.advance(qs, STAGES)
+                        m = np.int32(m + 1)
+                        if m == m_max:
+                            m = m_min
+                        i = np.int32(i + 1)
+                else:
+                    m = m_min
+                    while m < m_max:
+                        load_block(p, sh, qs, h, m, stats_off, q_off, bc)
+                        qs = pipeline.advance(qs, STAGES)
+                        m = np.int32(m + 1)
                 h = np.int32(h + 1)
             tile = claim(p, lane)
     return load

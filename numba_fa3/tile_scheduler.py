@@ -12,6 +12,18 @@ Order.  Without a mask, blocks vary fastest, so the CTAs running at one time sha
 third of L2 together (`l2_section`), longest tiles first across each section; short sequences
 (fewer than SECTION_MIN_BLOCKS blocks) go pair by pair, ending on `causal_tail` pairs ordered
 longest first together.  docs/decisions.md has the measurements behind each number.
+
+Rotation (the deterministic backward without a mask, `rotation`).  dQ's adds into a query block
+go in a fixed order of key blocks; were every key block to start at query block 0, key block n
+would wait n steps for those before it, a wavefront of the head's key blocks.  Instead key block n
+of a group of G starts at query block n mod G and wraps around, and a query block's adds are
+ordered by when the blocks reach it: running side by side, the blocks then wait at most a step.
+The group is claimed in order before the next, and no wait can close a cycle: G is at most the
+grid (else the group's running blocks could all wait for one that no CTA is free to claim), and
+at most the number of query blocks less the producer's lookahead (the ring's stages): a CTA's
+producer claims its next tile when the consumers are within `lookahead` steps of the end, and
+in those steps a block waits only for the group's blocks that start in the `lookahead` query
+blocks before its own start, which, with that cap, were claimed before it.
 """
 from types import SimpleNamespace
 
@@ -19,7 +31,7 @@ import numpy as np
 from numba import cuda
 
 from numba_fa3.primitives.intmath import udivmod32
-from numba_fa3.ptx_inline import memory
+from numba_fa3.ptx_inline import memory, special
 
 #: K and V bytes one causal section of (batch, head) pairs may hold: a third of the H100's 50 MB
 #: L2, because the CTAs running at one time touch the whole section's K and V.
@@ -92,6 +104,29 @@ def key_block_coords(p, tile, descending):
     if descending:
         nb = np.int32(p.n_blocks - 1 - nb)
     return nb, hk, b
+
+
+@cuda.jit(device=True, forceinline=True)
+def rotation(n_block, n_blocks, m_count, lookahead):
+    """(first, base, size) of key block n_block of a sequence's n_blocks key blocks, each seeing
+    all m_count query blocks (module doc, "Rotation"; `lookahead` the producer's stages): its walk
+    starts at query block `first` (counted from the range's start) and wraps around; its group's
+    first block is `base`, and the group has `size` blocks."""
+    g = max(min(min(n_blocks, np.int32(m_count - np.int32(lookahead))), np.int32(special.nctaid_x_here())),
+            np.int32(1))
+    group, first = udivmod32(n_block, g)
+    base = np.int32(group * g)
+    return np.int32(first), base, np.int32(min(g, n_blocks - base))
+
+
+@cuda.jit(device=True, forceinline=True)
+def rotated_rank(m, first, base, size):
+    """The position of a key block (`rotation`'s first, base, size) in query block m's order of
+    adds: every block of the groups before, then the group's blocks that reach m before it (those
+    that started later in the rotation reach m sooner)."""
+    if first <= m:
+        return np.int32(base + min(m, size - 1) - first)
+    return np.int32(base + m + size - first)
 
 
 def causal_order(blocks, pairs, ctas, seqlen_k, head_dim, head_ratio):
