@@ -326,6 +326,29 @@ def test_deterministic_is_bitwise_reproducible(h, hk, d, dtype, mask):
     p.check(p.backward(deterministic=False))
 
 
+#: Shapes without a mask for the deterministic mode's rotated walks (`tile_scheduler.rotation`):
+#: the edge cases' and groups of key blocks smaller than the key blocks (Sk above Sq), a query
+#: block count within the producer's lookahead (G = 1: ascending order), and many key blocks.
+ROTATED_CASES = [c for c in EDGE_CASES if c[-2] == "none"] + [
+    ("dense", 1, 1100, 700, 2, 1, 128, "bf16", "none", 0.0),
+    ("dense", 1, 130, 2000, 2, 2, 64, "f16", "none", 0.0),
+    ("dense", 1, 64, 1000, 4, 2, 128, "bf16", "none", 5.0),
+    ("varlen", [700, 0, 1, 300], [900, 5, 1, 1300], 4, 2, 128, "bf16", "none", 0.0),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", ROTATED_CASES, ids=_case_id)
+def test_deterministic_without_a_mask_matches_reference(case):
+    """deterministic=True without a mask (rotated walks, each query block's adds in the walks'
+    order): the tolerance rule, and the same bits twice."""
+    p = _run_case(case, np.random.default_rng(5))
+    first = p.backward(deterministic=True)
+    p.check(first)
+    for name, a, b in zip(("dq", "dk", "dv"), first, p.backward(deterministic=True)):
+        assert _same_bits(a, b), f"{name} differs between two deterministic runs"
+
+
 # --- outputs and array kinds -----------------------------------------------------------------------
 
 @gpu
