@@ -19,27 +19,25 @@ The kernel (`QuantizeKernel`), one CTA per block or part of one at a time:
   (`cp.async.bulk`, counted on an mbarrier) into a ring of `RING_STAGES` tiles, issued as soon as
   the tile they replace has been read, so a CTA's next blocks are loading while it rotates,
   reduces and stores this one (loading a block into registers and then working on it leaves DRAM
-  idle whenever both resident CTAs work).  Rows are padded by `ring_row_pad` bytes in the ring so
+  idle whenever both resident CTAs work).  Rows are padded by `ROW_PAD` bytes in the ring so
   that the 16-byte reads below hit distinct banks.
-* Rows and lanes.  ``L = LANES_PER_ROW[D]`` adjacent lanes take one row: lane ``l`` reads the
-  row's 16-byte pieces ``L j + l`` (eight 16-bit elements each) from the ring and holds ``D / L``
-  float32 values, the whole block staying in registers between the read and the write (the
-  input is read once).  The butterflies whose partners sit in other lanes are what costs
-  shuffles: each of the ``log2(L)`` lane bits is one stage of the ``log2(D)``, a half exchange
-  (below).  So two lanes where 64 values a thread allow two CTAs per SM, four at D = 256, where
-  two lanes' 128 values a thread left 8 warps per SM, too few to hide the ring's latency.
+* Rows and lanes.  Two adjacent lanes take one row: lane ``l`` reads the row's 16-byte pieces
+  ``2j + l`` (eight 16-bit elements each) from the ring and holds ``D / 2`` float32 values, the
+  whole block staying in registers between the read and the write (the input is read once).
+  Two lanes per row rather than more: the butterflies whose partners sit in other lanes are
+  what costs shuffles, and with two lanes only one stage of the ``log2(D)`` does, as a half
+  exchange (below); the two lanes' 16-byte code stores still fill whole 32-byte sectors.
 * The rotation.  The signs are applied while loading (an xor of the 16-bit sign bits, from a
   table of masks in the pieces' order: `sign_masks`); the Walsh-Hadamard butterflies of every
   index bit held within a lane's registers run first (bits 0-2 inside a piece, then the piece
-  bits above the lane bits: `stage_order`); the lane bits (3, and 4 with four lanes) run last,
-  each as a *half exchange* with the lane that differs in that bit: of each two groups of pieces
-  a lane keeps one and sends the other (a shuffle for half its values), so that each lane
-  computes both outputs of the butterflies of the pieces it kept.  Afterwards a lane holds ``8 L``
-  consecutive elements per chunk of ``L`` pieces: its e4m3 codes are ``L / 2`` 16-byte stores,
-  and the lanes of a row write whole 32-byte sectors.  The butterfly order differs from
-  `fp8_model.fwht`'s (bits in increasing order); `kernel_fwht` is the kernel's in NumPy.
-  ``1 / sqrt(D)`` is folded into the scale.  V (and Q and K without the rotation) make the same
-  exchanges without the butterfly, for the same 16-byte stores.
+  bits from 4 up: `stage_order`); bit 3, the one telling the two lanes apart, runs last as a
+  *half exchange*: of each two pieces a lane keeps one and sends the other (a shuffle for half
+  its values), so that each lane computes both outputs of the butterflies of the pieces it kept.
+  Afterwards a lane holds 16 consecutive elements per kept piece pair: its e4m3 codes are one
+  16-byte store, and the two lanes of a row write a whole 32-byte sector per instruction.  The
+  butterfly order differs from `fp8_model.fwht`'s (bits in increasing order); `kernel_fwht` is
+  the kernel's in NumPy.  ``1 / sqrt(D)`` is folded into the scale.  V (and Q and K without the
+  rotation) make the same exchange without the butterfly, for the same 16-byte stores.
 * The block's amax: each thread's largest magnitude, a warp's by shuffles, the CTA's through
   shared memory (one barrier); a block of more rows than a CTA takes (`max_cta_rows`: at most
   `MAX_CTA_VALUES` values and `MAX_CTA_THREADS` threads, so that two or more CTAs fit an SM's
@@ -88,7 +86,7 @@ from numba_fa3.ptx_inline import cluster, convert, mbarrier, memory, special, tm
 from . import fp8_model
 
 __all__ = ["HEAD_DIMS", "Scaling", "QuantizeKernel", "quantize_kernel", "quantize_fp8", "block_plan",
-           "max_cta_rows", "tile_rows", "lanes_per_row", "row_quantum", "lane_bits", "stage_order", "kernel_fwht", "rotation_scale", "sign_masks",
+           "max_cta_rows", "tile_rows", "stage_order", "kernel_fwht", "rotation_scale", "sign_masks",
            "quantize_like_kernel", "quantize_fp8_like_kernel", "bytes_moved", "quantize_like_kernel_varlen",
            "quantize_fp8_varlen"]
 
@@ -99,16 +97,15 @@ HEAD_DIMS = (64, 128, 256)
 PIECE_BYTES, ELEMENT_BYTES, CODE_BYTES, F32_BYTES, WORD_BYTES = 16, 2, 1, 4, 4
 #: 16-bit elements per 16-byte piece.
 PIECE_ELEMENTS = PIECE_BYTES // ELEMENT_BYTES
-#: Lanes per row (see the module docstring), per head dim: the fewest that keep a thread at 64
-#: values or fewer, so that two CTAs of 256 threads fit an SM's registers.
-#:   64:  2 -- 32 values a thread, the layout measured (one lane, no exchange, is untried)
-#:   128: 2 -- 64 values a thread, one exchange stage
-#:   256: 4 -- 64 values a thread (two lanes: 128 values, 232 registers, 8 warps per SM)
-LANES_PER_ROW = {64: 2, 128: 2, 256: 4}
-#: The lowest element-index bit that tells a row's lanes apart when loading (a piece is 2^3
-#: elements); the lane bits are this one and the log2(lanes) - 1 above it.
+#: Lanes per row (see the module docstring), and the element-index bit that tells them apart
+#: when loading (a piece is 2^3 elements).
+LANES_PER_ROW = 2
 LANE_BIT = PIECE_ELEMENTS.bit_length() - 1
+#: Codes per lane and 16-byte store after the exchange: a kept piece and its partner.
+CHUNK = LANES_PER_ROW * PIECE_ELEMENTS
 WARP = warpgroup.WARP_THREADS
+#: Rows of one warp; a CTA holds a whole number of them.
+ROW_QUANTUM = WARP // LANES_PER_ROW
 #: The most float32 values and threads of one CTA: a thread takes up to about twice as many
 #: registers as it holds values (the exchange's received values, addresses, indices), so 64 KB
 #: of values and 256 threads keep every specialization at two or more CTAs per SM, one loading
@@ -124,10 +121,9 @@ MAX_CLUSTER = 8
 #:   128: 2 -- 0.87 / 0.90 of copy against 0.69 / 0.83 without; 3 stages (110 KB) read 0.79 / 0.88
 #:   256: 0 -- 232 registers leave 8 warps per SM, too few to hide the ring's shared reads (0.96-0.98x)
 RING_STAGES = {64: 2, 128: 2, 256: 0}
-#: Padding after each row of a ring tile, per lane of a row (`ring_row_pad`): a quarter-warp's
-#: eight 16-byte loads touch 8 / L rows, L pieces each; rows a multiple of 128 bytes long and
-#: padded by 16 L bytes put those rows on distinct banks.
-ROW_PAD_PER_LANE = PIECE_BYTES
+#: Padding after each row of a ring tile: 32 bytes put the four rows that a quarter-warp's
+#: 16-byte loads touch on distinct banks (rows are a multiple of 128 bytes long).
+ROW_PAD = 32
 #: Bytes of an mbarrier.
 MBARRIER_BYTES = 8
 #: Row, tile and CTA indices are int32 in the kernel.
@@ -167,39 +163,24 @@ def _head_dim(head_dim):
     return int(head_dim)
 
 
-def lanes_per_row(head_dim):
-    """The lanes that share a row at `head_dim` (`LANES_PER_ROW`)."""
-    return LANES_PER_ROW[_head_dim(head_dim)]
-
-
-def row_quantum(head_dim):
-    """Rows of one warp at `head_dim`; a CTA holds a whole number of them."""
-    return WARP // lanes_per_row(head_dim)
-
-
-def ring_row_pad(head_dim):
-    """Bytes after each row of a ring tile (`ROW_PAD_PER_LANE`)."""
-    return ROW_PAD_PER_LANE * lanes_per_row(head_dim)
-
-
 def block_plan(block, head_dim):
     """(cluster, rows): a descale block of `block` rows is held by `cluster` CTAs of `rows` rows
-    each, the fewest CTAs of whole warps (rows a multiple of `row_quantum`) of at most
+    each, the fewest CTAs of whole warps (rows a multiple of `ROW_QUANTUM`) of at most
     `max_cta_rows` rows.  Raises ValueError where no cluster of at most `MAX_CLUSTER` CTAs does."""
     block = _positive_int(block, "block")
-    most, quantum = max_cta_rows(head_dim), row_quantum(head_dim)
+    most = max_cta_rows(head_dim)
     for n in range(1, MAX_CLUSTER + 1):
         rows, rest = divmod(block, n)
-        if not rest and rows % quantum == 0 and rows <= most:
+        if not rest and rows % ROW_QUANTUM == 0 and rows <= most:
             return n, rows
     raise ValueError(f"a block of {block} rows at head dim {head_dim} cannot be quantized: it must split "
-                     f"into at most {MAX_CLUSTER} equal parts of a multiple of {quantum} rows and at "
+                     f"into at most {MAX_CLUSTER} equal parts of a multiple of {ROW_QUANTUM} rows and at "
                      f"most {most} rows each")
 
 
 def max_cta_rows(head_dim):
     """The most rows one CTA takes: `MAX_CTA_VALUES` values and `MAX_CTA_THREADS` threads."""
-    return min(MAX_CTA_VALUES // _head_dim(head_dim), MAX_CTA_THREADS // lanes_per_row(head_dim))
+    return min(MAX_CTA_VALUES // _head_dim(head_dim), MAX_CTA_THREADS // LANES_PER_ROW)
 
 
 def tile_rows(head_dim):
@@ -208,18 +189,12 @@ def tile_rows(head_dim):
     return max_cta_rows(head_dim)
 
 
-def lane_bits(head_dim):
-    """The element-index bits that tell a row's lanes apart, lowest first."""
-    return tuple(range(LANE_BIT, LANE_BIT + lanes_per_row(head_dim).bit_length() - 1))
-
-
 def stage_order(head_dim):
     """The element-index bits of the kernel's butterfly stages, in order: the bits within one
-    lane's values (0-2 inside a 16-byte piece, then the piece bits above the lane bits), then the
-    `lane_bits`, lowest first: the half exchanges."""
-    across = lane_bits(head_dim)
+    lane's values (0-2 inside a 16-byte piece, then the piece bits from `LANE_BIT` + 1 up), then
+    `LANE_BIT`, the half exchange."""
     bits = range(_head_dim(head_dim).bit_length() - 1)
-    return tuple(b for b in bits if b not in across) + across
+    return tuple(b for b in bits if b != LANE_BIT) + (LANE_BIT,)
 
 
 def rotation_scale(head_dim):
@@ -336,8 +311,7 @@ QuantizeParams = launch.params("QuantizeParams", [
 
 
 class QuantizeKernel(launch.HopperKernel):
-    """One tensor's quantizer (see the module docstring): CTAs of `rows` rows, `lanes_per_row`
-    threads per row,
+    """One tensor's quantizer (see the module docstring): CTAs of `rows` rows, 2 threads per row,
     in clusters of `cluster` CTAs per descale block (BLOCK; 1 otherwise), each CTA (cluster) taking
     tiles (blocks) in turn through a ring of `stages` shared-memory tiles.  One specialization per
     dtype, head dim, rows, cluster, rotation, `Scaling` and stages."""
@@ -357,14 +331,13 @@ class QuantizeKernel(launch.HopperKernel):
         self.stages = RING_STAGES[self.head_dim] if stages is None else int(stages)
         if self.stages < 0:
             raise ValueError(f"stages must be >= 0, got {stages}")
-        if self.rows % row_quantum(self.head_dim) or self.rows > max_cta_rows(self.head_dim):
-            raise ValueError(f"rows {rows} must be a multiple of {row_quantum(self.head_dim)} and at most "
+        if self.rows % ROW_QUANTUM or self.rows > max_cta_rows(self.head_dim):
+            raise ValueError(f"rows {rows} must be a multiple of {ROW_QUANTUM} and at most "
                              f"{max_cta_rows(self.head_dim)} at head dim {head_dim}")
         if self.cluster > MAX_CLUSTER or (self.cluster > 1 and self.scaling != Scaling.BLOCK):
             raise ValueError(f"cluster {cluster}: BLOCK scaling takes at most {MAX_CLUSTER} CTAs per block, "
                              f"the per-head passes 1")
-        self.lanes = lanes_per_row(self.head_dim)
-        self.threads = self.rows * self.lanes
+        self.threads = self.rows * LANES_PER_ROW
         plan = smem.SharedLayout()
         # amax slots twice: tile i writes slot i % 2 while a slow thread may still read tile i - 1's
         plan.add("warp_amax", 2 * self.threads // WARP * F32_BYTES, align=PIECE_BYTES)
@@ -379,43 +352,37 @@ class QuantizeKernel(launch.HopperKernel):
 
     @property
     def tile_bytes(self):
-        """Shared bytes of one ring tile: `rows` rows of `row_bytes`, each padded by `ring_row_pad`."""
-        return self.rows * (self.row_bytes + ring_row_pad(self.head_dim))
+        """Shared bytes of one ring tile: `rows` rows of `row_bytes`, each padded by `ROW_PAD`."""
+        return self.rows * (self.row_bytes + ROW_PAD)
 
     @property
     def values_per_thread(self):
-        return self.head_dim // self.lanes
+        return self.head_dim // LANES_PER_ROW
 
     def body(self):
-        LANES = self.lanes
-        EXCHANGES = len(lane_bits(self.head_dim))            # half exchanges, one per lane bit
         PIECES = self.values_per_thread // PIECE_ELEMENTS   # 16-byte loads per thread
-        CHUNKS = PIECES // LANES                             # runs of LANES pieces after the exchanges
-        STORES = LANES // 2                                  # 16-byte stores (two pieces' codes) per chunk
+        PAIRS = PIECES // 2                                  # 16-byte stores per thread
         ROWS, CLUSTER, THREADS = self.rows, self.cluster, self.threads
         BLOCK = ROWS * CLUSTER
         WARPS = THREADS // WARP
         WARP_SHUFFLES = tuple(WARP >> (i + 1) for i in range(WARP.bit_length() - 1))
         ROTATE, VARLEN, STAGES = self.rotate, self.varlen, self.stages
-        ROW_BYTES, TILE_BYTES = self.row_bytes, self.tile_bytes
-        PITCH = self.row_bytes + ring_row_pad(self.head_dim)
+        ROW_BYTES, TILE_BYTES, PITCH = self.row_bytes, self.tile_bytes, self.row_bytes + ROW_PAD
         LOAD_BYTES = ROWS * ROW_BYTES                    # what a tile's copies bring (the mbarrier's tx)
         FROM_VALUES = self.scaling != Scaling.HEAD      # the amax of this CTA's own values
         WRITE_CODES = self.scaling != Scaling.AMAX
         IS_BLOCK, IS_HEAD = self.scaling == Scaling.BLOCK, self.scaling == Scaling.HEAD
-        # Element 8 (L j + l) + i of a row is value i of piece j of lane l: an element bit below
-        # LANE_BIT is a bit of the value's index in its piece, one above the lane bits a bit of the
-        # piece's.  stage_order puts the former first.
-        order = stage_order(self.head_dim)[:-EXCHANGES]
-        TOP = LANE_BIT + EXCHANGES                       # the lowest piece bit
+        # Element 16 j + 8 l + i of a row is value i of piece j of lane l: an element bit below
+        # LANE_BIT is a bit of the value's index in its piece, one above it a bit of the piece's.
+        # stage_order puts the former first.
+        order = stage_order(self.head_dim)[:-1]
         VALUE_STRIDES = tuple(1 << bit for bit in order if bit < LANE_BIT)
-        PIECE_STRIDES = tuple(1 << (bit - TOP) for bit in order if bit >= TOP)
-        CHUNK = LANES * PIECE_ELEMENTS                   # a lane's consecutive codes after the exchanges
-        LOAD_STEP = LANES * PIECE_BYTES                  # bytes between a lane's pieces
-        STORE_STEP = LANES * CHUNK * CODE_BYTES          # bytes between a lane's chunks
+        PIECE_STRIDES = tuple(1 << (bit - LANE_BIT - 1) for bit in order if bit > LANE_BIT)
+        LOAD_STEP = LANES_PER_ROW * PIECE_BYTES          # bytes between a lane's pieces
+        STORE_STEP = LANES_PER_ROW * CHUNK * CODE_BYTES  # bytes between a lane's chunks
         CODES_PER_WORD = WORD_BYTES // CODE_BYTES
-        PIECE_WORDS = PIECE_ELEMENTS // CODES_PER_WORD   # 32-bit words of one piece's codes
-        WORDS = 2 * PIECE_WORDS                          # ... of one 16-byte store
+        WORDS = CHUNK // CODES_PER_WORD                  # 32-bit words of a chunk's codes
+        HALF_WORDS = WORDS // 2                          # ... of one half (one piece's values)
         OFF_WARPS, OFF_CLUSTER = self.smem.offsets["warp_amax"], self.smem.offsets["cluster_amax"]
         OFF_FULL, OFF_TILES = self.smem.offsets["full"], self.smem.offsets["tiles"]
         bf16 = self.dtype == "bf16"
@@ -476,116 +443,59 @@ class QuantizeKernel(launch.HopperKernel):
                 x = y
             return x
 
-        def half_exchange(t):
-            """The stage of lane bit t on groups of G = 2^t pieces: of groups 2k and 2k + 1 the
-            lane whose bit t is clear (`odd` False) keeps the first, the other the second, and each
-            gets its partner's (the lane differing in bit t) copy of the group it kept.  With the
-            rotation, the butterfly on them: (kept + got, kept - got), whose second half is negated
-            in the odd lane (its kept values are the upper ones); the scale folds those signs back
-            (`lane_signs`).  Result group k (2G pieces): the kept group's outputs, lower then upper.
-            Every lane bit below t has been exchanged already, so a group's pieces are the
-            consecutive ones that the lower bits tell apart."""
-            G = 1 << t
-            return _half_exchange(G, PIECES // (2 * G), np.int32(G))
-
-        def _half_exchange(G, PAIRED, distance):
-            @cuda.jit(device=True, forceinline=True)
-            @unrolled
-            def stage(x, odd):
-                y = ()
-                for k in static_range(PAIRED):
-                    first = ()
-                    second = ()
-                    for g in static_range(G):
-                        a = x[constexpr(2 * k * G + g)]
-                        b = x[constexpr((2 * k + 1) * G + g)]
-                        lo = ()
-                        hi = ()
-                        for i in static_range(PIECE_ELEMENTS):
-                            kept = b[i] if odd else a[i]
-                            got = cuda.shfl_xor_sync(FULL_MASK, a[i] if odd else b[i], distance)
-                            if constexpr(ROTATE):
-                                lo = lo + (kept + got,)
-                                hi = hi + (kept - got,)
-                            else:
-                                lo = lo + (got if odd else kept,)
-                                hi = hi + (kept if odd else got,)
-                        first = first + (lo,)
-                        second = second + (hi,)
-                    y = y + first + second
-                return y
-            return stage
-
-        def exchanges_from(t):
-            """Lane bits t and up: one half exchange each, lowest first (`stage_order`)."""
-            if t == EXCHANGES:
-                @cuda.jit(device=True, forceinline=True)
-                def done(x, lane):
-                    return x
-                return done
-            here, rest, BIT = half_exchange(t), exchanges_from(t + 1), np.int32(1 << t)
-
-            @cuda.jit(device=True, forceinline=True)
-            def step(x, lane):
-                return rest(here(x, (lane & BIT) != np.int32(0)), lane)
-            return step
-
-        #: exchange(x, lane): pieces L m + r of the result are chunk m, the 8 L elements from
-        #: 8 L (L m + lane) of the row, in order.
-        exchange = exchanges_from(0)
-
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def lane_signs(lane):
-            """The sign of piece r of each chunk after `exchange` with the rotation: each lane bit
-            set in both the lane and r negated it once (`half_exchange`)."""
+        def exchange(x, odd):
+            """Halves 2m and 2m + 1 of the result are chunk m, the 16 elements from 16 (2m + l)
+            of the row (lane l): of pieces 2m and 2m + 1 the even lane keeps the first, the odd
+            lane the second, and each gets the other lane's same piece.  With the rotation, the
+            butterfly of LANE_BIT on them: (kept + got, kept - got), whose second half is negated
+            in the odd lane (its kept value is the upper one); the scale folds that sign back."""
             y = ()
-            for r in static_range(LANES):
-                odd = np.int32(0)
-                for t in static_range(EXCHANGES):
-                    odd = odd ^ ((lane & np.int32(r)) >> np.int32(t))
-                y = y + (-ONE if odd & np.int32(1) else ONE,)
+            for m in static_range(PAIRS):
+                a = x[constexpr(2 * m)]
+                b = x[constexpr(2 * m + 1)]
+                first = ()
+                second = ()
+                for i in static_range(PIECE_ELEMENTS):
+                    kept = b[i] if odd else a[i]
+                    got = cuda.shfl_xor_sync(FULL_MASK, a[i] if odd else b[i], 1)
+                    if constexpr(ROTATE):
+                        first = first + (kept + got,)
+                        second = second + (kept - got,)
+                    else:
+                        first = first + (got if odd else kept,)
+                        second = second + (kept if odd else got,)
+                y = y + (first, second)
             return y
 
         def code_writer(two_step):
-            """write(dst, y, scales) stores chunk m of `y` at dst + m STORE_STEP, two pieces per
-            16-byte store: a value v of the chunk's piece r becomes e4m3(v * scales[r]); two_step
+            """write(dst, y, lo, hi) stores chunk m of `y` at dst + m STORE_STEP: a value v of the
+            chunk's first half becomes e4m3(v * lo), of its second half e4m3(v * hi); two_step
             multiplies by PRESCALE first."""
             TWO_STEP = two_step
 
             @cuda.jit(device=True, forceinline=True)
             @unrolled
-            def write(dst, y, scales):
-                for m in static_range(CHUNKS):
-                    for st in static_range(STORES):
-                        words = ()
-                        for w in static_range(WORDS):
-                            piece = y[constexpr(LANES * m + 2 * st + w // PIECE_WORDS)]
-                            s = scales[constexpr(2 * st + w // PIECE_WORDS)]
-                            v = ()
-                            for c in static_range(CODES_PER_WORD):
-                                v = v + (piece[constexpr(CODES_PER_WORD * (w % PIECE_WORDS) + c)],)
-                            if constexpr(TWO_STEP):
-                                v = (v[0] * PRESCALE, v[1] * PRESCALE, v[2] * PRESCALE, v[3] * PRESCALE)
-                            low = np.uint32(convert.pack_e4m3x2(v[0] * s, v[1] * s))
-                            high = np.uint32(convert.pack_e4m3x2(v[2] * s, v[3] * s))
-                            words = words + (low | (high << SHIFT16),)
-                        memory.st_global_v4_b32(dst + m * STORE_STEP + st * PIECE_BYTES, words)
+            def write(dst, y, lo, hi):
+                for m in static_range(PAIRS):
+                    words = ()
+                    for w in static_range(WORDS):
+                        half = y[constexpr(2 * m + w // HALF_WORDS)]
+                        if constexpr(w < HALF_WORDS):
+                            s = lo
+                        else:
+                            s = hi
+                        v = ()
+                        for c in static_range(CODES_PER_WORD):
+                            v = v + (half[constexpr(CODES_PER_WORD * (w % HALF_WORDS) + c)],)
+                        if constexpr(TWO_STEP):
+                            v = (v[0] * PRESCALE, v[1] * PRESCALE, v[2] * PRESCALE, v[3] * PRESCALE)
+                        low = np.uint32(convert.pack_e4m3x2(v[0] * s, v[1] * s))
+                        high = np.uint32(convert.pack_e4m3x2(v[2] * s, v[3] * s))
+                        words = words + (low | (high << SHIFT16),)
+                    memory.st_global_v4_b32(dst + m * STORE_STEP, words)
             return write
-
-        @cuda.jit(device=True, forceinline=True)
-        @unrolled
-        def chunk_scales(lane, scale):
-            """The scale of each piece of a chunk: with the rotation, `lane_signs` folded in."""
-            y = ()
-            if constexpr(ROTATE):
-                signs = lane_signs(lane)
-                for r in static_range(LANES):
-                    y = y + (signs[r] * scale,)
-            else:
-                for r in static_range(LANES):
-                    y = y + (scale,)
-            return y
 
         write_direct, write_two_step = code_writer(False), code_writer(True)
 
@@ -641,12 +551,12 @@ class QuantizeKernel(launch.HopperKernel):
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
-        def quantize_tile(p, base, x, group, slot, rank, tid, lane, stage, later):
+        def quantize_tile(p, base, x, group, slot, rank, tid, lane, odd, stage, later):
             """One tile from its loaded values `x` to its codes and descale: the rotation, the
             block's amax (the amax slots `slot`), the scale, the stores.  With the ring, once every
             thread has its values, group `later` (if any) starts loading into `stage`."""
             b, h, tile = locate(p, group)
-            s = np.int32(tile * BLOCK + rank * ROWS + tid // LANES)
+            s = np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW)
             first, valid, _ = placement(p, b, s)
             tile_index = (b * p.heads + h) * p.tiles + tile  # of this tile's descale or amax
             amax = ZERO
@@ -657,11 +567,11 @@ class QuantizeKernel(launch.HopperKernel):
             if constexpr(ROTATE):
                 x = butterflies(x)
             if constexpr(WRITE_CODES):
-                y = exchange(x, lane)
+                y = exchange(x, odd)
             else:
                 y = x  # an amax needs no particular order
             if constexpr(FROM_VALUES):
-                for j in static_range(PIECES):
+                for j in static_range(2 * PAIRS):
                     for i in static_range(PIECE_ELEMENTS):
                         amax = max(amax, abs(y[j][i]))
                 if not valid:
@@ -694,12 +604,16 @@ class QuantizeKernel(launch.HopperKernel):
                 scale = p.rotation_scale / descale
                 dst = p.out_ptr + b * p.out_batch_stride + (first + s) * p.out_row_stride + h * p.out_head_stride
                 dst += lane * (CHUNK * CODE_BYTES)
+                sign = ONE
+                if constexpr(ROTATE):
+                    if odd:
+                        sign = -ONE  # the odd lane's second halves are negated (`exchange`)
                 if valid:
                     if scale <= FLT_MAX:
-                        write_direct(dst, y, chunk_scales(lane, scale))
+                        write_direct(dst, y, scale, sign * scale)
                     else:
                         step = p.rotation_scale / (descale * PRESCALE)
-                        write_two_step(dst, y, chunk_scales(lane, step))
+                        write_two_step(dst, y, step, sign * step)
                 if constexpr(IS_BLOCK):
                     if rank == 0 and tid == 0:
                         memory.st_global_f32(p.descale_ptr + tile_index * F32_BYTES, descale)
@@ -713,7 +627,7 @@ class QuantizeKernel(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def sign_masks_of(p, j, lane):
-            return memory.ld_global_nc_v4_b32(p.signs_ptr + (j * LANES + lane) * PIECE_BYTES)
+            return memory.ld_global_nc_v4_b32(p.signs_ptr + (j * LANES_PER_ROW + lane) * PIECE_BYTES)
 
         def piece_reader(read):
             """pieces(p, src, lane): the thread's PIECES 16-byte pieces from src on, LOAD_STEP
@@ -737,34 +651,34 @@ class QuantizeKernel(launch.HopperKernel):
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def cta_start():
-            """(shared base, thread, lane of its row, this CTA's cluster, its rank in it); the
+            """(shared base, thread, lane, odd lane, this CTA's cluster, its rank in it); the
             cluster's first arrive (waited for before a peer's shared memory is written)."""
             if constexpr(CLUSTER > 1):
                 cluster.barrier_arrive()
             base = smem.aligned_base(special.shared_address(cuda.shared.array(0, dtype=np.uint8)))
             tid = np.int32(cuda.threadIdx.x)
-            lane = tid & np.int32(LANES - 1)
+            lane = tid & np.int32(LANES_PER_ROW - 1)
             cid, rank = udivmod32(np.uint32(cuda.blockIdx.x), CLUSTER)
-            return base, tid, lane, cid, rank
+            return base, tid, lane, lane != 0, cid, rank
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def quantize_direct(p):
             """One tile per CTA (cluster), its rows loaded straight into registers."""
-            base, tid, lane, group, rank = cta_start()
+            base, tid, lane, odd, group, rank = cta_start()
             b, h, tile = locate(p, group)
-            _, _, row = placement(p, b, np.int32(tile * BLOCK + rank * ROWS + tid // LANES))
+            _, _, row = placement(p, b, np.int32(tile * BLOCK + rank * ROWS + tid // LANES_PER_ROW))
             x = global_pieces(p, source(p, b, h, row) + lane * PIECE_BYTES, lane)
             if constexpr(CLUSTER > 1):
                 cluster.barrier_wait()  # every CTA of the cluster has started
-            quantize_tile(p, base, x, np.int32(group), np.int32(0), rank, tid, lane, np.int32(0), p.groups)
+            quantize_tile(p, base, x, np.int32(group), np.int32(0), rank, tid, lane, odd, np.int32(0), p.groups)
 
         @cuda.jit(device=True, forceinline=True)
         @unrolled
         def quantize_streamed(p):
             """The CTA (cluster) takes tiles `clusters` apart; each tile's rows arrive by bulk
             copies into the ring, up to STAGES - 1 tiles ahead of the one computed."""
-            base, tid, lane, cid, rank = cta_start()
+            base, tid, lane, odd, cid, rank = cta_start()
             clusters = np.int32(np.uint32(cuda.gridDim.x) // np.uint32(CLUSTER))
             if tid < STAGES:
                 mbarrier.init(base + OFF_FULL + tid * np.int32(MBARRIER_BYTES), 1)
@@ -777,7 +691,7 @@ class QuantizeKernel(launch.HopperKernel):
             if constexpr(CLUSTER > 1):
                 cluster.barrier_wait()  # every CTA of the cluster has started
             # this thread's 16-byte pieces in a ring tile
-            mine = base + OFF_TILES + (tid // LANES) * np.int32(PITCH) + lane * np.int32(PIECE_BYTES)
+            mine = base + OFF_TILES + (tid // LANES_PER_ROW) * np.int32(PITCH) + lane * np.int32(PIECE_BYTES)
             group = np.int32(cid)
             stage = np.int32(0)
             phase = np.int32(0)
@@ -785,7 +699,7 @@ class QuantizeKernel(launch.HopperKernel):
             while group < p.groups:
                 mbarrier.wait_parity(base + OFF_FULL + stage * np.int32(MBARRIER_BYTES), phase)
                 x = ring_pieces(p, mine + stage * np.int32(TILE_BYTES), lane)
-                quantize_tile(p, base, x, group, slot, rank, tid, lane, stage,
+                quantize_tile(p, base, x, group, slot, rank, tid, lane, odd, stage,
                               np.int32(group + STAGES * clusters))
                 group = np.int32(group + clusters)
                 slot = slot ^ np.int32(1)
@@ -964,8 +878,7 @@ def quantize_fp8(q, k, v, hadamard=True, seed=0, block_m=128, block_n=128, v_gra
     With `hadamard`, q and k are rotated by `fp8_model.random_rotation(D, seed)`.  q is quantized
     per block of `block_m` rows of a (batch, head), k per block of `block_n` rows, v per block of
     `block_n` rows (``v_granularity="block"``) or per (batch, head) (``"head"``).  A block must
-    split over at most 8 CTAs of a whole number of 16 rows (8 at D = 256), at most 128 rows each
-    (64 at D = 256)
+    split over at most 8 CTAs of a whole number of 16 rows, at most 128 rows each (64 at D = 256)
     (`block_plan`): e.g. every multiple of 16 up to 128 rows, 192 and 224 at every head dim.
 
     stream: where to launch (None: torch's current stream for torch inputs, else the legacy

@@ -73,18 +73,16 @@ def _kernel(dtype, head_dim, role, block):
 @pytest.mark.parametrize("dtype,head_dim,role,block", SPECIALIZATIONS + CLUSTERED)
 def test_compiles_clean(dtype, head_dim, role, block):
     """No spill, stack or warning, and two CTAs fit an SM's registers and shared memory; per
-    thread (V = D / L values for L lanes a row, P = V / 8 pieces): P 16-byte loads, from the ring (one bulk copy per
+    thread (D / 2 values, P = D / 16 pieces): P 16-byte loads, from the ring (one bulk copy per
     row, in the prologue and in the loop) or, without one (`RING_STAGES` 0), from global memory
     (and P of sign masks from global memory, four xors each, with the rotation);
-    V log2(D) butterfly additions and subtractions, the fewest;
-    V / 2 shuffles for each lane bit's exchange and 5 for the warp's amax; the codes in V / 2
-    conversions and
+    D / 2 log2(D) butterfly additions and subtractions, the fewest;
+    D / 4 shuffles for the exchange and 5 for the warp's amax; the codes in D / 4 conversions and
     P / 2 16-byte stores, each twice (the direct and the two-step scale); the cluster barrier
     twice and one store to a peer's shared memory where a block spans CTAs."""
     kern = _kernel(dtype, head_dim, role, block)
     ptx = kern.compile_ptx()
-    lanes = qz.lanes_per_row(head_dim)
-    values = head_dim // lanes
+    values = head_dim // 2
     pieces = values // qz.PIECE_ELEMENTS
     writes = kern.scaling != qz.Scaling.AMAX
     ring = kern.stages == qz.RING_STAGES[head_dim] > 0
@@ -94,14 +92,14 @@ def test_compiles_clean(dtype, head_dim, role, block):
     assert ptx.count("xor.b32") == (4 * pieces if kern.rotate else 0)
     butterflies = ptx.count("add.f32") + ptx.count("sub.f32")
     assert butterflies == (values * int(math.log2(head_dim)) if kern.rotate else 0)
-    assert ptx.count("shfl.sync.bfly") == (values // 2 * len(qz.lane_bits(head_dim)) if writes else 0) + 5
+    assert ptx.count("shfl.sync.bfly") == (values // 2 if writes else 0) + 5
     assert ptx.count("cvt.rn.satfinite.e4m3x2.f32") == (values if writes else 0)
     assert ptx.count("st.global.v4.b32") == (pieces if writes else 0)
     assert ("cvt.f32.f16" in ptx) == (dtype == "f16")
     clustered = kern.cluster > 1
     assert ptx.count("barrier.cluster.arrive") == ptx.count("barrier.cluster.wait") == (2 if clustered else 0)
     assert ptx.count("st.shared::cluster.f32") == (1 if clustered else 0)
-    assert kern.threads * kern.cluster == lanes * (block if kern.scaling == qz.Scaling.BLOCK
+    assert kern.threads * kern.cluster == qz.LANES_PER_ROW * (block if kern.scaling == qz.Scaling.BLOCK
                                                              else qz.tile_rows(head_dim))
     report = kc.ptxas_report(ptx)
     _assert_clean(report, f"quantize {dtype} d{head_dim} {role} block {block}")
@@ -118,7 +116,7 @@ def test_varlen_compiles_clean(head_dim, role):
     rotate, scaling, (cluster, rows) = ROLES[role](head_dim)
     kern = qz.QuantizeKernel("bf16", head_dim, rows, rotate, scaling, cluster, varlen=True)
     ptx = kern.compile_ptx()
-    pieces = head_dim // qz.lanes_per_row(head_dim) // qz.PIECE_ELEMENTS
+    pieces = head_dim // 2 // qz.PIECE_ELEMENTS
     ring = qz.RING_STAGES[head_dim] > 0
     assert ptx.count("ld.shared.v4.b32") == (pieces if ring else 0)
     assert ptx.count("ld.global.nc.v4.b32") == (pieces if kern.rotate else 0) + (0 if ring else pieces)
@@ -170,21 +168,17 @@ def test_block_plans():
     for head_dim in qz.HEAD_DIMS:
         for block in range(16, 4096 + 1, 16):
             fits = [n for n in range(1, qz.MAX_CLUSTER + 1) if block % n == 0
-                    and (block // n) % qz.row_quantum(head_dim) == 0
-                    and block // n * head_dim <= qz.MAX_CTA_VALUES
-                    and block // n * qz.lanes_per_row(head_dim) <= qz.MAX_CTA_THREADS]
+                    and (block // n) % qz.ROW_QUANTUM == 0 and block // n * head_dim <= qz.MAX_CTA_VALUES
+                    and block // n * qz.LANES_PER_ROW <= qz.MAX_CTA_THREADS]
             if not fits:
                 with pytest.raises(ValueError):
                     qz.block_plan(block, head_dim)
                 continue
             assert qz.block_plan(block, head_dim) == (fits[0], block // fits[0])  # the fewest CTAs
         assert qz.block_plan(qz.tile_rows(head_dim), head_dim) == (1, qz.tile_rows(head_dim))
-    for bad in (0, -16, 4, 12, 100, 127, 8 * 64 + 16):
+    for bad in (0, -16, 8, 24, 100, 127, 8 * 64 + 16):
         with pytest.raises(ValueError):
             qz.block_plan(bad, 256)
-    for bad in (8, 24):
-        with pytest.raises(ValueError):
-            qz.block_plan(bad, 128)
     for not_int in (True, 128.0, "128"):
         with pytest.raises(TypeError):
             qz.block_plan(not_int, 256)
@@ -196,13 +190,10 @@ def test_block_plans():
 @pytest.mark.parametrize("head_dim", qz.HEAD_DIMS)
 def test_stage_order(head_dim):
     """Every index bit once; the bits inside a piece before the piece bits (the kernel runs them in
-    that order), the lane bits last, lowest first (the exchanges)."""
+    that order), the lane bit last (the exchange)."""
     order = qz.stage_order(head_dim)
-    lanes = qz.lanes_per_row(head_dim)
     assert sorted(order) == list(range(int(math.log2(head_dim))))
-    across = qz.lane_bits(head_dim)
-    assert len(across) == int(math.log2(lanes)) and across[0] == qz.LANE_BIT
-    assert order[-len(across):] == across
+    assert order[-1] == qz.LANE_BIT
     inside = [b for b in order if b < qz.LANE_BIT]
     assert list(order[:len(inside)]) == inside
 
@@ -235,22 +226,17 @@ def test_kernel_fwht_is_the_transform(head_dim):
 
 def _emulate_lanes(x16, masks):
     """The kernel's data movement on rows of 16-bit values (`x16` [R, D], bf16 or fp16), lane by
-    lane (L lanes a row): lane l loads pieces L j + l, its words xor-ed with the piece's masks
-    (element 2w in the lower half of word w); the butterflies inside each piece, then across
-    pieces; the half exchange of each lane bit (of each two groups of 2^t pieces, the lane keeps
-    the one its bit t names and gets its partner's copy of it), the negated pieces turned back;
-    chunk m of lane l at elements 8 L (L m + l).  Returns float32 [R, D]: the rotated rows before
-    the 1/sqrt(D) scale."""
+    lane: lane l loads pieces 2j + l, its words xor-ed with the piece's masks (element 2w in the
+    lower half of word w); the butterflies inside each piece, then across pieces; the exchange
+    of the lane bit, the odd lane's second halves negated back; chunk m of lane l at elements
+    16 (2m + l).  Returns float32 [R, D]: the rotated rows before the 1/sqrt(D) scale."""
     rows, d = x16.shape
-    lanes_n = qz.lanes_per_row(d)
-    exchanges = len(qz.lane_bits(d))
-    top = qz.LANE_BIT + exchanges
     words = np.ascontiguousarray(x16).view(np.uint32).reshape(rows, d // qz.PIECE_ELEMENTS, 4)
     signed = (words ^ masks[None]).view(x16.dtype).reshape(rows, d // qz.PIECE_ELEMENTS, qz.PIECE_ELEMENTS)
-    order = qz.stage_order(d)[:-exchanges]
+    order = qz.stage_order(d)[:-1]
     lanes = []
-    for lane in range(lanes_n):
-        pieces = [signed[:, lanes_n * j + lane].astype(np.float32) for j in range(d // qz.PIECE_ELEMENTS // lanes_n)]
+    for lane in range(qz.LANES_PER_ROW):
+        pieces = [signed[:, 2 * j + lane].astype(np.float32) for j in range(d // 16)]
         for bit in order:
             if bit < qz.LANE_BIT:   # inside each piece
                 h = 1 << bit
@@ -260,31 +246,21 @@ def _emulate_lanes(x16, masks):
                         q[:, i] = p[:, i] + p[:, i + h] if not i & h else p[:, i - h] - p[:, i]
                     pieces[j] = q
             else:                   # across pieces
-                h = 1 << (bit - top)
+                h = 1 << (bit - qz.LANE_BIT - 1)
                 pieces = [pieces[j] + pieces[j + h] if not j & h else pieces[j - h] - pieces[j]
                           for j in range(len(pieces))]
         lanes.append(pieces)
-    for t in range(exchanges):     # the half exchanges, all lanes at once
-        g = 1 << t
-        after = []
-        for lane in range(lanes_n):
-            odd = (lane >> t) & 1
-            mine, partner = lanes[lane], lanes[lane ^ g]
-            y = []
-            for k in range(len(mine) // (2 * g)):
-                kept = mine[(2 * k + odd) * g:(2 * k + odd + 1) * g]
-                got = partner[(2 * k + odd) * g:(2 * k + odd + 1) * g]
-                y += [a + b for a, b in zip(kept, got)] + [a - b for a, b in zip(kept, got)]
-            after.append(y)
-        lanes = after
     out = np.empty((rows, d), dtype=np.float32)
-    chunk = lanes_n * qz.PIECE_ELEMENTS
-    for lane in range(lanes_n):
-        for m in range(len(lanes[lane]) // lanes_n):
-            for r in range(lanes_n):
-                sign = -1 if bin(lane & r).count("1") % 2 else 1   # each shared lane bit negated it once
-                c = chunk * (lanes_n * m + lane) + qz.PIECE_ELEMENTS * r
-                out[:, c:c + qz.PIECE_ELEMENTS] = sign * lanes[lane][lanes_n * m + r]
+    for m in range(d // 32):
+        for lane in range(qz.LANES_PER_ROW):
+            other = lanes[1 - lane]
+            kept = lanes[lane][2 * m + lane]
+            got = other[2 * m + lane]     # the other lane sent its copy of the piece this lane kept
+            first, second = kept + got, kept - got
+            if lane:
+                second = -second
+            c = 16 * (2 * m + lane)
+            out[:, c:c + 8], out[:, c + 8:c + 16] = first, second
     return out
 
 
