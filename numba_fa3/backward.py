@@ -27,9 +27,9 @@ from numba import cuda, types
 from numba_fa3.primitives import launch, mma, pipeline, scheduler, smem, tensors, warpgroup
 from numba_fa3.primitives.mma import WGMMA_M
 from numba_fa3.primitives.tma_desc import bshd_spec
-from numba_fa3.ptx_inline import mbarrier, memory, special
+from numba_fa3.ptx_inline import mbarrier, special
 from . import backward_prep, mask, softmax, tile_scheduler
-from .backward_mainloop import SEM_SLOT_BYTES, make_backward_mainloop
+from .backward_mainloop import make_backward_mainloop
 from .backward_producer import STAT_BYTES, make_backward_producer
 from .tiles import SPLIT_COLUMNS, backward_tiles_for
 
@@ -53,12 +53,10 @@ BackwardParams = launch.params("BackwardParams", [
     ("dv_row_stride", _I64), ("dv_head_stride", _I64), ("dv_batch_stride", _I64)])
 
 #: Shared addresses: the Q/dO ring's and K/V's barriers, the tile-id slot, the tiles, P^T's tiles
-#: (split by columns; else 0), dQ's staging tiles (dq_bulk; else 0) and the deterministic bulk
-#: dQ's semaphore slots (else 0).
-SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds p dq dq_sem")
+#: (split by columns; else 0) and dQ's staging tiles (dq_bulk; else 0).
+SharedRegions = namedtuple("SharedRegions", "q_bars kv_bars tile_slots q do stats k v ds p dq")
 #: dQ's float32 staging boxes: 32 columns (one 128-byte swizzle row) by the block's rows.
 DQ_BOX_COLS, ACC_BYTES = smem.SWIZZLE_BYTES // 4, 4
-
 
 
 class FlashBackward(launch.HopperKernel):
@@ -129,13 +127,11 @@ class FlashBackward(launch.HopperKernel):
         # dQ's float32 staging: each warpgroup's share, col_stride columns apart
         self.dq_stage_bytes = WGMMA_M * self.col_stride * ACC_BYTES
         self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
-        # dQ through shared memory and TMA reduce-adds where its staging tiles fit (not at
-        # D = 256, whose two Q/dO stages leave no room for them).  The deterministic mode
-        # releases each add's semaphore once the add has completed, at the warpgroup's next
-        # step; with a mask or packed sequences its turn's arithmetic (the mask's block range,
-        # the sequence's lengths) spilled at D = 128 and 192, so there it adds from registers
-        det_bulk = not self.deterministic or not (self.masked or self.varlen)
-        self.dq_bulk = det_bulk and self._plan(True).bytes <= smem.MAX_DYNAMIC_SMEM
+        # dQ through shared memory and TMA reduce-adds where its staging tiles fit; the
+        # deterministic mode keeps its ordered reductions from registers (a bulk add's
+        # completion would gate each semaphore release), and so does D = 256, whose two Q/dO
+        # stages leave no room for the staging tiles
+        self.dq_bulk = not self.deterministic and self._plan(True).bytes <= smem.MAX_DYNAMIC_SMEM
         self.smem = self._plan(self.dq_bulk).check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
         self.seq = sched.seq
@@ -173,9 +169,6 @@ class FlashBackward(launch.HopperKernel):
         plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
         if dq_bulk:
             plan.add("dq", WGMMA_M * sum(self.col_shares) * ACC_BYTES, align=smem.ATOM_BYTES)
-            if self.deterministic:
-                # per warpgroup, the semaphore its last reduce-adds release once complete (0: none)
-                plan.add("dq_sem", self.consumers * SEM_SLOT_BYTES, align=SEM_SLOT_BYTES)
         # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
         plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
                  + self.kv_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)
@@ -184,14 +177,12 @@ class FlashBackward(launch.HopperKernel):
     def body(self):
         run = warpgroup.specialize(make_backward_producer(self), make_backward_mainloop(self), self.registers,
                                    narrow_index=True)
-        STAGES, CONSUMERS = self.stages, self.consumers
+        STAGES = self.stages
         CONSUMER_THREADS = self.consumers * warpgroup.WARPGROUP_THREADS
         off = self.smem.offsets
         OFF_Q, OFF_DO, OFF_STATS, OFF_K, OFF_V, OFF_DS, OFF_BARS = (
             off[k] for k in ("q", "do", "stats", "k", "v", "ds", "barriers"))
         OFF_DQ = off["dq"] if self.dq_bulk else 0
-        OFF_SEM = off.get("dq_sem", 0)
-        HAS_SEM = "dq_sem" in off
         OFF_P = off["p"] if self.columns else 0
         KV_STAGES = self.kv_stages
         RING, KV_RING = pipeline.barrier_bytes(STAGES), pipeline.barrier_bytes(KV_STAGES)
@@ -203,9 +194,7 @@ class FlashBackward(launch.HopperKernel):
             q_bars = base + OFF_BARS
             sh = SharedRegions(q_bars, q_bars + RING, q_bars + RING + KV_RING, base + OFF_Q, base + OFF_DO,
                                base + OFF_STATS, base + OFF_K, base + OFF_V, base + OFF_DS,
-                               base + OFF_P, base + OFF_DQ, base + OFF_SEM)
-            if HAS_SEM and cuda.threadIdx.x < CONSUMERS:
-                memory.st_shared_u64(sh.dq_sem + cuda.threadIdx.x * SEM_SLOT_BYTES, np.uint64(0))
+                               base + OFF_P, base + OFF_DQ)
             if cuda.threadIdx.x == 0:
                 # every consumer thread arrives on the empty barriers (its own shared reads)
                 pipeline.init(sh.q_bars, STAGES, CONSUMER_THREADS)

@@ -12,11 +12,9 @@ P^T and dS^T come out of the accumulators already as the A fragments of the dV a
   dK  += dS^T Q           (A: dS^T from registers; B: Q, MN-major)
   dQ   = dS K             (dS^T through shared memory, where both warpgroups' halves meet:
                            A MN-major; B: K, MN-major), staged in shared memory and added to
-                           the float32 dQ workspace by TMA reduce-adds (where shared memory
-                           has no room for the staging, by vector reductions from registers);
-                           with `deterministic` in one order of key blocks per query block (a
-                           semaphore per query block, FA3's), each add's semaphore released
-                           once the add has completed, at the warpgroup's next step.
+                           the float32 dQ workspace by TMA reduce-adds; with `deterministic`
+                           by vector reductions from registers, in key-block order (a
+                           semaphore per query block, FA3's).
 After the tile's last step: dK times the softmax scale, dK and dV stored from registers.
 
 Split by columns (`tiles.SPLIT_COLUMNS`, D = 256: dK and dV of 64 keys over all of D would not
@@ -40,7 +38,7 @@ from numba_fa3.primitives.mma import ELEMENT_BYTES as MMA_ELEMENT_BYTES, WGMMA_M
 from numba_fa3.primitives.pipeline import PipelineState
 from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.primitives.tma_desc import TENSOR_MAP_BYTES
-from numba_fa3.ptx_inline import atomic, barrier, mbarrier, memory, special, tma, wgmma
+from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, tma, wgmma
 from . import mask
 from .backward_producer import STAT_BYTES
 from .producer import receive_tile
@@ -56,8 +54,6 @@ ACC_BYTES, SECOND_ROW = 4, 8
 #: Spins on the deterministic mode's semaphore before giving up the order (a broken order then
 #: shows as nondeterminism in the tests instead of a hung GPU).
 SPIN_LIMIT = 1 << 24
-#: A semaphore slot (its global address, in shared memory) and one holding no pending release.
-SEM_SLOT_BYTES, NO_SEM = 8, 0
 
 
 def dq_adder(groups):
@@ -117,9 +113,6 @@ def _consumer(bwd, kv_cols, dq_cols):
     WG_S_COL_BYTES = S_COLS * MMA_ELEMENT_BYTES[bwd.dtype]
     MASKED, SOFTCAP, DETERMINISTIC = bwd.masked, bwd.softcap, bwd.deterministic
     DQ_SPLIT, NQ = bwd.dq_split, dq_cols
-    # releases per key block and query block: one per warpgroup that adds (dQ's columns split
-    # between them, or one every other block)
-    RELEASES = CONSUMERS if DQ_SPLIT else 1
     DQ_PART_BYTES = bwd.kv_chunk * (COL_STRIDE // bwd.chunk_cols) if DQ_SPLIT else 0
     dkv_mma, dq_mma = bwd.dkv_mma(KV_COLS), bwd.dq_mma(NQ)
     SDP, DKV, DQ = bwd.sdp.issue, dkv_mma.issue, dq_mma.issue
@@ -161,21 +154,6 @@ def _consumer(bwd, kv_cols, dq_cols):
 
     @cuda.jit(device=True, forceinline=True)
     @unrolled
-    def turn(p, env, h, m):
-        """(semaphore, rank): query block m's semaphore and this key block's place in its order
-        of adds (`ordered`)."""
-        sem = p.sem_ptr + ((env.b * p.heads + h) * p.m_blocks + m) * 4
-        if constexpr(ROTATED):
-            start, base, size = rotation(env.nb, np.int32((env.sk + (BN - 1)) // BN),
-                                         np.int32((env.sq + (BM - 1)) // BM), STAGES)
-            rank = rotated_rank(m, start, base, size)
-        else:
-            n_min, n_max = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
-            rank = np.int32(n_max - 1 - env.nb) if DESCENDING else np.int32(env.nb - n_min)
-        return sem, rank
-
-    @cuda.jit(device=True, forceinline=True)
-    @unrolled
     def ordered(p, env, h, m, first):
         """Deterministic mode: wait until the key blocks before this one (of those that see
         query block m) have added their dQ, so every dQ element sums in one order of key blocks:
@@ -184,9 +162,15 @@ def _consumer(bwd, kv_cols, dq_cols):
         first, so no block waits at its start)."""
         sem = p.sem_ptr + ((env.b * p.heads + h) * p.m_blocks + m) * 4
         if first:
-            sem, rank = turn(p, env, h, m)
+            if constexpr(ROTATED):
+                start, base, size = rotation(env.nb, np.int32((env.sk + (BN - 1)) // BN),
+                                             np.int32((env.sq + (BM - 1)) // BM), STAGES)
+                rank = rotated_rank(m, start, base, size)
+            else:
+                n_min, n_max = mask.block_range(m, BM, BN, env.sq, env.sk, p.left, p.right)
+                rank = np.int32(n_max - 1 - env.nb) if DESCENDING else np.int32(env.nb - n_min)
             spins = np.int32(0)
-            while atomic.ld_acquire_s32(sem) < rank and spins < SPIN_LIMIT:
+            while atomic.ld_acquire_s32(sem) != rank and spins < SPIN_LIMIT:
                 spins = np.int32(spins + 1)
         return sem
 
@@ -197,7 +181,7 @@ def _consumer(bwd, kv_cols, dq_cols):
 
     @cuda.jit(device=True, forceinline=True)
     @unrolled
-    def bulk_add(p, sh, env, dq, h, m, ws_base, utid, tid):
+    def bulk_add(p, sh, env, dq, m, ws_base, utid, tid):
         """dQ staged in the warpgroup's shared tile, then added into the workspace by TMA
         reduce-adds from one thread (the tile was freed by `dq_buffer_free` before the step's
         barrier)."""
@@ -207,43 +191,18 @@ def _consumer(bwd, kv_cols, dq_cols):
         barrier.fence_proxy_async()
         warpgroup.epilogue_sync(env.wg)
         if tid == 0:
-            if constexpr(DETERMINISTIC):
-                # this key block's turn: every add before it in the order has completed
-                sem, rank = turn(p, env, h, m)
-                spins = np.int32(0)
-                while atomic.ld_acquire_s32(sem) < rank * RELEASES and spins < SPIN_LIMIT:
-                    spins = np.int32(spins + 1)
-                barrier.fence_proxy_async_global()
             col = np.int32(env.wg * COL_STRIDE) if DQ_SPLIT else np.int32(0)
             row = np.int32(ws_base + m * BM)
             for c in static_range(DQ_BOXES):
                 tma.reduce_add(p.maps + MAP_DQ, (col + c * DQ_BOX_COLS, row), buf + c * DQ_BOX_BYTES)
             tma.commit_group()
-            if constexpr(DETERMINISTIC):
-                memory.st_shared_u64(sh.dq_sem + env.wg * SEM_SLOT_BYTES, np.uint64(sem))
 
     @cuda.jit(device=True, forceinline=True)
-    def release_pending(sh, wg):
-        """The warpgroup's completed adds (`dq_buffer_free`) count on their semaphore."""
-        slot = sh.dq_sem + wg * SEM_SLOT_BYTES
-        sem = memory.ld_shared_u64(slot)
-        if sem != NO_SEM:
-            barrier.fence_proxy_async_global()
-            atomic.red_release_add_s32(sem, 1)
-            memory.st_shared_u64(slot, np.uint64(NO_SEM))
-
-    @cuda.jit(device=True, forceinline=True)
-    @unrolled
-    def dq_buffer_free(sh, wg, tid):
+    def dq_buffer_free(tid):
         """The thread that issued the last step's reduce-adds waits until they have read the
-        staging tile (before the step's barrier, which every writer of the tile passes after);
-        deterministic, until they have completed, and then releases their semaphore."""
+        staging tile (before the step's barrier, which every writer of the tile passes after)."""
         if DQ_BULK and tid == 0:
-            if constexpr(DETERMINISTIC):
-                tma.wait_group(0)
-                release_pending(sh, wg)
-            else:
-                tma.wait_group_read(0)
+            tma.wait_group_read(0)
 
     @cuda.jit(device=True, forceinline=True)
     def add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq):
@@ -288,7 +247,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid, np.uint32(0))
         barrier.fence_proxy_async()
-        dq_buffer_free(sh, env.wg, tid)
+        dq_buffer_free(tid)
         consumers_sync()
         does_dq = DQ_SPLIT or (j & 1) == env.wg
         if does_dq:
@@ -302,7 +261,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
         if DQ_BULK:
             if does_dq:
-                bulk_add(p, sh, env, dq, h, m, ws_base, utid, tid)
+                bulk_add(p, sh, env, dq, m, ws_base, utid, tid)
         else:
             add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, does_dq)
         return dk, dv
@@ -335,7 +294,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf, PACK(ds), utid, col_byte)
         barrier.fence_proxy_async()
-        dq_buffer_free(sh, env.wg, tid)
+        dq_buffer_free(tid)
         consumers_sync()   # both warpgroups' parts of P^T and dS^T are written
         cols = special.uniform_u32(env.wg * WG_QD_COLS_BYTES)
         dv = DKV(dv, DKV_SRC(p_buf, utid), do + cols, 1)
@@ -344,7 +303,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         dq, dk, dv = wgmma.wait_group_hold(0, (dq, dk, dv))
         mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
         if DQ_BULK:
-            bulk_add(p, sh, env, dq, h, m, ws_base, utid, tid)
+            bulk_add(p, sh, env, dq, m, ws_base, utid, tid)
         else:
             add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, True)
         return dk, dv
@@ -428,6 +387,4 @@ def _consumer(bwd, kv_cols, dq_cols):
             store_dkdv(p, dk, dv, hk, env, utid)
         if DQ_BULK and tid == 0:
             tma.wait_group(0)   # (the staging tiles must outlive the reduce-adds' reads)
-            if constexpr(DETERMINISTIC):
-                release_pending(sh, wg)
     return consume

@@ -33,17 +33,6 @@ def arrive(typingctx, bar_id, nthreads):
 
 
 @intrinsic
-def fence_proxy_async_global(typingctx):
-    """`fence.proxy.async.global` (9.7.13.4, "membar/fence"): order this thread's generic-proxy
-    accesses of global memory (a semaphore's acquire or release) with its bulk async operations
-    on global memory (TMA reduce-adds) on either side of it."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "fence.proxy.async.global;", [], [])
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
-@intrinsic
 def fence_proxy_async(typingctx):
     """`fence.proxy.async.shared::cta`: order this thread's ordinary shared-memory writes before
     later reads by the async proxy (TMA stores, wgmma operands)."""

@@ -8,7 +8,7 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.cuda.extending import intrinsic
 
-from ._asm import F32, I32, I64, as_int, emit
+from ._asm import F32, I32, as_int, emit
 
 
 def _regs(tup, count, what):
@@ -42,17 +42,6 @@ def st_shared_b32(typingctx, addr, value):
 
 
 @intrinsic
-def st_shared_u64(typingctx, addr, value):
-    """`st.shared.u64 [addr], v` (addr 8-byte aligned): a 64-bit value, e.g. a global address."""
-    def codegen(context, builder, sig, args):
-        emit(builder, "st.shared.u64 [$0], $1;", [],
-             [(as_int(context, builder, args[0], sig.args[0], 32), "r"),
-              (as_int(context, builder, args[1], sig.args[1], 64), "l")])
-        return context.get_dummy_value()
-    return types.void(addr, value), codegen
-
-
-@intrinsic
 def st_shared_f32(typingctx, addr, value):
     """`st.shared.f32 [addr], v`."""
     def codegen(context, builder, sig, args):
@@ -81,15 +70,6 @@ def ld_shared_b32(typingctx, addr):
         return emit(builder, "ld.shared.b32 $0, [$1];", [I32],
                     [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
     return types.uint32(addr), codegen
-
-
-@intrinsic
-def ld_shared_u64(typingctx, addr):
-    """`ld.shared.u64 v, [addr]` (addr 8-byte aligned)."""
-    def codegen(context, builder, sig, args):
-        return emit(builder, "ld.shared.u64 $0, [$1];", [I64],
-                    [(as_int(context, builder, args[0], sig.args[0], 32), "r")])
-    return types.uint64(addr), codegen
 
 
 @intrinsic
