@@ -87,8 +87,9 @@ class FlashBackward(launch.HopperKernel):
         self.kv_stages = 1
         if self.consumers != 2:
             raise ValueError("the backward's dQ split and dS buffer parity assume two consumer warpgroups")
-        if self.block_m != WGMMA_M:
-            raise ValueError(f"dQ = dS K is one m64 wgmma: block_m must be {WGMMA_M}")
+        # dQ = dS K is one m64 wgmma, so a query block of any other height computes dQ^T = K^T dS
+        # (M: the warpgroup's 64 of D's columns, N: the block's queries; FA3's dQ_swapAB)
+        self.dq_t = self.block_m != WGMMA_M
         self.threads = warpgroup.block_threads(self.consumers)
         self.registers = warpgroup.check_budget(t.producer_registers, t.consumer_registers, self.consumers)
         self.chunk_bytes = smem.SWIZZLE_BYTES
@@ -124,14 +125,18 @@ class FlashBackward(launch.HopperKernel):
             self.dq_split = half % self.chunk_cols == 0
             self.dq_cols = half if self.dq_split else head_dim
             self.col_shares, self.col_stride = (self.dq_cols,) * self.consumers, self.dq_cols
-        # dQ's float32 staging: each warpgroup's share, col_stride columns apart
-        self.dq_stage_bytes = WGMMA_M * self.col_stride * ACC_BYTES
-        self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, WGMMA_M * smem.SWIZZLE_BYTES
+        # dQ's float32 staging: each warpgroup's share, col_stride columns apart, of the block's rows
+        self.dq_stage_bytes = self.block_m * self.col_stride * ACC_BYTES
+        self.dq_box_cols, self.dq_box_bytes = DQ_BOX_COLS, self.block_m * smem.SWIZZLE_BYTES
         # dQ through shared memory and TMA reduce-adds where its staging tiles fit; the
         # deterministic mode keeps its ordered reductions from registers (a bulk add's
         # completion would gate each semaphore release), and so does D = 256, whose two Q/dO
         # stages leave no room for the staging tiles
         self.dq_bulk = not self.deterministic and self._plan(True).bytes <= smem.MAX_DYNAMIC_SMEM
+        if self.dq_t and (self.columns or not self.dq_split or not self.dq_bulk or self.block_m % 16):
+            raise ValueError(f"query blocks of {self.block_m} rows (dQ^T = K^T dS) need whole 16-row k-steps, "
+                             "dQ's columns split by key warpgroups and its bulk adds: not at head dim "
+                             f"{head_dim}{' in the deterministic mode' if self.deterministic else ''}")
         self.smem = self._plan(self.dq_bulk).check()
         sched = tile_scheduler.tile_scheduler(False, self.varlen)
         self.seq = sched.seq
@@ -151,6 +156,13 @@ class FlashBackward(launch.HopperKernel):
         a = mma.Operand("k", self.ds_bytes) if self.columns else mma.REGISTERS
         return mma.warpgroup_mma(cols, self.dtype, self.block_m, a, mma.Operand("mn", self.q_chunk))
 
+    def dqt_mma(self):
+        """dQ^T = K^T dS over the warpgroup's 64 of D's columns (M) by the block's queries (N): A
+        K's chunk of those columns read MN-major (D contiguous), B dS stored [query][key], K-major
+        (`epilogue.stmatrix_transposed_stager`; its 64-key chunks block_m rows apart)."""
+        return mma.warpgroup_mma(self.block_m, self.dtype, self.block_n, mma.Operand("mn", self.kv_chunk),
+                                 mma.Operand("k", self.q_chunk))
+
     def dq_mma(self, cols):
         """dQ = dS K over `cols` of D: A dS^T's tile read MN-major (queries contiguous), B K
         MN-major."""
@@ -166,9 +178,16 @@ class FlashBackward(launch.HopperKernel):
         plan.add("ds", 2 * self.ds_bytes)
         if self.columns:
             plan.add("p", 2 * self.ds_bytes)
-        plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
-        if dq_bulk:
-            plan.add("dq", WGMMA_M * sum(self.col_shares) * ACC_BYTES, align=smem.ATOM_BYTES)
+        dq_bytes = self.block_m * sum(self.col_shares) * ACC_BYTES
+        if self.dq_t:
+            # the stats behind dQ's staging: before it, dQ's 1024-byte alignment would take the
+            # last kilobyte there is
+            plan.add("dq", dq_bytes, align=smem.ATOM_BYTES)
+            plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
+        else:
+            plan.add("stats", self.stages * self.stats_stage_bytes, align=smem.SWIZZLE_BYTES)
+            if dq_bulk:
+                plan.add("dq", dq_bytes, align=smem.ATOM_BYTES)
         # the Q/dO ring's and the K/V ring's barriers, and a tile-id slot per K/V buffer
         plan.add("barriers", pipeline.barrier_bytes(self.stages) + pipeline.barrier_bytes(self.kv_stages)
                  + self.kv_stages * smem.MBARRIER_BYTES, align=smem.MBARRIER_BYTES)

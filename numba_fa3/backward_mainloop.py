@@ -130,6 +130,19 @@ def _consumer(bwd, kv_cols, dq_cols):
     add_dq = dq_adder(NQ // 8)(D * ACC_BYTES)
     consumers_sync = warpgroup.consumers_sync(CONSUMERS)
     seq_info, ws_row = bwd.seq, bwd.workspace_row
+    # query blocks of block_m != 64 rows: dQ^T = K^T dS (`FlashBackward.dqt_mma`), dS stored
+    # [query][key] (each warpgroup its 64 keys' chunk), dQ^T staged transposed into dQ's boxes
+    DQ_T = bwd.dq_t
+    if DQ_T:
+        dqt_mma = bwd.dqt_mma()
+        DQT, DQT_SRC = dqt_mma.issue, dqt_mma.a_source
+        DQT_ZERO = zeros(BM // 2)
+        WG_DS_CHUNK = bwd.q_chunk                 # a warpgroup's 64 keys of dS: BM rows of 128 bytes
+        WG_K_COLS_BYTES = bwd.kv_chunk            # K's chunk of the warpgroup's 64 columns of D
+        stage_ds_t = epilogue.stmatrix_transposed_stager(S_COLS // 8)
+        stage_dq_t = epilogue.transposed_f32_stager(BM // 8, DQ_BOX_BYTES)
+    # with two Q/dO stages the dS buffer alternates with the stage index: no step count held
+    PARITY_FROM_STAGE = DQ_T and STAGES == 2
 
     @cuda.jit(device=True, forceinline=True)
     def first_key(env, utid):
@@ -308,7 +321,68 @@ def _consumer(bwd, kv_cols, dq_cols):
             add_to_workspace(p, env, dq, h, m, ws_base, utid, tid, True)
         return dk, dv
 
-    run_step = step_columns if COLUMNS else step
+    if DQ_T:   # (its closure's constants exist only then)
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def bulk_add_t(p, sh, env, dqt, m, ws_base, utid, tid):
+            """dQ^T staged transposed in the warpgroup's [query][D] tile, then added into the
+            workspace by TMA reduce-adds from one thread (`bulk_add`)."""
+            buf = special.uniform_u32(sh.dq + env.wg * DQ_STAGE_BYTES)
+            stage_dq_t(buf, dqt, epilogue.rebuilt(np.uint32(fragment_row(utid))),
+                       epilogue.rebuilt(np.uint32(fragment_col(utid))))
+            barrier.fence_proxy_async()
+            warpgroup.epilogue_sync(env.wg)
+            if tid == 0:
+                col = np.int32(env.wg * COL_STRIDE)
+                row = np.int32(ws_base + m * BM)
+                for c in static_range(DQ_BOXES):
+                    tma.reduce_add(p.maps + MAP_DQ, (col + c * DQ_BOX_COLS, row), buf + c * DQ_BOX_BYTES)
+                tma.commit_group()
+
+        @cuda.jit(device=True, forceinline=True)
+        @unrolled
+        def step_t(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
+            """One query block of BM rows with dQ^T = K^T dS: returns dK, dV.  dK and dV are waited
+            for before dQ^T's issue (in flight beside it, ptxas serialized the wgmmas)."""
+            pipeline.consumer_wait(sh.q_bars, qs)
+            q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
+            do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
+            stats = sh.stats + qs.stage * STATS_STAGE
+            s = SDP(S_ZERO, kw, q, 0)
+            dp = SDP(S_ZERO, vw, do, 0)
+            s = wgmma.wait_group_tied(1, s)
+            if SOFTCAP:
+                s = tanh_rows(s, p.softcap_scale)
+            s = scores(s, m, p, env, utid)
+            col0 = epilogue.rebuilt(fragment_col(utid))
+            pr = exp2_cols(s, p.scale_log2, load_cols(stats, col0))
+            pk = PACK(pr)
+            dv = DKV(dv, pk, do, 1)
+            dp = wgmma.wait_group_tied(1, dp)
+            ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, col0))
+            if SOFTCAP:
+                ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
+            dsk = PACK(ds)
+            dk = DKV(dk, dsk, q, 1)
+            if constexpr(PARITY_FROM_STAGE):
+                ds_buf = sh.ds + qs.stage * DS_BYTES
+            else:
+                ds_buf = sh.ds + (j & 1) * DS_BYTES
+            # (the stmatrix addresses rebuilt here: hoisted out of the tile loop they were a spill)
+            stage_ds_t(ds_buf + env.wg * WG_DS_CHUNK, dsk, epilogue.rebuilt(utid), np.uint32(0))
+            barrier.fence_proxy_async()
+            dq_buffer_free(tid)
+            dk, dv, pk, dsk = wgmma.wait_group_hold(0, (dk, dv, pk, dsk))
+            consumers_sync()   # both warpgroups' keys of dS are written
+            dqt = DQT(DQT_ZERO, DQT_SRC(k_tile + env.wg * WG_K_COLS_BYTES, utid), special.uniform_u32(ds_buf), 0)
+            dqt = wgmma.wait_group_tied(0, dqt)
+            # every consumer thread arrives: each one's shared reads of the stage (LSE, D rows) are
+            # released by its own arrive
+            mbarrier.arrive(pipeline.empty_barrier(sh.q_bars, STAGES, qs.stage))
+            bulk_add_t(p, sh, env, dqt, m, ws_base, utid, tid)
+            return dk, dv
+
+    run_step = step_columns if COLUMNS else (step_t if DQ_T else step)
 
     @cuda.jit(device=True, forceinline=True)
     def store_dkdv(p, dk, dv, hk, env, utid):

@@ -84,6 +84,59 @@ def stmatrix_stager(groups, chunk_bytes):
 
 
 @functools.lru_cache(maxsize=None)
+def stmatrix_transposed_stager(groups):
+    """stage(buf, packed, thread, row_byte): a 16-bit fragment (64 rows by `groups` 8-column
+    groups, packed as `stmatrix_stager` takes it) stored transposed by stmatrix.x4.trans: fragment
+    column c becomes row c of a 128-byte swizzled chunk at `buf` (8 `groups` rows; no chunk
+    crossed), the fragment's rows its contiguous elements from byte `row_byte` + 2 x (the warp's
+    first row) on.  Per warp and instruction two
+    groups (16 tile rows) of the warp's 16 fragment rows: matrices (rows 0-7, group 2i), (rows
+    8-15, group 2i), then group 2i + 1; lane l addresses tile row 8 (l // 16) + l % 8 of the pair,
+    at the warp's row (l // 8) % 2 half.  The backward's dS, from the S^T-shaped fragment (keys by
+    queries) to [query][key] rows for dQ^T = K^T dS."""
+    if groups % 2:
+        raise ValueError("stmatrix.x4 stages groups in pairs")
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def stage(buf, packed, thread, row_byte):
+        lane = thread % np.uint32(32)
+        col = (lane & np.uint32(7)) + (lane >> np.uint32(4)) * np.uint32(GROUP_COLS)
+        cb = np.uint32(row_byte) + (np.uint32(16) * (thread // np.uint32(32))
+                                    + ((lane >> np.uint32(3)) & np.uint32(1)) * np.uint32(8)) * np.uint32(2)
+        for i in static_range(groups // 2):
+            j = 2 * i
+            memory.stmatrix_x4_trans(buf + smem.swizzle_128b(col + np.uint32(j * GROUP_COLS), cb),
+                                     (packed[2 * j], packed[2 * j + 1], packed[2 * j + 2], packed[2 * j + 3]))
+    return stage
+
+
+@functools.lru_cache(maxsize=None)
+def transposed_f32_stager(groups, box_bytes):
+    """stage(buf, acc, row, col): a float32 accumulator fragment (64 rows by `groups` 8-column
+    groups, `fragment`'s layout: acc[4j], acc[4j + 1] at row `row`, columns 8j + `col`, + 1;
+    acc[4j + 2], acc[4j + 3] at row + 8) stored transposed into 128-byte swizzled float32 boxes of
+    32 columns: fragment (r, c) at tile row c, column r, in box r // 32 (`box_bytes` apart).  One
+    4-byte store per register; a warp's store covers 8 consecutive columns of 4 rows 2 apart,
+    which the swizzle puts on 32 distinct banks.  The backward's dQ^T (D by queries) into the
+    [query][D] staging that its TMA reduce-adds read."""
+    box_cols = smem.SWIZZLE_BYTES // 4
+
+    @cuda.jit(device=True, forceinline=True)
+    @unrolled
+    def stage(buf, acc, row, col):
+        for half in static_range(2):
+            r = row + np.uint32(8 * half)
+            box = buf + (r // np.uint32(box_cols)) * np.uint32(box_bytes)
+            cb = (r % np.uint32(box_cols)) * np.uint32(4)
+            for j in static_range(groups):
+                for e in static_range(2):
+                    memory.st_shared_f32(box + smem.swizzle_128b(col + np.uint32(8 * j + e), cb),
+                                         acc[4 * j + 2 * half + e])
+    return stage
+
+
+@functools.lru_cache(maxsize=None)
 def row_storer(groups, element_bytes):
     """store(packed, head, row_stride, row0, limit, quad): a 16-bit fragment of `groups`
     8-column groups to global memory.  `head` is the address of the thread's first row at

@@ -161,6 +161,23 @@ def stmatrix_x4(typingctx, addr, regs):
 
 
 @intrinsic
+def stmatrix_x4_trans(typingctx, addr, regs):
+    """`stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [addr], {r0..r3}` (9.7.9.17): as
+    `stmatrix_x4` with each 8x8 matrix stored transposed: lane i gives the address of row i%8
+    of matrix i//8 in memory, which receives column i%8 of the fragment's matrix (its 8 rows'
+    elements, 16 contiguous bytes)."""
+    _regs(regs, 4, "stmatrix_x4_trans")
+
+    def codegen(context, builder, sig, args):
+        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
+        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                for i in range(4)]
+        emit(builder, "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {$1, $2, $3, $4};", [], ins)
+        return context.get_dummy_value()
+    return types.void(addr, regs), codegen
+
+
+@intrinsic
 def ldmatrix_x4(typingctx, addr):
     """`ldmatrix.sync.aligned.m8n8.x4.shared.b16`: the inverse of `stmatrix_x4`."""
     def codegen(context, builder, sig, args):

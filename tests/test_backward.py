@@ -18,12 +18,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import numba_fa3
-from numba_fa3 import flash_attn, flash_attn_varlen
+from numba_fa3 import api, flash_attn, flash_attn_varlen
+from numba_fa3.backward import FlashBackward
 from numba_fa3.blocked import attention_blocked
 from numba_fa3.blocked_backward import attention_backward_blocked
 from numba_fa3.primitives.tensors import NUMPY_DTYPES
 from numba_fa3.reference import attention_backward_reference, attention_backward_reference_varlen, attention_mask
-from numba_fa3.tiles import BACKWARD_HEAD_DIMS, SUPPORTED_HEAD_DIMS
+from numba_fa3.tiles import BACKWARD_HEAD_DIMS, SUPPORTED_HEAD_DIMS, BackwardTiles
 from test_forward import _to_numpy, _to_torch, _torch
 
 gpu = pytest.mark.gpu
@@ -347,6 +348,36 @@ def test_deterministic_without_a_mask_matches_reference(case):
     p.check(first)
     for name, a, b in zip(("dq", "dk", "dv"), first, p.backward(deterministic=True)):
         assert _same_bits(a, b), f"{name} differs between two deterministic runs"
+
+
+# --- query blocks of 80 (dQ^T = K^T dS) ----------------------------------------------------------
+
+#: FA3's hdim-128 tile, not the table's: lengths ending mid-block, GQA, a window, soft-cap's
+#: kernel refused (it spills), varlen with empty and 1-token sequences.
+EIGHTY_CASES = [
+    ("dense", 1, 300, 300, 4, 2, 128, "bf16", "none", 0.0),
+    ("dense", 2, 161, 97, 2, 1, 128, "f16", "causal", 0.0),
+    ("dense", 1, 1000, 1111, 4, 4, 128, "bf16", (100, 20), 0.0),
+    ("dense", 1, 79, 500, 2, 2, 128, "bf16", "causal", 0.0),
+    ("varlen", [0, 1, 129, 170], [5, 0, 200, 170], 4, 2, 128, "bf16", "causal", 0.0),
+    ("varlen", [81, 1, 240], [90, 1, 0], 2, 1, 128, "f16", "none", 0.0),
+]
+EIGHTY = BackwardTiles(block_m=80, stages=2, consumers=2, producer_registers=24, consumer_registers=240)
+
+
+@gpu
+@pytest.mark.parametrize("case", EIGHTY_CASES, ids=_case_id)
+def test_query_blocks_of_80_match_reference(case, monkeypatch):
+    """The backward with 80-query blocks (`FlashBackward.dq_t`: dS stored by query, dQ^T staged
+    transposed) against the reference, the table's kernels swapped out for D = 128."""
+    table = api.backward_kernel
+
+    def eighty(dtype, d, kind, softcap=False, varlen=False, deterministic=False):
+        if d == 128 and not deterministic and not softcap:
+            return FlashBackward(dtype, d, kind, softcap=softcap, varlen=varlen, tiles=EIGHTY)
+        return table(dtype, d, kind, softcap=softcap, varlen=varlen, deterministic=deterministic)
+    monkeypatch.setattr(api, "backward_kernel", eighty)
+    _run_case(case, np.random.default_rng(8)).run()
 
 
 # --- outputs and array kinds -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from numba_fa3.backward import FlashBackward
 from numba_fa3.mask import MASK_CAUSAL, MASK_LOCAL, MASK_NONE
 from numba_fa3.primitives import compile as kc
-from numba_fa3.tiles import BACKWARD_HEAD_DIMS
+from numba_fa3.tiles import BACKWARD_HEAD_DIMS, SPLIT_COLUMNS, SPLIT_KEYS, BackwardTiles
 from test_ptx_compile import _assert_clean, _assert_wgmma_operands_untouched
 
 pytestmark = pytest.mark.skipif(kc.find_ptxas() is None, reason="ptxas not installed")
@@ -57,3 +57,33 @@ def test_backward_geometry():
         assert k.dq_cols == (k.col_shares[0] if k.columns else d // 2 if k.dq_split else d)
         assert k.dq_bulk == (d != 256)
         assert k.smem.bytes <= 227 * 1024
+
+
+#: FA3's hdim-128 tile (`FlashBackward.dq_t`), beside the table: dense, causal, local, varlen.
+EIGHTY = BackwardTiles(block_m=80, stages=2, consumers=2, producer_registers=24, consumer_registers=240)
+
+
+@pytest.mark.parametrize("mask_kind,varlen", [(MASK_NONE, False), (MASK_CAUSAL, False), (MASK_LOCAL, False),
+                                              (MASK_NONE, True), (MASK_CAUSAL, True)])
+def test_query_blocks_of_80_compile_clean(mask_kind, varlen):
+    """80-query blocks at D = 128: S^T, dP^T (8 k-steps each), dV, dK (5), dQ^T = K^T dS (8), dS by
+    stmatrix.trans, no spill, no serialized wgmma; within shared memory."""
+    kern = FlashBackward("bf16", 128, mask_kind, varlen=varlen, tiles=EIGHTY)
+    ptx = kern.compile_ptx()
+    assert kern.dq_t and kern.dq_bulk
+    assert ptx.count("wgmma.mma_async") == 2 * 8 + 2 * 5 + 8
+    assert ptx.count("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16") == 80 // 16
+    assert "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add" in ptx
+    _assert_wgmma_operands_untouched(ptx, reads_allowed=True)
+    _assert_clean(kc.ptxas_report(ptx), f"backward 80 mask {mask_kind} varlen={varlen}")
+
+
+@pytest.mark.parametrize("head_dim,deterministic", [(64, False), (256, False), (128, True)])
+def test_query_blocks_of_80_need_the_bulk_dq(head_dim, deterministic):
+    """dQ^T needs dQ's columns split between the key warpgroups and its bulk adds: refused at
+    D = 64 (dQ by turns), D = 256 (columns split, no staging room) and in the deterministic mode."""
+    with pytest.raises(ValueError, match="80"):
+        FlashBackward("bf16", head_dim, MASK_NONE, deterministic=deterministic,
+                      tiles=BackwardTiles(block_m=80, stages=2, consumers=2, producer_registers=24,
+                                          consumer_registers=240,
+                                          split=SPLIT_COLUMNS if head_dim == 256 else SPLIT_KEYS))
