@@ -18,6 +18,8 @@ COMMANDS = {
     "trace": ("where a tile's cycles go: the %clock64 trace build of the forward kernel", "GPU, bench extra"),
     "variants": ("A/B of FlashForward knobs (class attributes), launches interleaved",
                  "GPU, bench extra; FA3's library for its column"),
+    "bwd-variants": ("A/B of the backward's tiles (e.g. 80-query blocks) and its deterministic mode, "
+                     "launches interleaved", "GPU, bench extra"),
     "maskcost": ("what the causal mask costs beyond its work, ours and FA3's", "GPU, bench extra"),
     "power": ("SM clock, board power and throttling per implementation under sustained load",
               "GPU, bench extra, nvidia-smi"),
