@@ -104,9 +104,11 @@ def stmatrix_transposed_stager(groups):
         col = (lane & np.uint32(7)) + (lane >> np.uint32(4)) * np.uint32(GROUP_COLS)
         cb = np.uint32(row_byte) + (np.uint32(16) * (thread // np.uint32(32))
                                     + ((lane >> np.uint32(3)) & np.uint32(1)) * np.uint32(8)) * np.uint32(2)
+        # (a group pair further is 16 rows further: the same swizzle, a constant offset)
+        first = buf + smem.swizzle_128b(col, cb)
         for i in static_range(groups // 2):
             j = 2 * i
-            memory.stmatrix_x4_trans(buf + smem.swizzle_128b(col + np.uint32(j * GROUP_COLS), cb),
+            memory.stmatrix_x4_trans(first + np.uint32(j * GROUP_COLS * smem.SWIZZLE_BYTES),
                                      (packed[2 * j], packed[2 * j + 1], packed[2 * j + 2], packed[2 * j + 3]))
     return stage
 
@@ -125,14 +127,16 @@ def transposed_f32_stager(groups, box_bytes):
     @cuda.jit(device=True, forceinline=True)
     @unrolled
     def stage(buf, acc, row, col):
+        # four addresses a thread (two rows of the fragment, two columns of a group); a group
+        # further is 8 tile rows further: the same swizzle, a constant offset
         for half in static_range(2):
             r = row + np.uint32(8 * half)
             box = buf + (r // np.uint32(box_cols)) * np.uint32(box_bytes)
             cb = (r % np.uint32(box_cols)) * np.uint32(4)
-            for j in static_range(groups):
-                for e in static_range(2):
-                    memory.st_shared_f32(box + smem.swizzle_128b(col + np.uint32(8 * j + e), cb),
-                                         acc[4 * j + 2 * half + e])
+            for e in static_range(2):
+                first = box + smem.swizzle_128b(col + np.uint32(e), cb)
+                for j in static_range(groups):
+                    memory.st_shared_f32(first + np.uint32(8 * j * smem.SWIZZLE_BYTES), acc[4 * j + 2 * half + e])
     return stage
 
 
