@@ -42,7 +42,7 @@ from numba_fa3.ptx_inline import atomic, barrier, mbarrier, special, tma, wgmma
 from . import mask
 from .backward_producer import STAT_BYTES
 from .producer import receive_tile
-from .tile_scheduler import key_block_coords, rotated_rank, rotation
+from .tile_scheduler import key_block_coords, rotated_next, rotated_rank, rotated_start, rotation
 
 #: What every step of a tile reads: the tile's key block, batch entry and sequence placement, its
 #: warpgroup, and the warpgroup's first query column of S^T (0 unless split by columns).  The
@@ -235,8 +235,9 @@ def _consumer(bwd, kv_cols, dq_cols):
                 atomic.red_release_add_s32(sem, 1)
 
     @cuda.jit(device=True, forceinline=True)
-    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
-        """One query block: returns dK, dV."""
+    def kv_grads(p, sh, dk, dv, qs, m, env, kw, vw, utid):
+        """A step's first half (split by keys): wait for the stage, S^T and dP^T, P^T, dV += P^T dO,
+        dS^T, dK += dS^T Q (both issued, not waited).  Returns dK, dV and the packed P^T, dS^T."""
         pipeline.consumer_wait(sh.q_bars, qs)
         q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
         do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
@@ -257,6 +258,12 @@ def _consumer(bwd, kv_cols, dq_cols):
             ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
         dsk = PACK(ds)
         dk = DKV(dk, dsk, q, 1)
+        return dk, dv, pk, dsk
+
+    @cuda.jit(device=True, forceinline=True)
+    def step(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
+        """One query block: returns dK, dV."""
+        dk, dv, pk, dsk = kv_grads(p, sh, dk, dv, qs, m, env, kw, vw, utid)
         ds_buf = sh.ds + (j & 1) * DS_BYTES
         stage_ds(ds_buf + env.wg * WG_DS_BYTES, dsk, utid, np.uint32(0))
         barrier.fence_proxy_async()
@@ -344,26 +351,7 @@ def _consumer(bwd, kv_cols, dq_cols):
         def step_t(p, sh, dk, dv, qs, j, h, m, ws_base, env, k_tile, kw, vw, utid, tid):
             """One query block of BM rows with dQ^T = K^T dS: returns dK, dV.  dK and dV are waited
             for before dQ^T's issue (in flight beside it, ptxas serialized the wgmmas)."""
-            pipeline.consumer_wait(sh.q_bars, qs)
-            q = special.uniform_u32(sh.q + qs.stage * QD_BYTES)
-            do = special.uniform_u32(sh.do + qs.stage * QD_BYTES)
-            stats = sh.stats + qs.stage * STATS_STAGE
-            s = SDP(S_ZERO, kw, q, 0)
-            dp = SDP(S_ZERO, vw, do, 0)
-            s = wgmma.wait_group_tied(1, s)
-            if SOFTCAP:
-                s = tanh_rows(s, p.softcap_scale)
-            s = scores(s, m, p, env, utid)
-            col0 = epilogue.rebuilt(fragment_col(utid))
-            pr = exp2_cols(s, p.scale_log2, load_cols(stats, col0))
-            pk = PACK(pr)
-            dv = DKV(dv, pk, do, 1)
-            dp = wgmma.wait_group_tied(1, dp)
-            ds = sub_cols_mul(pr, dp, load_cols(stats + ROW_BYTES, col0))
-            if SOFTCAP:
-                ds = mul_tanh_slope(ds, pr, load_cols(stats, col0), np.float32(1) / p.scale_log2)
-            dsk = PACK(ds)
-            dk = DKV(dk, dsk, q, 1)
+            dk, dv, pk, dsk = kv_grads(p, sh, dk, dv, qs, m, env, kw, vw, utid)
             if constexpr(PARITY_FROM_STAGE):
                 ds_buf = sh.ds + qs.stage * DS_BYTES
             else:
@@ -434,17 +422,14 @@ def _consumer(bwd, kv_cols, dq_cols):
                 ws_base = ws_row(p, b, h, np.int32(0), q_off)  # (the head's workspace rows)
                 if constexpr(ROTATED):
                     # (the producer's order: from the rotation's start around)
-                    first, _, _ = rotation(nb, np.int32((sk + (BN - 1)) // BN), np.int32(m_max - m_min), STAGES)
-                    m = np.int32(m_min + first)
+                    m = rotated_start(nb, sk, BN, m_min, m_max, STAGES)
                     i = m_min
                     while i < m_max:
                         dk, dv = run_step(p, sh, dk, dv, PipelineState(qs_stage, qs_phase), j, h, m, ws_base, env,
                                           k_tile, kw, vw, utid, tid)
                         qs_stage, qs_phase = pipeline.advance(PipelineState(qs_stage, qs_phase), STAGES)
                         j = np.int32(j + 1)
-                        m = np.int32(m + 1)
-                        if m == m_max:
-                            m = m_min
+                        m = rotated_next(m, m_min, m_max)
                         i = np.int32(i + 1)
                 else:
                     m = m_min

@@ -20,7 +20,7 @@ from numba_fa3.primitives.unroll import constexpr, static_range, unrolled
 from numba_fa3.ptx_inline import atomic, mbarrier, special, tma
 from . import mask
 from .producer import send_tile
-from .tile_scheduler import key_block_coords, rotation
+from .tile_scheduler import key_block_coords, rotated_next, rotated_start
 
 #: Bytes of one LSE or D entry (float32).
 STAT_BYTES = 4
@@ -113,16 +113,12 @@ def make_backward_producer(bwd):
                 # fit the producer's registers)
                 stats_off = ws_row(p, b, h, np.int32(0), q_off) * STAT_BYTES
                 if constexpr(ROTATED):
-                    first, _, _ = rotation(nb, np.int32((special.recompute_here(sk) + (BN - 1)) // BN),
-                                           np.int32(m_max - m_min), STAGES)
-                    m = np.int32(m_min + first)
+                    m = rotated_start(nb, special.recompute_here(sk), BN, m_min, m_max, STAGES)
                     i = m_min
                     while i < m_max:
                         load_block(p, sh, qs, h, m, stats_off, q_off, bc)
                         qs = pipeline.advance(qs, STAGES)
-                        m = np.int32(m + 1)
-                        if m == m_max:
-                            m = m_min
+                        m = rotated_next(m, m_min, m_max)
                         i = np.int32(i + 1)
                 else:
                     m = m_min

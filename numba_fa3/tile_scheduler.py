@@ -129,6 +129,23 @@ def rotated_rank(m, first, base, size):
     return np.int32(base + m + size - first)
 
 
+@cuda.jit(device=True, forceinline=True)
+def rotated_start(n_block, seqlen_k, block_n, m_min, m_max, lookahead):
+    """The first query block of key block n_block's rotated walk over [m_min, m_max)."""
+    first, _, _ = rotation(n_block, np.int32((seqlen_k + (block_n - 1)) // block_n), np.int32(m_max - m_min),
+                           lookahead)
+    return np.int32(m_min + first)
+
+
+@cuda.jit(device=True, forceinline=True)
+def rotated_next(m, m_min, m_max):
+    """The query block after m in a rotated walk over [m_min, m_max): m + 1, wrapping to m_min."""
+    m = np.int32(m + 1)
+    if m == m_max:
+        m = m_min
+    return m
+
+
 def causal_order(blocks, pairs, ctas, seqlen_k, head_dim, head_ratio):
     """(section, tail) of a causal run: L2 sections of pairs from SECTION_MIN_BLOCKS blocks per
     pair, else pair by pair (section 1) ending on `causal_tail` pairs."""

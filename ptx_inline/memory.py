@@ -144,20 +144,29 @@ def ld_global_nc_f32(typingctx, addr):
     return types.float32(addr), codegen
 
 
+def _stmatrix_x4(template, what):
+    """The typing and codegen of a stmatrix.x4 form `template` ($0 the address, $1-$4 the
+    registers)."""
+    def typer(typingctx, addr, regs):
+        _regs(regs, 4, what)
+
+        def codegen(context, builder, sig, args):
+            ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
+            ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
+                    for i in range(4)]
+            emit(builder, template, [], ins)
+            return context.get_dummy_value()
+        return types.void(addr, regs), codegen
+    return typer
+
+
 @intrinsic
 def stmatrix_x4(typingctx, addr, regs):
     """`stmatrix.sync.aligned.m8n8.x4.shared.b16 [addr], {r0..r3}`: the warp stores four 8x8
     16-bit matrices; lane i gives the address of row i%8 of matrix i//8.  Register j of each lane
     holds that lane's two elements of matrix j, the layout of an MMA accumulator fragment."""
-    _regs(regs, 4, "stmatrix_x4")
-
-    def codegen(context, builder, sig, args):
-        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
-        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
-                for i in range(4)]
-        emit(builder, "stmatrix.sync.aligned.m8n8.x4.shared.b16 [$0], {$1, $2, $3, $4};", [], ins)
-        return context.get_dummy_value()
-    return types.void(addr, regs), codegen
+    return _stmatrix_x4("stmatrix.sync.aligned.m8n8.x4.shared.b16 [$0], {$1, $2, $3, $4};",
+                        "stmatrix_x4")(typingctx, addr, regs)
 
 
 @intrinsic
@@ -166,15 +175,8 @@ def stmatrix_x4_trans(typingctx, addr, regs):
     `stmatrix_x4` with each 8x8 matrix stored transposed: lane i gives the address of row i%8
     of matrix i//8 in memory, which receives column i%8 of the fragment's matrix (its 8 rows'
     elements, 16 contiguous bytes)."""
-    _regs(regs, 4, "stmatrix_x4_trans")
-
-    def codegen(context, builder, sig, args):
-        ins = [(as_int(context, builder, args[0], sig.args[0], 32), "r")]
-        ins += [(as_int(context, builder, builder.extract_value(args[1], i), sig.args[1].dtype, 32), "r")
-                for i in range(4)]
-        emit(builder, "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {$1, $2, $3, $4};", [], ins)
-        return context.get_dummy_value()
-    return types.void(addr, regs), codegen
+    return _stmatrix_x4("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [$0], {$1, $2, $3, $4};",
+                        "stmatrix_x4_trans")(typingctx, addr, regs)
 
 
 @intrinsic
